@@ -1,0 +1,90 @@
+"""The config contract every adapter method follows: a validated dataclass with a JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from memfit.errors import ConfigError
+
+# Defaults when `target_modules` is None, by `model.config.model_type` (the attention projections).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen2_moe": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "qwen3_moe": ["q_proj", "v_proj"],
+    "olmoe": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    "opt": ["q_proj", "v_proj"],
+}
+
+
+@dataclass
+class AdapterConfig:
+    """Fields shared by every method.
+
+    target_modules: module names matched as a suffix of the dotted path (``"q_proj"`` matches
+        ``model.layers.0.self_attn.q_proj``), a regex string matched against the full path, or
+        ``"all-linear"``. None picks the attention projections of known model types.
+    modules_to_save: modules that train fully and are saved with the adapter (a classifier head).
+    """
+
+    method: ClassVar[str] = ""
+    target_modules: list[str] | str | None = None
+    modules_to_save: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if self.target_modules is not None and not self.target_modules:
+            raise ConfigError("target_modules is empty: name at least one module, or pass None for defaults.")
+        self.modules_to_save = list(self.modules_to_save)
+        self.validate()
+
+    def validate(self) -> None:
+        """Method-specific checks; raise ConfigError naming the field and the fix."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        data = dict(data)
+        method = data.pop("method", cls.method)
+        if cls.method and method != cls.method:
+            raise ConfigError(f"config is for method {method!r}, not {cls.method!r}.")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} fields {unknown}; valid fields: {sorted(names)}.")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> AdapterConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def check_positive(config: AdapterConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value <= 0:
+            raise ConfigError(f"{type(config).__name__}.{name} must be > 0, got {value}.")
+
+
+def check_dropout(config: AdapterConfig, name: str = "dropout") -> None:
+    value = getattr(config, name)
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{type(config).__name__}.{name} must be in [0, 1), got {value}.")

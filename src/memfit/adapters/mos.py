@@ -1,0 +1,170 @@
+"""MoS, Mixture of Shards (Wang et al., ICLR 2025): LoRA factors assembled from global shard pools.
+
+For each projection kind τ (q, k, v, ...) one pool pair is shared by all L layers:
+P_A [N, d_in/l], P_B [N, d_out/l] with N = r_eq·L·l, so the trainable parameters equal a rank-r_eq
+LoRA on every layer while each layer uses an active rank r > r_eq. Four differentiation strategies
+keep layers from collapsing onto the same shards; each can be switched off for ablations:
+
+- subset selection: each layer draws its own random subset of public shards;
+- pair dissociation: the A and B index vectors are drawn independently;
+- vector sharding: a rank vector is the concatenation of l shards (l = 1 switches it off);
+- shard privatization: layer i owns r_pri·l shards no other layer touches (r_pri = 0 switches it off).
+
+The "routing" is a fixed seeded index per module, saved with the adapter as a buffer.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from memfit.adapters.config import AdapterConfig, check_dropout, check_positive
+from memfit.adapters.layer import AdapterLinear, adapter_input
+from memfit.adapters.registry import Method, Target, register_method
+from memfit.errors import ConfigError
+
+
+@dataclass
+class MoSConfig(AdapterConfig):
+    """Mixture of Shards. Defaults are the paper's: r=16, r_eq=4, r_pri=2, l=4, α=16, dropout 0.1.
+
+    r: active rank of every layer; r_eq: equivalent rank (sets the parameter count);
+    r_pri: private rank vectors per layer (0 = no privatization); shards: l, shards per rank vector.
+    """
+
+    method = "mos"
+    r: int = 16
+    r_eq: int = 4
+    r_pri: int = 2
+    shards: int = 4
+    alpha: float = 16.0
+    dropout: float = 0.1
+    subset_selection: bool = True
+    dissociation: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_positive(self, "r", "r_eq", "shards", "alpha")
+        check_dropout(self)
+        if self.r_eq > self.r:
+            raise ConfigError(
+                f"MoSConfig.r_eq={self.r_eq} > r={self.r}: the equivalent rank must not exceed the active "
+                "rank (MoS saves parameters by r > r_eq). Lower r_eq or raise r."
+            )
+        if not 0 <= self.r_pri <= self.r_eq:
+            raise ConfigError(f"MoSConfig.r_pri={self.r_pri} must be in [0, r_eq={self.r_eq}].")
+        if self.r_pri == self.r_eq and self.r > self.r_pri:
+            raise ConfigError(
+                f"MoSConfig.r_pri == r_eq == {self.r_eq} leaves no public shards for the other "
+                f"{self.r - self.r_pri} rank vectors; lower r_pri."
+            )
+
+
+class ShardPools(nn.Module):
+    """The global pools, one (P_A, P_B) pair per projection kind; owned once by the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.A = nn.ParameterDict()
+        self.B = nn.ParameterDict()
+
+    def add(self, kind: str, n: int, d_in: int, d_out: int, like: torch.Tensor, gen: torch.Generator) -> None:
+        bound = 1.0 / math.sqrt(d_in)  # Kaiming-uniform with fan = d_in
+        a = (torch.rand(n, d_in, generator=gen) * 2 - 1) * bound
+        self.A[kind] = nn.Parameter(a.to(device=like.device, dtype=_float_dtype(like)))
+        self.B[kind] = nn.Parameter(torch.zeros(n, d_out, device=like.device, dtype=_float_dtype(like)))
+
+
+def _float_dtype(t: torch.Tensor) -> torch.dtype:
+    return t.dtype if t.is_floating_point() else torch.float32
+
+
+def build_pools(targets: list[Target], config: MoSConfig) -> ShardPools:
+    pools, l = ShardPools(), config.shards
+    gen = torch.Generator().manual_seed(config.seed)
+    for kind in dict.fromkeys(t.kind for t in targets):
+        group = [t for t in targets if t.kind == kind]
+        shapes = {(t.module.in_features, t.module.out_features) for t in group}
+        if len(shapes) > 1:
+            raise ConfigError(f"MoS shares one pool per projection kind, but {kind!r} has shapes {sorted(shapes)}.")
+        (d_in, d_out), L = shapes.pop(), len(group)
+        for dim, what in ((d_in, "input"), (d_out, "output")):
+            if dim % l:
+                raise ConfigError(
+                    f"MoS: {kind!r} {what} dimension {dim} is not divisible by shards={l}; "
+                    f"choose shards among the divisors of {dim}."
+                )
+        if config.r - config.r_pri > (config.r_eq - config.r_pri) * L:
+            raise ConfigError(
+                f"MoS: {kind!r} has {L} layer(s), so its public pool holds {(config.r_eq - config.r_pri) * L} "
+                f"rank vectors, fewer than the {config.r - config.r_pri} public ones each layer needs; "
+                "lower r or raise r_eq."
+            )
+        pools.add(kind, config.r_eq * L * l, d_in // l, d_out // l, group[0].module.weight, gen)
+    return pools
+
+
+def draw_indices(config: MoSConfig, layer: int, num_layers: int, gen: torch.Generator) -> torch.Tensor:
+    """Index vector of length r·l into a kind's pool: public subset first, then the layer's private range."""
+    l = config.shards
+    n_pub = (config.r_eq - config.r_pri) * num_layers * l
+    n_pick = (config.r - config.r_pri) * l
+    if config.subset_selection:
+        public = torch.randperm(n_pub, generator=gen)[:n_pick]
+    else:  # every layer uses the same public shards: plain sharing, the ablation baseline
+        public = torch.arange(n_pick)
+    start = n_pub + layer * config.r_pri * l
+    private = torch.arange(start, start + config.r_pri * l)
+    return torch.cat([public, private])
+
+
+class MoSLinear(AdapterLinear):
+    """A Linear whose LoRA factors are gathered from the shared pools by fixed indices."""
+
+    def __init__(self, base: nn.Linear, target: Target, config: MoSConfig, pools: ShardPools) -> None:
+        super().__init__(base)
+        self.r, self.l, self.kind = config.r, config.shards, target.kind
+        self.scale = config.alpha / config.r
+        self._pools = (pools,)  # a tuple hides the shared module from this module's children
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        # Seeded per (seed, kind, layer) so indices do not depend on which other modules are adapted.
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{config.seed}:{target.kind}:{target.layer}".encode()))
+        idx_a = draw_indices(config, target.layer, target.num_layers, gen)
+        idx_b = draw_indices(config, target.layer, target.num_layers, gen) if config.dissociation else idx_a
+        self.register_buffer("idx_A", idx_a.to(base.weight.device))
+        self.register_buffer("idx_B", idx_b.clone().to(base.weight.device))
+
+    @property
+    def pools(self) -> ShardPools:
+        return self._pools[0]
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A [r, d_in]: row j = concat_s P_A[I_A[j·l + s]]; B [d_out, r] built the same way from P_B."""
+        a = self.pools.A[self.kind][self.idx_A].reshape(self.r, self.in_features)  # [r·l, d_in/l] -> [r, d_in]
+        b = self.pools.B[self.kind][self.idx_B].reshape(self.r, self.out_features)  # [r·l, d_out/l] -> [r, d_out]
+        return a, b.T
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.factors()
+        h = adapter_input(x, self.dropout, a.dtype)
+        return (h @ a.T @ b.T) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        a, b = self.factors()
+        return (b @ a) * self.scale
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        a, b = self.factors()
+        return a, b, self.scale
+
+
+def _wrap(target: Target, config: MoSConfig, pools: nn.Module | None) -> MoSLinear:
+    assert isinstance(pools, ShardPools)
+    return MoSLinear(target.module, target, config, pools)
+
+
+register_method(Method("mos", MoSConfig, _wrap, build_shared=build_pools))
