@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models built from configs (no network), saved with save_pretrained when a test needs a directory."""
+"""Shared fixtures: tiny models built from configs (no network)."""
 
 from __future__ import annotations
 
