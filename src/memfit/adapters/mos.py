@@ -113,10 +113,8 @@ def draw_indices(config: MoSConfig, layer: int, num_layers: int, gen: torch.Gene
     l = config.shards
     n_pub = (config.r_eq - config.r_pri) * num_layers * l
     n_pick = (config.r - config.r_pri) * l
-    if config.subset_selection:
-        public = torch.randperm(n_pub, generator=gen)[:n_pick]
-    else:  # every layer uses the same public shards: plain sharing, the ablation baseline
-        public = torch.arange(n_pick)
+    # Without subset selection every layer uses the same public shards: plain sharing, the ablation baseline.
+    public = torch.randperm(n_pub, generator=gen)[:n_pick] if config.subset_selection else torch.arange(n_pick)
     start = n_pub + layer * config.r_pri * l
     private = torch.arange(start, start + config.r_pri * l)
     return torch.cat([public, private])
