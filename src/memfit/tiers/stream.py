@@ -44,7 +44,7 @@ from memfit.errors import CheckpointError, ConfigError
 from memfit.tiers.budget import format_size, parse_size
 from memfit.tiers.st_reader import SafetensorsReader
 
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # "cache" since transformers 5.24
 
 
 @contextlib.contextmanager
