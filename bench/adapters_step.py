@@ -1,10 +1,14 @@
 """Train-step time and peak memory: memfit LoRA vs PEFT LoRA, and MoS vs LoRA at the same active rank.
 
 Each variant runs in its own fresh process (so allocator caches and the RSS high-water mark do not
-leak between variants); rounds are interleaved and the median step time is kept, so the ratios come
-from one run under the same machine conditions.
+leak between variants); rounds are interleaved and each keeps its median step time. A time ratio is the
+median over rounds of the ratio within a round (variants of one round run back to back, so a slow spell of
+the machine shifts both sides of a ratio alike), so the ratios come from one run under the same conditions.
+Memory is given twice: the process's peak RSS (model build included, the same for every variant; on a GPU
+the allocator's peak) and the bytes autograd saves for backward in one step, parameters excluded: the part
+an adapter adds, measured exactly rather than read off an RSS delta.
 
-    .venv/bin/python bench/adapters_step.py            # ~2 min on 2 CPU cores
+    .venv/bin/python bench/adapters_step.py            # ~5 min on 2 CPU cores
     .venv/bin/python bench/adapters_step.py --quick    # smaller model, for a smoke run
 """
 
@@ -20,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import peak_rss_bytes, report, reset_peak_rss, rss_bytes  # noqa: E402
+from _common import peak_rss_bytes, report  # noqa: E402
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["peft-lora", "memfit-lora", "memfit-mos"]
@@ -54,6 +58,25 @@ def adapt(variant: str, model, r: int):
                                                  target_modules=PROJ))
 
 
+def saved_activation_bytes(model, step) -> int:
+    """Bytes autograd keeps for backward during one step, parameters excluded (they are resident anyway).
+
+    Deterministic, unlike an RSS delta, which moves with what the allocator happens to hand back to the OS.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
+
+
 def run_variant(variant: str, size: dict, steps: int, queue) -> None:
     torch.set_num_threads(size["threads"])
     model = adapt(variant, build_model(size), size["r"]).train()
@@ -71,12 +94,9 @@ def run_variant(variant: str, size: dict, steps: int, queue) -> None:
         opt.zero_grad(set_to_none=True)
 
     step()  # warm-up: allocates optimizer state and grads
-    base = rss_bytes()
-    reset_peak_rss()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -84,15 +104,16 @@ def run_variant(variant: str, size: dict, steps: int, queue) -> None:
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()) - base
-    queue.put({"variant": variant, "step_s": statistics.median(times), "peak_step_bytes": peak,
-               "trainable": sum(p.numel() for p in params)})
+    # Process peak since start (model build included, the same for every variant), or the allocator's on a GPU.
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
+    queue.put({"variant": variant, "step_s": statistics.median(times), "peak_bytes": peak,
+               "saved_bytes": saved_activation_bytes(model, step), "trainable": sum(p.numel() for p in params)})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small model and few steps")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per variant")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per variant")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
     args = ap.parse_args()
     size = dict(vocab=4096, hidden=512, layers=8, seq=256, batch=4, r=16, threads=torch.get_num_threads())
@@ -109,22 +130,22 @@ def main() -> None:
             if proc.exitcode != 0:
                 raise SystemExit(f"variant {variant} failed (exit code {proc.exitcode}); its traceback is above.")
             runs[variant].append(queue.get(timeout=10))
-    res = {v: {"step_s": statistics.median(r["step_s"] for r in rs),
-               "peak_step_bytes": statistics.median(r["peak_step_bytes"] for r in rs),
+    res = {v: {"step_s": statistics.median(r["step_s"] for r in rs), "round_step_s": [r["step_s"] for r in rs],
+               "peak_bytes": statistics.median(r["peak_bytes"] for r in rs), "saved_bytes": rs[0]["saved_bytes"],
                "trainable": rs[0]["trainable"]} for v, rs in runs.items()}
-    ratios = {
-        "memfit_lora_vs_peft_time": res["memfit-lora"]["step_s"] / res["peft-lora"]["step_s"],
-        "memfit_lora_vs_peft_peak":
-            res["memfit-lora"]["peak_step_bytes"] / max(1, res["peft-lora"]["peak_step_bytes"]),
-        "mos_vs_lora_time": res["memfit-mos"]["step_s"] / res["memfit-lora"]["step_s"],
-        "mos_vs_lora_peak": res["memfit-mos"]["peak_step_bytes"] / max(1, res["memfit-lora"]["peak_step_bytes"]),
-    }
-    rows = [[v, f"{res[v]['trainable']:,}", res[v]["step_s"] * 1e3, res[v]["peak_step_bytes"] / 2**20]
-            for v in VARIANTS]
-    rows += [["memfit LoRA / PEFT LoRA", "", ratios["memfit_lora_vs_peft_time"], ratios["memfit_lora_vs_peft_peak"]],
-             ["MoS / memfit LoRA (same r)", "", ratios["mos_vs_lora_time"], ratios["mos_vs_lora_peak"]]]
+    pairs = {"memfit_lora_vs_peft": ("memfit-lora", "peft-lora"), "mos_vs_lora": ("memfit-mos", "memfit-lora")}
+    ratios = {f"{name}_{key}": res[a][key] / max(1e-12, res[b][key]) for name, (a, b) in pairs.items()
+              for key in ("peak_bytes", "saved_bytes")}
+    for name, (a, b) in pairs.items():
+        ratios[f"{name}_step_s"] = statistics.median(
+            x["step_s"] / y["step_s"] for x, y in zip(runs[a], runs[b], strict=True))
+    rows = [[v, f"{res[v]['trainable']:,}", res[v]["step_s"] * 1e3, res[v]["peak_bytes"] / 2**20,
+             res[v]["saved_bytes"] / 2**20] for v in VARIANTS]
+    rows += [[label, "", *(ratios[f"{name}_{key}"] for key in ("step_s", "peak_bytes", "saved_bytes"))]
+             for label, name in (("memfit LoRA / PEFT LoRA", "memfit_lora_vs_peft"),
+                                 ("MoS / memfit LoRA (same r)", "mos_vs_lora"))]
     report("adapters_step", f"Train step, Llama {size['hidden']}x{size['layers']}, r={size['r']}, all 7 projections",
-           ["variant", "trainable", "step ms (or ratio)", "peak MiB over model (or ratio)"], rows,
+           ["variant", "trainable", "step ms (or ratio)", "peak RSS MiB (or ratio)", "saved for backward MiB"], rows,
            {"size": size, "results": res, "ratios": ratios, "rounds": args.rounds, "steps": args.steps})
 
 
