@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def report(name: str, title: str, columns: list[str], rows: list[list], payload:
         table.add_column(col, justify="right" if col != columns[0] else "left")
     for row in rows:
         table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)  # logs keep whole rows
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
