@@ -17,18 +17,26 @@ Traces and predictors are trained on the train part and measured on the held-out
 
 from __future__ import annotations
 
-import argparse
-import ast
-import hashlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _corpus import (  # noqa: E402
+    ROOT,
+    batches,
+    debian_descriptions,
+    pretrain_args,
+    split,
+    stdlib_docstrings,
+    token_stream,
+    train_tokenizer,
+    warmup_cosine,
+)
+
 PRESETS = {
     "default": {"hidden": 256, "inter": 512, "layers": 8, "experts": 16, "top_k": 2, "heads": 4, "vocab": 4096,
                 "seq": 64, "batch": 8, "steps": 150, "lr": 3e-3},
@@ -37,78 +45,8 @@ PRESETS = {
 }
 
 
-def stdlib_docstrings(min_chars: int = 80) -> list[str]:
-    """Docstrings of this interpreter's standard library (modules, classes, functions), whitespace-normalised."""
-    lib = Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
-    texts = []
-    for path in sorted(lib.glob("*.py")) + sorted(lib.glob("*/*.py")):
-        if "test" in path.parent.name or "site-packages" in path.parts:
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) >= min_chars:
-                    texts.append(" ".join(doc.split()))
-    return texts
-
-
-def debian_descriptions() -> list[str]:
-    texts = []
-    for path in sorted((ROOT / "data").glob("debian-sections-*.jsonl")):
-        texts += [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
-    return texts
-
-
-def split(texts: list[str], heldout: float = 0.1) -> tuple[list[str], list[str]]:
-    """Deterministic split by a hash of each text (the same text always lands on the same side)."""
-    train, test = [], []
-    for t in dict.fromkeys(texts):
-        bucket = int(hashlib.sha1(t.encode()).hexdigest()[:8], 16) / 16**8
-        (test if bucket < heldout else train).append(t)
-    return train, test
-
-
-def train_tokenizer(texts: list[str], vocab: int, out: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>")
-    fast.save_pretrained(out)
-    return fast
-
-
-def batches(ids: torch.Tensor, seq: int, batch: int, steps: int, seed: int):
-    """`steps` batches of random windows [batch, seq + 1] from the token stream (seeded)."""
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        starts = torch.randint(0, ids.numel() - seq - 1, (batch,), generator=gen)
-        yield torch.stack([ids[s: s + seq + 1] for s in starts.tolist()])
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "moe-model")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    p = dict(PRESETS[args.preset])
-    if args.steps:
-        p["steps"] = args.steps
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    args, p = pretrain_args(__doc__, ROOT / "runs" / "moe-model", PRESETS)
     from transformers import MixtralConfig, MixtralForCausalLM
 
     t0 = time.perf_counter()
@@ -118,10 +56,7 @@ def main() -> None:
     for name, texts in (("train", train_texts), ("heldout", test_texts)):
         (text_dir / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     tok = train_tokenizer(train_texts, p["vocab"], args.out)
-    stream = []
-    for t in train_texts:
-        stream += tok(t)["input_ids"] + [tok.eos_token_id]
-    ids = torch.tensor(stream)
+    ids = token_stream(tok, train_texts)
     print(f"text: {len(train_texts)} train / {len(test_texts)} held-out texts, {ids.numel()} train tokens "
           f"({time.perf_counter() - t0:.0f} s)")
 
@@ -135,14 +70,7 @@ def main() -> None:
     model = MixtralForCausalLM(config)
     model.set_experts_implementation("grouped_mm")  # measured: backward 2.5x faster than eager on CPU here
     opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = max(1, p["steps"] // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, p["steps"] - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(p["steps"]))
     model.train()
     t1 = time.perf_counter()
     for step, batch in enumerate(batches(ids, p["seq"], p["batch"], p["steps"], args.seed)):

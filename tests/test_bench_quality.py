@@ -1,9 +1,10 @@
-"""bench/quality.py's own code on a tiny encoder: training a configuration, the sweep, the table and the plot."""
+"""bench/quality.py's own code on tiny models: training a configuration, the sweep, the table and the plot."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -22,15 +23,20 @@ def quality():
 
 
 @pytest.fixture(scope="module")
-def task(quality, bert_dir, sections, tmp_path_factory):
+def data_dir(sections, tmp_path_factory):
     data = tmp_path_factory.mktemp("data")
     for src, name in zip(sections, ("debian-sections-train.jsonl", "debian-sections-val.jsonl"), strict=True):
         (data / name).write_text(src.read_text())
-    return quality.Task.load(bert_dir, data)
+    return data
+
+
+@pytest.fixture(scope="module")
+def task(quality, bert_dir, data_dir):
+    return quality.Task.load(bert_dir, data_dir)
 
 
 def test_setups_train_only_what_they_say(quality, task):
-    by_name = {s.name: s for s in quality.setups()}
+    by_name = {s.name: s for s in quality.setups(task)}
     n_classes = len(task.labels)
     head = 32 * n_classes + n_classes
     lora = quality.run(by_name["LoRA r=1"], 1e-2, 0, task, epochs=1)
@@ -42,7 +48,7 @@ def test_setups_train_only_what_they_say(quality, task):
 
 
 def test_sweep_picks_the_best_dev_accuracy(quality, task, monkeypatch):
-    setup = quality.setups()[2]
+    setup = quality.setups(task)[2]
     seen = {}
 
     def fake_run(setup, lr, seed, data, epochs, train=None, val=None):
@@ -59,10 +65,22 @@ def test_sweep_picks_the_best_dev_accuracy(quality, task, monkeypatch):
 def test_summary_table_and_plot(quality, tmp_path):
     runs = [{"accuracy": a, "macro_f1": a - 0.1, "adapter_params": 768, "head_params": 100, "epoch_s": 2.0,
              "peak_mem_bytes": 2**20, "lr": 1e-3, "seed": s} for s, a in enumerate((0.5, 0.7))]
-    rows = quality.summarize({"LoRA r=1": {"lr": 1e-3, "runs": runs}})
+    metrics = ("accuracy", "macro_f1")
+    rows = quality.summarize({"LoRA r=1": {"lr": 1e-3, "runs": runs}}, metrics)
     assert rows[0]["accuracy"] == pytest.approx((0.6, 0.1414213), rel=1e-5)
-    table = quality.markdown(rows)
+    table = quality.markdown(rows, metrics)
     assert "| LoRA r=1 | 768 | 100 | 0.001 | 0.600 ± 0.141 | 0.500 ± 0.141 | 2 | 1 MiB |" in table
     quality.plot(rows, tmp_path / "q.png")
     assert (tmp_path / "q.png").stat().st_size > 0
     json.dumps(rows)  # the JSON report must serialise
+
+
+def test_causal_lm_task_scores_the_base_model_and_adapters_by_validation_loss(quality, llama_dir, data_dir):
+    lm = quality.Task.load(llama_dir, data_dir, "lm")
+    by_name = {s.name: s for s in quality.setups(lm)}
+    base = quality.run(by_name["base model, no training"], 0.0, 0, lm, epochs=1)
+    assert base["adapter_params"] == 0 and base["perplexity"] == pytest.approx(math.exp(base["loss"]), rel=1e-5)
+    lora = quality.run(by_name["LoRA r=1"], 1e-2, 0, lm, epochs=1)
+    assert lora["adapter_params"] == (32 + 32 + 32 + 16) * 4 and lora["head_params"] == 0  # q, v (2 kv heads)
+    assert lora["loss"] < base["loss"]  # adapting to the synopses lowers their validation loss
+    assert lm.best({1e-3: 2.5, 3e-3: 2.1}) == 3e-3  # lower loss wins

@@ -141,14 +141,28 @@ def test_predictive_policy_demotes_wrong_prefetches_and_shares_slots_by_demand()
     for e in (0, 1):
         policy.inserted((1, e), prefetched=True)
     policy.inserted((0, 2), prefetched=False)
-    policy.layer_started(0, [2])
+    policy.layer_started(0, [2], {2})
     assert policy.value((1, 0)) > 2 and policy.victim([(0, 2), (1, 0), (1, 1)]) == (0, 2)
-    policy.layer_started(1, [0])  # 1 was predicted and prefetched but not used: demoted below everything
+    policy.layer_started(1, [0], {0})  # 1 was predicted and prefetched but not used: demoted below everything
     assert policy.value((1, 1)) == -1.0 and policy.victim([(0, 2), (1, 0), (1, 1)]) == (1, 1)
     for e in range(3):
         policy.inserted((2, e), prefetched=False)
-    policy.layer_started(2, [0])  # layer 2 needs 1 per step but holds 3: over its share, its experts go first
+    policy.layer_started(2, [0], {0})  # layer 2 needs 1 per step but holds 3: over its share, its experts go first
     assert policy.victim([(0, 2), (2, 1)]) == (2, 1)
+
+
+def test_predictive_policy_keeps_slots_for_layers_whose_prefetches_come_late():
+    policy = Predictive(4, 4)
+    for _ in range(20):  # both layers are predicted right; only layer 2's experts are in memory in time
+        policy.predicted(1, {0: 0.9})
+        policy.predicted(2, {0: 0.9})
+        policy.layer_started(1, [0], set())
+        policy.layer_started(2, [0], {0})
+    for e in range(2):
+        policy.inserted((1, e), prefetched=False)
+        policy.inserted((2, e), prefetched=False)
+    # Layer 1's demand is what prefetching failed to serve: it keeps its slots, layer 2 (over its share) gives one.
+    assert policy.victim([(1, 1), (2, 1)]) == (2, 1)
 
 
 def test_concurrent_prefetch_and_use_stay_correct():
@@ -162,7 +176,7 @@ def test_concurrent_prefetch_and_use_stay_correct():
             layer = step % 4
             needed = sorted(rng.sample(range(6), 2))
             with cache.lock:
-                cache.policy.layer_started(layer, needed)
+                cache.policy.layer_started(layer, needed, set())
                 cache.policy.predicted((layer + 1) % 4, {e: 0.5 for e in needed})
             cache.protect([(layer, e) for e in needed])
             cache.withdraw(lambda k, layer=layer: k[0] == layer)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,3 +246,38 @@ def test_reader_pool_reuses_a_buffer_only_once_every_tensor_on_it_is_gone(tmp_pa
         third = reader.read_many(["b"])
         assert third[0].data_ptr() == ptr  # free now: reused
         assert torch.equal(third[0], tensors["b"]) and torch.equal(second[0], tensors["a"])
+
+
+def _takes_o_direct(directory) -> bool:
+    probe = directory / "probe"
+    probe.write_bytes(b"x")
+    try:
+        os.close(os.open(probe, os.O_RDONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("where", ["tmp", "shm"])
+def test_direct_reads_equal_buffered_reads_at_any_offset_and_length(tmp_path, where):
+    # Sizes around the 4 KiB alignment and the 4 MiB staging buffer, at the unaligned offsets safetensors gives.
+    root = tmp_path
+    if where == "shm":  # tmpfs refuses O_DIRECT: the reader must fall back to buffered reads
+        if not os.path.isdir("/dev/shm"):
+            pytest.skip("no /dev/shm here")
+        root = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        tensors = {f"t{n}": torch.randn(n) for n in (1, 3, 1023, 1024, 1025, (4 << 20) // 4 + 5, 2_500_000)}
+        tensors["u8"] = torch.arange(7, dtype=torch.uint8)
+        save_file(tensors, str(root / "x.safetensors"))
+        with SafetensorsReader(root / "x.safetensors", direct=True) as reader:
+            assert reader.direct == _takes_o_direct(root)
+            for key, t in tensors.items():
+                assert torch.equal(reader.read(key), t), key
+            assert reader.bytes_read == sum(t.numel() * t.element_size() for t in tensors.values())
+            os.truncate(root / "x.safetensors", reader.info("t1025").offset + 100)  # cut while open
+            with pytest.raises(CheckpointError, match="truncated"):
+                reader.read("t1025")
+    finally:
+        if where == "shm":
+            shutil.rmtree(root)

@@ -43,8 +43,9 @@ def load(checkpoint_dir: str | os.PathLike, expert_budget: int | str = DEFAULT_B
     predictor: "cross-layer" (next layer's router on this layer's residual, training-free), the path of a
         routing-path predictor (`memfit moe train-predictor`), or None.
     dtype: compute dtype of the whole model (experts are converted while read if stored otherwise).
-    drop_cache: drop read ranges from the page cache, so expert reads really come from disk and memory
-        use is what this process holds.
+    drop_cache: keep expert reads out of the page cache (O_DIRECT where the file system allows it, else
+        buffered reads whose pages are dropped), so they really come from disk and memory use is what this
+        process holds. Direct reads are also the faster and cheaper way to read a few MB cold.
     The handle `model.memfit_moe` has `stats`, `reset_stats()`, `memory()`, `describe()` and `close()`.
     """
     root = Path(checkpoint_dir)
@@ -56,7 +57,7 @@ def load(checkpoint_dir: str | os.PathLike, expert_budget: int | str = DEFAULT_B
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = moe_layers(model)
     E, H, I = expert_shape(next(iter(layers.values()))[1].mlp.experts)
-    reader = SafetensorsReader(root, drop_cache=drop_cache)
+    reader = SafetensorsReader(root, drop_cache=drop_cache, direct=drop_cache)
     try:
         store = ExpertStore(reader, arch, {l: prefix for l, (prefix, _) in layers.items()}, E, H, I, dtype, root)
         top_k = config.num_experts_per_tok

@@ -4,12 +4,13 @@ Per MoE layer and forward step:
   1. A pre-hook on the layer's norm sees the residual stream; the predictor turns it into predictions
      for later layers, which become prefetch requests (the nearest layer and the likeliest experts first;
      they replace older requests for the same layer) and tell the policy what is coming.
-  2. The layer's experts module calls `begin` with the experts the router chose: the policy settles
-     that layer's prediction (unused prefetches are demoted), the chosen experts are protected from
-     speculative eviction, stale requests are withdrawn, and the missing experts are queued as urgent
-     reads for the prefetch thread. It returns an order to compute in: ready experts first (compute
-     overlaps the reads), then those being read, then the missing ones from the far end of the urgent
-     queue, so the compute thread and the prefetch thread read different experts at the same time.
+  2. The layer's experts module calls `begin` with the experts the router chose: they are protected
+     from speculative eviction, stale requests are withdrawn, the policy settles that layer's prediction
+     (unused prefetches are demoted; it learns which needed experts were in memory in time), and the
+     missing experts are queued as urgent reads for the prefetch thread. It returns an order to compute
+     in: ready experts first (compute overlaps the reads), then those being read, then the missing ones
+     from the far end of the urgent queue, so the compute thread and the prefetch thread read different
+     experts at the same time.
   3. `expert(layer, e)` pins one expert's slot while its matmuls run.
 """
 
@@ -83,14 +84,14 @@ class OffloadRuntime:
     def begin(self, layer: int, needed: list[int]) -> list[int]:
         """Layer `layer` needs experts `needed` now; returns the order to compute them in."""
         keys = [(layer, e) for e in needed]
-        with self.cache.lock:
-            self.policy.layer_started(layer, needed)
         self.cache.protect(keys)
         rank = self.rank[layer]
         self.cache.withdraw(lambda k: self.rank[k[0]] <= rank)
         ready = [k for k in keys if k in self.cache]
         loading = [k for k in keys if self.cache.loading(k)]
         missing = [k for k in keys if k not in ready and k not in loading]
+        with self.cache.lock:
+            self.policy.layer_started(layer, needed, {e for _, e in ready})
         self.cache.prefetch([(_URGENT, k) for k in missing], urgent=True)
         return [e for _, e in ready + loading + missing[::-1]]
 

@@ -9,10 +9,17 @@ Format (safetensors spec): 8-byte little-endian header length N, N bytes of JSON
 `{key: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the data;
 offsets are relative to the first data byte. Sharded checkpoints add `model.safetensors.index.json`
 with a `weight_map` from key to file name.
+
+`direct=True` reads with O_DIRECT where the file system allows it: the disk's DMA fills a page-aligned
+staging buffer, with no copy out of the page cache and nothing left in it. For reads of a few MB (MoE
+experts) that is both faster and far cheaper in CPU than buffered reads followed by DONTNEED (measured
+here, 1.6 MB reads of a cold file: 0.87 vs 0.60 GB/s, 0.06 vs 0.94 s of CPU per 640 MB); for long
+sequential reads (streamed layers) the kernel's readahead makes buffered reads faster, so it is opt-in.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -35,6 +42,8 @@ DTYPES = {
 }
 _MAX_HEADER = 100 * 2**20  # the spec caps the header at 100 MB
 _ALIGN = 64  # byte alignment of each tensor inside a multi-tensor buffer
+_DIRECT_ALIGN = 4096  # O_DIRECT: file offset, length and buffer address aligned to the logical block (<= 4 KiB)
+_DIRECT_CHUNK = 2 << 20  # a direct read's staging buffer per thread (a bounded RSS cost); 1-2 MB reads run at full speed
 
 
 @dataclass(frozen=True)
@@ -109,9 +118,11 @@ class SafetensorsReader:
     drop_cache: after each read, advise the kernel to drop that range from the page cache, so a
         streamed model does not silently live on in the page cache and the next read really hits disk.
     pool: how many `read_many` buffers to keep for reuse once free (they stay in RSS while kept).
+    direct: read with O_DIRECT (bypassing the page cache) where the file system supports it.
     """
 
-    def __init__(self, checkpoint: str | os.PathLike, drop_cache: bool = True, pool: int = 0) -> None:
+    def __init__(self, checkpoint: str | os.PathLike, drop_cache: bool = True, pool: int = 0,
+                 direct: bool = False) -> None:
         self.index: dict[str, TensorInfo] = {}
         for path in checkpoint_files(checkpoint):
             for key, info in _read_header(path).items():
@@ -123,6 +134,8 @@ class SafetensorsReader:
         self._lock = threading.Lock()
         self.pool, self._pool = pool, []
         self._fds = {p: os.open(p, os.O_RDONLY) for p in {i.path for i in self.index.values()}}
+        self._direct_fds = {p: fd for p in self._fds if direct and (fd := _open_direct(p)) is not None}
+        self._staging = threading.local()
 
     def __contains__(self, key: str) -> bool:
         return key in self.index
@@ -175,26 +188,81 @@ class SafetensorsReader:
                 self._pool.append(buf)
             return torch.frombuffer(buf, dtype=torch.uint8)
 
+    @property
+    def direct(self) -> bool:
+        """Whether reads bypass the page cache (O_DIRECT) for at least one file."""
+        return bool(self._direct_fds)
+
     def read_into(self, info: TensorInfo, out: torch.Tensor) -> None:
         """Fill the uint8 CPU tensor `out` (info.nbytes long) with the stored bytes of one tensor."""
-        view, fd, done = memoryview(out.numpy()), self._fds[info.path], 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], info.offset + done)
-            if n <= 0:
-                raise CheckpointError(f"{info.path} ended while reading {info.key!r}; the file is truncated.")
-            done += n
-        if self.drop_cache:
-            os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
+        fd = self._direct_fds.get(info.path)
+        if fd is not None:
+            try:
+                self._read_direct(fd, info, out)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                # The file system took O_DIRECT at open but refuses this read: buffered reads from now on.
+                os.close(self._direct_fds.pop(info.path))
+                fd = None
+        if fd is None:
+            self._read_buffered(info, out)
         with self._lock:
             self.bytes_read += info.nbytes
 
+    def _read_buffered(self, info: TensorInfo, out: torch.Tensor) -> None:
+        view, fd = memoryview(out.numpy()), self._fds[info.path]
+        _pread_full(fd, view, info.offset, info.nbytes, info)
+        if self.drop_cache:
+            os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
+
+    def _read_direct(self, fd: int, info: TensorInfo, out: torch.Tensor) -> None:
+        """Read the aligned range around the tensor, a staging buffer at a time, and copy the tensor's bytes out."""
+        begin, end = info.offset, info.offset + info.nbytes
+        pos = begin - begin % _DIRECT_ALIGN
+        buf = self._staging_buffer()
+        while pos < end:
+            need = min(len(buf), end - pos)
+            # The last aligned block may run past the end of the file: only the tensor's own bytes must arrive.
+            _pread_full(fd, memoryview(buf)[: -(-need // _DIRECT_ALIGN) * _DIRECT_ALIGN], pos, need, info)
+            lo, hi = max(begin, pos), min(end, pos + len(buf))
+            out[lo - begin: hi - begin].copy_(torch.frombuffer(buf, dtype=torch.uint8, count=hi - lo, offset=lo - pos))
+            pos += len(buf)
+
+    def _staging_buffer(self) -> mmap.mmap:
+        """This thread's page-aligned buffer (an anonymous mapping) for direct reads, allocated once."""
+        buf = getattr(self._staging, "buf", None)
+        if buf is None:
+            buf = self._staging.buf = mmap.mmap(-1, _DIRECT_CHUNK)
+        return buf
+
     def close(self) -> None:
-        for fd in self._fds.values():
+        for fd in [*self._fds.values(), *self._direct_fds.values()]:
             os.close(fd)
-        self._fds, self._pool = {}, []
+        self._fds, self._direct_fds, self._pool = {}, {}, []
 
     def __enter__(self) -> SafetensorsReader:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _open_direct(path: Path) -> int | None:
+    """An O_DIRECT descriptor of `path`, or None where the platform or file system has no direct I/O (tmpfs)."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return None
+
+
+def _pread_full(fd: int, view: memoryview, offset: int, need: int, info: TensorInfo) -> None:
+    """Read into `view` from `offset` until at least `need` bytes have arrived."""
+    done = 0
+    while done < need:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"{info.path} ended while reading {info.key!r}; the file is truncated.")
+        done += n
