@@ -53,11 +53,11 @@ def test_sweep_picks_the_best_dev_accuracy(quality, task, monkeypatch):
 
     def fake_run(setup, lr, seed, data, epochs, train=None, val=None):
         seen[lr] = (len(train), len(val))
-        return {"accuracy": {setup.lrs[0]: 0.2, setup.lrs[1]: 0.7}[lr]}
+        return {"accuracy": dict(zip(setup.lrs, (0.2, 0.7, 0.4), strict=True))[lr]}
 
     monkeypatch.setattr(quality, "run", fake_run)
     lr, scores = quality.sweep(setup, task, epochs=1)
-    assert lr == setup.lrs[1] and scores == {setup.lrs[0]: 0.2, setup.lrs[1]: 0.7}
+    assert lr == setup.lrs[1] and scores == dict(zip(setup.lrs, (0.2, 0.7, 0.4), strict=True))
     n = len(task.train)
     assert all(v == (min(3000, n), min(1000, n)) for v in seen.values())  # dev rows come from the training file
 
