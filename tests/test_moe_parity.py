@@ -138,3 +138,26 @@ def test_budget_in_bytes_and_statistics(tmp_path):
     assert exact.memfit_moe.cache.slots == 3
     assert exact.memfit_moe.memory()["expert_cache"] == 3 * expert
     exact.memfit_moe.close()
+
+
+def test_an_experts_adjacent_tensors_are_read_in_one_request(tmp_path, monkeypatch):
+    """Per-expert checkpoints keep an expert's three matrices side by side: one span read fills its slot."""
+    from memfit.tiers.st_reader import SafetensorsReader
+
+    model = tiny_moe("mixtral")
+    ids, mask = batch()
+    ref = run(model, ids, mask)
+    path = save(model, tmp_path)  # one file
+    spans = []
+    real = SafetensorsReader.read_span
+    monkeypatch.setattr(SafetensorsReader, "read_span", lambda self, infos, outs: (spans.append(len(infos)),
+                                                                                   real(self, infos, outs)))
+    offloaded = moe.load(path, expert_budget="25%", policy="lru", predictor=None)
+    try:
+        spans.clear()  # the resident weights were read tensor by tensor
+        got = run(offloaded, ids, mask)
+        reads = offloaded.memfit_moe.stats.reads
+    finally:
+        offloaded.memfit_moe.close()
+    assert spans and set(spans) == {3} and len(spans) == reads  # gate, up and down in one request per expert
+    assert rel_err(got[0], ref[0]) <= TOL and rel_err(got[1], ref[1]) <= TOL

@@ -275,6 +275,13 @@ def test_direct_reads_equal_buffered_reads_at_any_offset_and_length(tmp_path, wh
             for key, t in tensors.items():
                 assert torch.equal(reader.read(key), t), key
             assert reader.bytes_read == sum(t.numel() * t.element_size() for t in tensors.values())
+            infos = sorted((reader.info(k) for k in tensors), key=lambda i: i.offset)  # one span, many tensors
+            outs = [torch.empty(i.nbytes, dtype=torch.uint8) for i in infos]
+            reader.read_span(infos, outs)
+            for info, out in zip(infos, outs, strict=True):
+                assert torch.equal(out.view(info.dtype).view(info.shape), tensors[info.key]), info.key
+            with pytest.raises(ValueError, match="file order"):
+                reader.read_span(infos[::-1], outs[::-1])
             os.truncate(root / "x.safetensors", reader.info("t1025").offset + 100)  # cut while open
             with pytest.raises(CheckpointError, match="truncated"):
                 reader.read("t1025")

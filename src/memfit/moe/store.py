@@ -7,8 +7,9 @@ A slot holds one expert in the in-memory fused layout, so the compute needs no c
 
 Per-expert checkpoints (what Hugging Face checkpoints hold) give three tensors per expert, possibly in
 three shards; fused checkpoints ([E, 2I, H] and [E, H, I]) give one contiguous slab per expert in each
-tensor. Either way an expert is a few positional reads straight into its slot (through a small staging
-buffer when the stored dtype differs from the compute dtype).
+tensor. Either way an expert is a few positional reads into its slot (through a small staging buffer when
+the stored dtype differs from the compute dtype); tensors that lie back to back in a file (an expert's
+three matrices, in per-expert checkpoints) are read as one span, one request instead of three.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class ExpertStore:
         self.num_experts, self.hidden, self.intermediate, self.dtype = num_experts, hidden, intermediate, dtype
         self._where = _key_files(Path(checkpoint))
         self._parts = {(l, e): self._locate(l, e) for l in layers for e in range(num_experts)}
+        self._runs = {key: self._coalesce(parts) for key, parts in self._parts.items()}
         self._staging = threading.local()
 
     @property
@@ -68,17 +70,30 @@ class ExpertStore:
     def fill(self, key: ExpertKey, out: torch.Tensor) -> int:
         """Read expert `key` into the 1-D slot `out`; returns the bytes read."""
         nbytes = 0
-        for part in self._parts[key]:
-            numel = part.info.nbytes // part.info.dtype.itemsize
-            dest = out[part.start: part.start + numel]
-            if part.info.dtype == self.dtype:
-                self.reader.read_into(part.info, dest.view(torch.uint8))
-            else:
+        for run in self._runs[key]:
+            if run[0].info.dtype == self.dtype:
+                dests = [out[p.start: p.start + p.info.nbytes // self.dtype.itemsize].view(torch.uint8) for p in run]
+                self.reader.read_span([p.info for p in run], dests)
+            else:  # one part, converted while copied into the slot
+                part = run[0]
                 staging = self._staging_buffer(part.info.nbytes)
                 self.reader.read_into(part.info, staging)
-                dest.copy_(staging.view(part.info.dtype))
-            nbytes += part.info.nbytes
+                numel = part.info.nbytes // part.info.dtype.itemsize
+                out[part.start: part.start + numel].copy_(staging.view(part.info.dtype))
+            nbytes += sum(p.info.nbytes for p in run)
         return nbytes
+
+    def _coalesce(self, parts: list[_Part]) -> list[list[_Part]]:
+        """Parts that lie back to back in one file and need no conversion, as runs read in one request each."""
+        runs: list[list[_Part]] = []
+        for part in sorted(parts, key=lambda p: (str(p.info.path), p.info.offset)):
+            last = runs[-1][-1].info if runs else None
+            if (last is not None and part.info.dtype == self.dtype == last.dtype and part.info.path == last.path
+                    and part.info.offset == last.offset + last.nbytes):
+                runs[-1].append(part)
+            else:
+                runs.append([part])
+        return runs
 
     def fingerprint(self) -> str:
         """A digest of the routing: model shape plus the stored bytes of every router. A predictor trained on

@@ -43,7 +43,7 @@ DTYPES = {
 _MAX_HEADER = 100 * 2**20  # the spec caps the header at 100 MB
 _ALIGN = 64  # byte alignment of each tensor inside a multi-tensor buffer
 _DIRECT_ALIGN = 4096  # O_DIRECT: file offset, length and buffer address aligned to the logical block (<= 4 KiB)
-_DIRECT_CHUNK = 2 << 20  # a direct read's staging buffer per thread (a bounded RSS cost); 1-2 MB reads run at full speed
+_DIRECT_CHUNK = 2 << 20  # per-thread staging for direct reads: bounded RSS; 1-2 MB requests run at full speed
 
 
 @dataclass(frozen=True)
@@ -195,20 +195,31 @@ class SafetensorsReader:
 
     def read_into(self, info: TensorInfo, out: torch.Tensor) -> None:
         """Fill the uint8 CPU tensor `out` (info.nbytes long) with the stored bytes of one tensor."""
-        fd = self._direct_fds.get(info.path)
+        self.read_span([info], [out])
+
+    def read_span(self, infos: list[TensorInfo], outs: list[torch.Tensor]) -> None:
+        """Fill each uint8 CPU tensor of `outs` with the bytes of its tensor in `infos`: tensors of one file, in
+        file order, read as one span (one request per staging buffer, not one per tensor: an MoE expert's three
+        matrices lie side by side in per-expert checkpoints)."""
+        path = infos[0].path
+        ordered = all(a.offset + a.nbytes <= b.offset for a, b in zip(infos, infos[1:], strict=False))
+        if not ordered or any(i.path != path for i in infos):
+            raise ValueError("read_span takes tensors of one file, in file order, not overlapping")
+        fd = self._direct_fds.get(path)
         if fd is not None:
             try:
-                self._read_direct(fd, info, out)
+                self._read_direct(fd, infos, outs)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 # The file system took O_DIRECT at open but refuses this read: buffered reads from now on.
-                os.close(self._direct_fds.pop(info.path))
+                os.close(self._direct_fds.pop(path))
                 fd = None
         if fd is None:
-            self._read_buffered(info, out)
+            for info, out in zip(infos, outs, strict=True):
+                self._read_buffered(info, out)
         with self._lock:
-            self.bytes_read += info.nbytes
+            self.bytes_read += sum(i.nbytes for i in infos)
 
     def _read_buffered(self, info: TensorInfo, out: torch.Tensor) -> None:
         view, fd = memoryview(out.numpy()), self._fds[info.path]
@@ -216,18 +227,21 @@ class SafetensorsReader:
         if self.drop_cache:
             os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
 
-    def _read_direct(self, fd: int, info: TensorInfo, out: torch.Tensor) -> None:
-        """Read the aligned range around the tensor, a staging buffer at a time, and copy the tensor's bytes out."""
-        begin, end = info.offset, info.offset + info.nbytes
+    def _read_direct(self, fd: int, infos: list[TensorInfo], outs: list[torch.Tensor]) -> None:
+        """Read the aligned range around the span, a staging buffer at a time, and copy each tensor's bytes out."""
+        begin, end = infos[0].offset, infos[-1].offset + infos[-1].nbytes
         pos = begin - begin % _DIRECT_ALIGN
         buf = self._staging_buffer()
+        staged = torch.frombuffer(buf, dtype=torch.uint8)
         while pos < end:
             need = min(len(buf), end - pos)
-            # The last aligned block may run past the end of the file: only the tensor's own bytes must arrive.
-            _pread_full(fd, memoryview(buf)[: -(-need // _DIRECT_ALIGN) * _DIRECT_ALIGN], pos, need, info)
-            lo, hi = max(begin, pos), min(end, pos + len(buf))
-            out[lo - begin: hi - begin].copy_(torch.frombuffer(buf, dtype=torch.uint8, count=hi - lo, offset=lo - pos))
-            pos += len(buf)
+            # The last aligned block may run past the end of the file: only the span's own bytes must arrive.
+            _pread_full(fd, memoryview(buf)[: -(-need // _DIRECT_ALIGN) * _DIRECT_ALIGN], pos, need, infos[0])
+            for info, out in zip(infos, outs, strict=True):
+                lo, hi = max(info.offset, pos), min(info.offset + info.nbytes, pos + need)
+                if lo < hi:
+                    out[lo - info.offset: hi - info.offset].copy_(staged[lo - pos: hi - pos])
+            pos += need
 
     def _staging_buffer(self) -> mmap.mmap:
         """This thread's page-aligned buffer (an anonymous mapping) for direct reads, allocated once."""
