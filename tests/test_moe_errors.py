@@ -129,6 +129,8 @@ def test_unknown_policy_and_predictor(mixtral_dir, clean):
         moe.load(mixtral_dir, predictor="oracle")
     with pytest.raises(ConfigError, match="policy 'predictive' works from predictions"):
         moe.load(mixtral_dir, policy="predictive", predictor=None)
+    with pytest.raises(ConfigError, match="io_threads must be >= 1"):
+        moe.load(mixtral_dir, io_threads=0)
 
 
 def test_training_through_offloaded_experts_is_refused(mixtral_dir):

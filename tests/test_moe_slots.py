@@ -165,10 +165,12 @@ def test_predictive_policy_keeps_slots_for_layers_whose_prefetches_come_late():
     assert policy.victim([(1, 1), (2, 1)]) == (2, 1)
 
 
-def test_concurrent_prefetch_and_use_stay_correct():
+@pytest.mark.parametrize("workers", [1, 2])
+def test_concurrent_prefetch_and_use_stay_correct(workers):
     """Random prefetches, withdrawals and uses against a slow tier: right bytes every time, no deadlock."""
     rng = random.Random(0)
-    cache = SlotCache(3, NUMEL, torch.float32, fill_with(delay=0.001), make_policy("predictive", 3, 6))
+    cache = SlotCache(3, NUMEL, torch.float32, fill_with(delay=0.001), make_policy("predictive", 3, 6),
+                      workers=workers)
     done = threading.Event()
 
     def compute():

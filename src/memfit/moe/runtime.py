@@ -37,7 +37,7 @@ _URGENT = -1.0  # priority of a layer's own misses: ahead of every prediction (p
 class OffloadRuntime:
     def __init__(self, layers: dict[int, nn.Module], arch: MoeArch, store: ExpertStore, slots: int,
                  policy: ExpertPolicy, predictor: Predictor | None, fingerprint: str, resident_bytes: int,
-                 prefetch: bool = True) -> None:
+                 prefetch: bool = True, io_threads: int = 2) -> None:
         self.layers, self.arch, self.store, self.policy, self.predictor = layers, arch, store, policy, predictor
         self.fingerprint, self.resident_bytes = fingerprint, resident_bytes
         self.order = sorted(layers)
@@ -45,7 +45,8 @@ class OffloadRuntime:
         self.num_experts = store.num_experts
         self.stats = TransferStats()
         self.layer_stats: dict[int, list[int]] = {l: [0, 0, 0] for l in self.order}  # hits, late, misses
-        self.cache = SlotCache(slots, store.expert_numel, store.dtype, store.fill, policy, self.stats, prefetch)
+        self.cache = SlotCache(slots, store.expert_numel, store.dtype, store.fill, policy, self.stats, prefetch,
+                               io_threads)
         # A model dropped without close() must not leave its prefetch thread, cache and files behind.
         self._finalize = weakref.finalize(self, _shutdown, self.cache, store.reader)
         self._hooks = []

@@ -4,14 +4,14 @@ All memory is one tensor of `slots x slot_numel`, allocated once: the cache neve
 budget, however the items churn, and the allocator never fragments. Items are filled in place by a
 caller-supplied `fill(key, out) -> bytes_read` (e.g. positional reads of safetensors ranges).
 
-Two threads touch a cache: the compute thread calls `get` / `release` around each use of an item, and a
-background worker serves `prefetch` requests in priority order (lower first). A miss is read at once by
+The compute thread calls `get` / `release` around each use of an item, and background workers (one, or a
+few to keep a device queue busy) serve `prefetch` requests in priority order (lower first). A miss is read at once by
 the compute thread itself, so it never queues behind speculative reads. Which item leaves when a slot is
 needed is the `SlotPolicy`'s choice; a speculative prefetch only evicts an item the policy `admits` it
 over, while an urgent read (a miss, or an urgent request) always finds a slot.
 
 Rules that keep it deadlock-free: the compute thread holds at most one pinned item while it calls `get`,
-and the worker never waits for a slot (a request with no slot to take is dropped).
+and a worker never waits for a slot (a request with no slot to take is dropped).
 """
 
 from __future__ import annotations
@@ -62,10 +62,14 @@ class _Entry:
 
 
 class SlotCache:
-    """`slots` items of `slot_numel` elements of `dtype` each, keyed by any hashable."""
+    """`slots` items of `slot_numel` elements of `dtype` each, keyed by any hashable.
+
+    prefetch: start the background workers (False: every item is read on demand); workers: how many.
+    """
 
     def __init__(self, slots: int, slot_numel: int, dtype: torch.dtype, fill: Callable[[Key, torch.Tensor], int],
-                 policy: SlotPolicy, stats: TransferStats | None = None, prefetch: bool = True) -> None:
+                 policy: SlotPolicy, stats: TransferStats | None = None, prefetch: bool = True,
+                 workers: int = 1) -> None:
         if slots < 1:
             raise ValueError("a slot cache needs at least one slot")
         self.pool = torch.empty(slots, slot_numel, dtype=dtype)
@@ -75,7 +79,7 @@ class SlotCache:
         # Two conditions on the one lock, so each wakes only who needs it: a Python thread woken for nothing
         # still has to take the GIL back from the compute thread (measured: 15% of decode time in lock
         # handoffs when every release woke the worker).
-        self._work = threading.Condition(self.lock)  # the worker waits here for requests
+        self._work = threading.Condition(self.lock)  # workers wait here for requests
         self._done = threading.Condition(self.lock)  # the compute thread waits here for a read or a slot
         self._waiting = 0  # compute-thread waits in progress
         self._free = list(range(slots - 1, -1, -1))
@@ -85,10 +89,10 @@ class SlotCache:
         self._queued: dict[Key, tuple[int, bool]] = {}  # key -> (seq of its live heap item, urgent)
         self._seq = itertools.count()
         self._closed = False
-        self._worker = None
-        if prefetch:
-            self._worker = threading.Thread(target=self._serve, name="memfit-prefetch", daemon=True)
-            self._worker.start()
+        self._workers = [threading.Thread(target=self._serve, name="memfit-prefetch", daemon=True)
+                         for _ in range(workers if prefetch else 0)]
+        for worker in self._workers:
+            worker.start()
 
     @property
     def slots(self) -> int:
@@ -178,7 +182,7 @@ class SlotCache:
                 self._queued[key] = (seq, urgent)
                 heapq.heappush(self._heap, (priority, seq, key))
             if self._queued:
-                self._work.notify()
+                self._work.notify(len(self._queued))  # at most one waiting worker per request
 
     def withdraw(self, drop: Callable[[Key], bool]) -> None:
         """Drop the queued (not yet started) requests whose key satisfies `drop`."""
@@ -194,14 +198,15 @@ class SlotCache:
             return list(self._queued)
 
     def close(self) -> None:
-        """Stop the worker (after its read in flight). The cache stays readable but prefetches stop."""
+        """Stop the workers (after their reads in flight). The cache stays readable but prefetches stop."""
         with self.lock:
             self._closed = True
             self._queued.clear()
             self._heap.clear()
             self._work.notify_all()
-        if self._worker is not None and self._worker is not threading.current_thread():
-            self._worker.join()
+        for worker in self._workers:
+            if worker is not threading.current_thread():
+                worker.join()
 
     # -- internals (lock held unless said) -------------------------------------------------------------
     def _wait(self) -> None:
