@@ -8,10 +8,10 @@ validation loss per token (and its perplexity), lower is better.
 
 Same model, data, head, epochs, batch size, schedule (linear warmup 6%, linear decay) and target modules
 (attention query and value, where a method has targets) for all methods of a task. The learning rate of
-each method is chosen by a small sweep (`lrs` below) on a dev split held out from the *training* file (its
-last 1,000 rows; the sweep trains on a 3,000-row slice of the rest, one seed): the validation split is
-never used for choosing anything. Final runs train on the whole training file with `--seeds` seeds and
-report the validation metrics as mean ± std.
+each method is chosen by a small sweep (`lrs` below, grown by a step while the best is at its edge) on a dev
+split held out from the *training* file (its last 1,000 rows; the sweep trains on a 3,000-row slice of the
+rest, one seed): the validation split is never used for choosing anything. Final runs train on the whole
+training file with `--seeds` seeds and report the validation metrics as mean ± std.
 
     .venv/bin/python bench/quality.py            # full: every method, 3 seeds (~90 min on 2 cores)
     .venv/bin/python bench/quality.py --quick    # 5 methods, 1 seed, 4,000 training rows, no sweep (<10 min)
@@ -202,11 +202,24 @@ def evaluate(model: nn.Module, task, examples: list[dict], pad_id: int, batch_si
     return task.metrics(state)
 
 
-def sweep(setup: Setup, data: Task, epochs: int) -> tuple[float, dict]:
-    """The LR with the best dev metric: trained on a slice of the training file, scored on its last rows."""
+def sweep(setup: Setup, data: Task, epochs: int, extend: int = 2) -> tuple[float, dict]:
+    """The LR with the best dev metric: trained on a slice of the training file, scored on its last rows.
+
+    While the best LR is the highest (or lowest) tried, the grid grows one step that way, up to `extend` times,
+    so the answer lies inside the grid (too high an LR diverges and scores badly, which stops the growth)."""
     dev, fit = data.train[-1000:], data.train[:3000]
     scores = {lr: run(setup, lr, 0, data, epochs, fit, dev)[data.metrics[0]] for lr in setup.lrs}
-    return data.best(scores), scores
+    ratio = setup.lrs[-1] / setup.lrs[-2]
+    for _ in range(extend):
+        best = data.best(scores)
+        if best == max(scores):
+            lr = best * ratio
+        elif best == min(scores):
+            lr = best / ratio
+        else:
+            break
+        scores[lr] = run(setup, lr, 0, data, epochs, fit, dev)[data.metrics[0]]
+    return data.best(scores), dict(sorted(scores.items()))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -84,3 +84,10 @@ def test_causal_lm_task_scores_the_base_model_and_adapters_by_validation_loss(qu
     assert lora["adapter_params"] == (32 + 32 + 32 + 16) * 4 and lora["head_params"] == 0  # q, v (2 kv heads)
     assert lora["loss"] < base["loss"]  # adapting to the synopses lowers their validation loss
     assert lm.best({1e-3: 2.5, 3e-3: 2.1}) == 3e-3  # lower loss wins
+
+
+def test_sweep_grows_the_grid_while_the_best_is_at_its_edge(quality, task, monkeypatch):
+    setup = quality.setups(task)[2]  # grid 3e-3, 1e-2, 3e-2
+    monkeypatch.setattr(quality, "run", lambda setup, lr, *a, **k: {"accuracy": -abs(math.log(lr / 0.1))})
+    lr, scores = quality.sweep(setup, task, epochs=1)
+    assert len(scores) == 5 and lr == pytest.approx(0.09)  # grew twice (x3): 0.09, then 0.27 scored worse
