@@ -5,10 +5,10 @@ budget, however the items churn, and the allocator never fragments. Items are fi
 caller-supplied `fill(key, out) -> bytes_read` (e.g. positional reads of safetensors ranges).
 
 The compute thread calls `get` / `release` around each use of an item, and background workers (one, or a
-few to keep a device queue busy) serve `prefetch` requests in priority order (lower first). A miss is read at once by
-the compute thread itself, so it never queues behind speculative reads. Which item leaves when a slot is
-needed is the `SlotPolicy`'s choice; a speculative prefetch only evicts an item the policy `admits` it
-over, while an urgent read (a miss, or an urgent request) always finds a slot.
+few to keep a device queue busy) serve `prefetch` requests in priority order (lower first). A miss is read
+at once by the compute thread itself, so it never queues behind speculative reads. Which item leaves when a
+slot is needed is the `SlotPolicy`'s choice; a speculative prefetch only evicts an item the policy `admits`
+it over, while an urgent read (a miss, or an urgent request) always finds a slot.
 
 Rules that keep it deadlock-free: the compute thread holds at most one pinned item while it calls `get`,
 and a worker never waits for a slot (a request with no slot to take is dropped).

@@ -135,6 +135,7 @@ class SafetensorsReader:
         self.pool, self._pool = pool, []
         self._fds = {p: os.open(p, os.O_RDONLY) for p in {i.path for i in self.index.values()}}
         self._direct_fds = {p: fd for p in self._fds if direct and (fd := _open_direct(p)) is not None}
+        self._opened = [*self._fds.values(), *self._direct_fds.values()]  # what close() closes
         self._staging = threading.local()
 
     def __contains__(self, key: str) -> bool:
@@ -212,8 +213,9 @@ class SafetensorsReader:
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
-                # The file system took O_DIRECT at open but refuses this read: buffered reads from now on.
-                os.close(self._direct_fds.pop(path))
+                # The file system took O_DIRECT at open but refuses this read: buffered reads from now on. The
+                # descriptor stays open until close(): another thread may be reading through it.
+                self._direct_fds.pop(path, None)
                 fd = None
         if fd is None:
             for info, out in zip(infos, outs, strict=True):
@@ -251,9 +253,9 @@ class SafetensorsReader:
         return buf
 
     def close(self) -> None:
-        for fd in [*self._fds.values(), *self._direct_fds.values()]:
+        for fd in self._opened:
             os.close(fd)
-        self._fds, self._direct_fds, self._pool = {}, {}, []
+        self._fds, self._direct_fds, self._opened, self._pool = {}, {}, [], []
 
     def __enter__(self) -> SafetensorsReader:
         return self
