@@ -43,7 +43,7 @@ DTYPES = {
 _MAX_HEADER = 100 * 2**20  # the spec caps the header at 100 MB
 _ALIGN = 64  # byte alignment of each tensor inside a multi-tensor buffer
 _DIRECT_ALIGN = 4096  # O_DIRECT: file offset, length and buffer address aligned to the logical block (<= 4 KiB)
-_DIRECT_CHUNK = 2 << 20  # per-thread staging for direct reads: bounded RSS; 1-2 MB requests run at full speed
+_DIRECT_CHUNK = 1 << 20  # per-thread staging for direct reads: bounded RSS; 1-2 MB requests run at full speed
 
 
 @dataclass(frozen=True)
