@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
-from test_moe_models import TEXTS, one_thread, save, save_tokenizer, tiny_moe  # noqa: F401 (autouse fixture)
+from test_moe_models import TEXTS, VOCAB, one_thread, save, save_tokenizer, tiny_moe  # noqa: F401 (autouse fixture)
 from transformers import AutoTokenizer
 
 import memfit.moe as moe
-from memfit.moe.generate import generate_requests
+from memfit.moe.generate import generate_requests, replay
 from memfit.moe.schedule import in_order_batches, plan_batches, route_signatures
 
 
@@ -70,3 +72,24 @@ def _first_residual(model, ids: torch.Tensor) -> torch.Tensor:
         model(input_ids=ids.view(1, -1), use_cache=False)
     handle.remove()
     return captured[0].reshape(-1, captured[0].shape[-1])
+
+
+def test_replay_decodes_through_the_kv_cache(tmp_path):
+    """Teacher-forced replay (the benchmark's decoding) gives, step by step, the full-sequence logits of the
+    in-memory model: the KV cache reaches the model under the forward's current keyword, without a warning."""
+    reference = tiny_moe("mixtral")
+    path = save(reference, tmp_path)
+    ids = torch.randint(4, VOCAB, (1, 10), generator=torch.Generator().manual_seed(0))
+    model = moe.load(path, expert_budget="40%")
+    steps = []
+    model.register_forward_hook(lambda module, args, out: steps.append(out.logits[0, -1]))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # e.g. the deprecated `past_key_values` name
+            timing = replay(model, ids, prefill=4)
+    finally:
+        model.memfit_moe.close()
+    assert (timing.new_tokens, timing.batch) == (7, 1)
+    with torch.no_grad():
+        expected = reference(ids).logits[0, 3:]
+    torch.testing.assert_close(torch.stack(steps), expected, rtol=1e-5, atol=1e-5)

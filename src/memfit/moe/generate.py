@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -143,6 +144,11 @@ def _left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+def _cache_kwarg(model: nn.Module) -> str:
+    """transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns, then goes)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def replay(model: nn.Module, input_ids: torch.Tensor, prefill: int,
            on_prefilled: Callable[[], None] | None = None) -> Timing:
@@ -153,13 +159,13 @@ def replay(model: nn.Module, input_ids: torch.Tensor, prefill: int,
     repeated tokens route the same way, which would flatter every cache."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    cache = {_cache_kwarg(model): DynamicCache()}
     t0 = time.perf_counter()
-    model(input_ids=input_ids[:, :prefill], past_key_values=cache, use_cache=True)
+    model(input_ids=input_ids[:, :prefill], use_cache=True, **cache)
     t1 = time.perf_counter()
     if on_prefilled is not None:
         on_prefilled()
     for i in range(prefill, input_ids.shape[1]):
-        model(input_ids=input_ids[:, i: i + 1], past_key_values=cache, use_cache=True)
+        model(input_ids=input_ids[:, i: i + 1], use_cache=True, **cache)
     t2 = time.perf_counter()
     return Timing(input_ids.shape[1] - prefill + 1, input_ids.shape[0], t1 - t0, t2 - t1)
