@@ -13,8 +13,9 @@ split held out from the *training* file (its last 1,000 rows; the sweep trains o
 rest, one seed): the validation split is never used for choosing anything. Final runs train on the whole
 training file with `--seeds` seeds and report the validation metrics as mean ± std.
 
-    .venv/bin/python bench/quality.py            # full: every method, 3 seeds (~90 min on 2 cores)
+    .venv/bin/python bench/quality.py            # full: every method, 3 seeds (80 min on 2 cores)
     .venv/bin/python bench/quality.py --quick    # 5 methods, 1 seed, 4,000 training rows, no sweep (<10 min)
+    .venv/bin/python bench/quality.py --replot   # redraw table and plot from results/quality.json
     .venv/bin/python bench/make_lm.py && .venv/bin/python bench/quality.py --task lm   # ~40 min
 
 Writes results/quality[-lm].json, results/quality[-lm].md and the plot docs/img/quality[-lm].png (the
@@ -247,7 +248,7 @@ def markdown(rows: list[dict], metrics: tuple[str, ...]) -> str:
              "|---|---:|---:|---:|" + "---:|" * len(metrics) + "---:|---:|"]
     for r in rows:
         values = " | ".join(f"{r[m][0]:.3f} ± {r[m][1]:.3f}" for m in metrics)
-        lines.append(f"| {r['method']} | {r['adapter_params']:,} | {r['head_params']:,} | {r['lr']:g} | {values} | "
+        lines.append(f"| {r['method']} | {r['adapter_params']:,} | {r['head_params']:,} | {r['lr']:.3g} | {values} | "
                      f"{r['epoch_s']:.0f} | {r['peak_mem_bytes'] / 2**20:.0f} MiB |")
     return "\n".join(lines) + "\n"
 
@@ -258,14 +259,25 @@ def plot(rows: list[dict], path: Path, metric: str = "accuracy", title: str = ""
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colors, markers = iter(plt.get_cmap("tab10").colors), iter("sDv^P*Xhp<>d")
+    lora = [r for r in rows if r["method"].startswith("LoRA r=") and r["adapter_params"]]
+    if lora:  # the ranks as one curve: the baseline every other method is read against
+        xs = [r["adapter_params"] + r["head_params"] for r in lora]
+        ax.errorbar(xs, [r[metric][0] for r in lora], yerr=[r[metric][1] for r in lora], fmt="-o", capsize=3,
+                    color=next(colors), label="LoRA r=" + ", ".join(r["method"].removeprefix("LoRA r=") for r in lora))
+        for x, r in zip(xs, lora, strict=True):
+            ax.annotate(r["method"].removeprefix("LoRA "), (x, r[metric][0]), xytext=(4, -10),
+                        textcoords="offset points", fontsize=7)
     for r in rows:
+        if r in lora:
+            continue
         params = r["adapter_params"] + r["head_params"]
         if not params:  # nothing trained (the base model): a reference line
             ax.axhline(r[metric][0], color="gray", linestyle=":", label=r["method"])
             continue
         value, std = r[metric]
-        ax.errorbar(params, value, yerr=std, fmt="o", capsize=3, label=r["method"])
+        ax.errorbar(params, value, yerr=std, fmt=next(markers), capsize=3, color=next(colors), label=r["method"])
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (adapter + head, log scale)")
     ax.set_ylabel(f"validation {LABELS[metric]}")
@@ -291,6 +303,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--only", nargs="*", help="run only the methods whose name contains one of these")
     ap.add_argument("--plot", type=Path, default=None, help="default: docs/img/quality[-lm].png")
+    ap.add_argument("--replot", action="store_true", help="redraw the table and plot from results/, no training")
     args = ap.parse_args()
     model_dir = args.model or (minilm_dir() if args.task == "sections" else LM_MODEL)
     if not (model_dir / "config.json").is_file():
@@ -298,6 +311,10 @@ def main() -> None:
     data = Task.load(model_dir, DATA, args.task)
     suffix = "" if args.task == "sections" else f"-{args.task}"
     plot_path = args.plot or IMG / f"quality{suffix}.png"
+    if args.replot:
+        rows = json.loads((RESULTS / f"quality{suffix}.json").read_text())["rows"]
+        print(markdown(rows, data.metrics))
+        return plot(rows, plot_path, data.metrics[0], TITLES[args.task])
     chosen = [s for s in setups(data) if (s.quick or not args.quick)
               and (not args.only or any(o.lower() in s.name.lower() for o in args.only))]
     train, seeds = (data.train[:4000], [0]) if args.quick else (data.train, list(range(args.seeds)))

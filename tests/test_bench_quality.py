@@ -66,7 +66,7 @@ def test_summary_table_and_plot(quality, tmp_path):
     runs = [{"accuracy": a, "macro_f1": a - 0.1, "adapter_params": 768, "head_params": 100, "epoch_s": 2.0,
              "peak_mem_bytes": 2**20, "lr": 1e-3, "seed": s} for s, a in enumerate((0.5, 0.7))]
     metrics = ("accuracy", "macro_f1")
-    rows = quality.summarize({"LoRA r=1": {"lr": 1e-3, "runs": runs}}, metrics)
+    rows = quality.summarize({"LoRA r=1": {"lr": 1e-3, "runs": runs}, "DiffFit": {"lr": 1e-2, "runs": runs}}, metrics)
     assert rows[0]["accuracy"] == pytest.approx((0.6, 0.1414213), rel=1e-5)
     table = quality.markdown(rows, metrics)
     assert "| LoRA r=1 | 768 | 100 | 0.001 | 0.600 ± 0.141 | 0.500 ± 0.141 | 2 | 1 MiB |" in table
