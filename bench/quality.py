@@ -16,7 +16,7 @@ training file with `--seeds` seeds and report the validation metrics as mean ± 
     .venv/bin/python bench/quality.py            # full: every method, 3 seeds (80 min on 2 cores)
     .venv/bin/python bench/quality.py --quick    # 5 methods, 1 seed, 4,000 training rows, no sweep (<10 min)
     .venv/bin/python bench/quality.py --replot   # redraw table and plot from results/quality.json
-    .venv/bin/python bench/make_lm.py && .venv/bin/python bench/quality.py --task lm   # ~40 min
+    .venv/bin/python bench/make_lm.py && .venv/bin/python bench/quality.py --task lm   # ~9 + ~55 min
 
 Writes results/quality[-lm].json, results/quality[-lm].md and the plot docs/img/quality[-lm].png (the
 metric vs trainable parameters, log scale).
