@@ -196,3 +196,10 @@ def test_concurrent_prefetch_and_use_stay_correct(workers):
     assert len(cache.resident()) <= 3
     s = cache.stats
     assert s.accesses == 600 == s.hits + s.late + s.misses
+
+
+def test_a_cache_needs_a_slot_and_a_worker():
+    with pytest.raises(ValueError, match="at least one slot"):
+        SlotCache(0, NUMEL, torch.float32, fill_with(), make_policy("lru", 1, 1))
+    with pytest.raises(ValueError, match="workers=0"):
+        SlotCache(2, NUMEL, torch.float32, fill_with(), make_policy("lru", 2, 1), workers=0)

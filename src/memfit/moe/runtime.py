@@ -37,7 +37,7 @@ _URGENT = -1.0  # priority of a layer's own misses: ahead of every prediction (p
 class OffloadRuntime:
     def __init__(self, layers: dict[int, nn.Module], arch: MoeArch, store: ExpertStore, slots: int,
                  policy: ExpertPolicy, predictor: Predictor | None, fingerprint: str, resident_bytes: int,
-                 prefetch: bool = True, io_threads: int = 2) -> None:
+                 prefetch: bool, io_threads: int) -> None:
         self.layers, self.arch, self.store, self.policy, self.predictor = layers, arch, store, policy, predictor
         self.fingerprint, self.resident_bytes = fingerprint, resident_bytes
         self.order = sorted(layers)

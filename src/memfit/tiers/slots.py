@@ -72,6 +72,8 @@ class SlotCache:
                  workers: int = 1) -> None:
         if slots < 1:
             raise ValueError("a slot cache needs at least one slot")
+        if workers < 1:
+            raise ValueError(f"a slot cache needs at least one prefetch worker, got workers={workers}")
         self.pool = torch.empty(slots, slot_numel, dtype=dtype)
         self.fill, self.policy = fill, policy
         self.stats = stats if stats is not None else TransferStats()
