@@ -1,4 +1,8 @@
-"""Helpers shared by the benchmark scripts: peak-memory probes, result tables and JSON output."""
+"""Helpers shared by the benchmark scripts: peak-memory probes, result tables and JSON output.
+
+torch, rich and memfit are imported where they are used, not here: bench/readme_check.py imports every script
+to render its README tables, and that must stay cheap.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,34 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import torch
-from rich.console import Console
-from rich.table import Table
-
-from memfit.tiers.memory import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: F401 (re-exported)
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 
+# memfit's memory probes, imported when called (memfit imports torch).
+def rss_bytes() -> int:
+    from memfit.tiers.memory import rss_bytes
+
+    return rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    from memfit.tiers.memory import peak_rss_bytes
+
+    return peak_rss_bytes()
+
+
+def reset_peak_rss() -> None:
+    from memfit.tiers.memory import reset_peak_rss
+
+    reset_peak_rss()
+
+
 def machine() -> dict:
+    import torch
+
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -29,6 +49,9 @@ def machine() -> dict:
 
 def report(name: str, title: str, columns: list[str], rows: list[list], payload: dict) -> Path:
     """Print a rich table and write results/<name>.json."""
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=title)
     for col in columns:
         table.add_column(col, justify="right" if col != columns[0] else "left")
@@ -40,3 +63,29 @@ def report(name: str, title: str, columns: list[str], rows: list[list], payload:
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def md_table(header: Sequence[str], align: str, rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table written the way README.md writes them by hand, so rendered and typed tables compare equal.
+
+    `align` has one letter per column, "l" or "r"; an empty cell is written `| |`.
+    """
+    if len(align) != len(header) or any(len(r) != len(header) for r in rows):
+        raise ValueError(f"{len(header)} columns, align {align!r}, rows of {sorted({len(r) for r in rows})} cells")
+
+    def line(cells: Sequence[str]) -> str:
+        return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+    rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def print_readme_tables(render: Callable[[dict], dict[str, str]], path: Path) -> None:
+    """Print the README's tables rendered from the JSON file just written, between the README's markers.
+
+    Rendering from the file (not from in-memory results) is what bench/readme_check.py does, so what this prints
+    is exactly what the README must show for this run.
+    """
+    payload = json.loads(path.read_text())
+    for table_id, text in render(payload).items():
+        print(f"\n<!-- results/{path.name}: {table_id} -->\n{text}\n<!-- /results -->")

@@ -21,16 +21,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import peak_rss_bytes, report  # noqa: E402
+from _common import md_table, peak_rss_bytes, print_readme_tables, report  # noqa: E402
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["peft-lora", "memfit-lora", "memfit-mos"]
+MOS_SHARDS = 4  # l: pieces per rank vector
 
 
 def build_model(size: dict):
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -39,6 +39,14 @@ def build_model(size: dict):
                       num_hidden_layers=size["layers"], num_attention_heads=size["hidden"] // 64,
                       num_key_value_heads=size["hidden"] // 64)
     return LlamaForCausalLM(cfg)
+
+
+def mos_ranks(r: int, layers: int) -> tuple[int, int]:
+    """(r_eq, r_pri) of the MoS variant: a quarter of LoRA's parameters at the same active rank r (r_eq = r/4);
+    one private rank vector per layer when the public pool still holds the r - 1 others each layer draws,
+    (r_eq - 1)·L >= r - 1."""
+    r_eq = max(1, r // 4)
+    return r_eq, 1 if (r_eq - 1) * layers >= r - 1 else 0
 
 
 def adapt(variant: str, model, r: int):
@@ -50,11 +58,8 @@ def adapt(variant: str, model, r: int):
 
     if variant == "memfit-lora":
         return memfit.inject(model, memfit.LoraConfig(r=r, alpha=16, dropout=0.05, target_modules=PROJ))
-    # MoS at the same active rank r with a quarter of LoRA's parameters (r_eq = r/4); one private rank vector per
-    # layer when the public pool still holds the r - 1 others each layer draws, (r_eq - 1)·L >= r - 1.
-    r_eq, layers = max(1, r // 4), model.config.num_hidden_layers
-    r_pri = 1 if (r_eq - 1) * layers >= r - 1 else 0
-    return memfit.inject(model, memfit.MoSConfig(r=r, r_eq=r_eq, r_pri=r_pri, shards=4, alpha=16, dropout=0.05,
+    r_eq, r_pri = mos_ranks(r, model.config.num_hidden_layers)
+    return memfit.inject(model, memfit.MoSConfig(r=r, r_eq=r_eq, r_pri=r_pri, shards=MOS_SHARDS, alpha=16, dropout=0.05,
                                                  target_modules=PROJ))
 
 
@@ -63,6 +68,8 @@ def saved_activation_bytes(model, step) -> int:
 
     Deterministic, unlike an RSS delta, which moves with what the allocator happens to hand back to the OS.
     """
+    import torch
+
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -78,6 +85,8 @@ def saved_activation_bytes(model, step) -> int:
 
 
 def run_variant(variant: str, size: dict, steps: int, queue) -> None:
+    import torch
+
     torch.set_num_threads(size["threads"])
     model = adapt(variant, build_model(size), size["r"]).train()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,7 +119,25 @@ def run_variant(variant: str, size: dict, steps: int, queue) -> None:
                "saved_bytes": saved_activation_bytes(model, step), "trainable": sum(p.numel() for p in params)})
 
 
+def readme_tables(payload: dict) -> dict[str, str]:
+    """README.md's table, from results/adapters_step.json alone (bench/readme_check.py compares the two)."""
+    size, res, ratios = payload["size"], payload["results"], payload["ratios"]
+    r_eq, r_pri = mos_ranks(size["r"], size["layers"])
+    labels = {"peft-lora": f"PEFT LoRA r={size['r']}", "memfit-lora": f"memfit LoRA r={size['r']}",
+              "memfit-mos": f"memfit MoS r={size['r']} (r_eq={r_eq}, r_pri={r_pri}, l={MOS_SHARDS})"}
+    rows = [[labels.get(v, v), f"{x['trainable']:,}", f"{x['step_s'] * 1e3:.0f}", f"{x['peak_bytes'] / 2**20:.0f}",
+             f"{x['saved_bytes'] / 2**20:.1f}"] for v, x in res.items()]
+    for label, name in (("**memfit LoRA ÷ PEFT LoRA**", "memfit_lora_vs_peft"),
+                        ("**MoS ÷ memfit LoRA** (same active rank)", "mos_vs_lora")):
+        rows.append([label, "", *(f"**{ratios[f'{name}_{key}']:.2f}×**" for key in ("step_s", "peak_bytes",
+                                                                                     "saved_bytes"))])
+    header = ["variant", "trainable", "step ms", "peak RSS MiB", "saved for backward MiB"]
+    return {"step": md_table(header, "lrrrr", rows)}
+
+
 def main() -> None:
+    import torch
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small model and few steps")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per variant")
@@ -144,9 +171,11 @@ def main() -> None:
     rows += [[label, "", *(ratios[f"{name}_{key}"] for key in ("step_s", "peak_bytes", "saved_bytes"))]
              for label, name in (("memfit LoRA / PEFT LoRA", "memfit_lora_vs_peft"),
                                  ("MoS / memfit LoRA (same r)", "mos_vs_lora"))]
-    report("adapters_step", f"Train step, Llama {size['hidden']}x{size['layers']}, r={size['r']}, all 7 projections",
-           ["variant", "trainable", "step ms (or ratio)", "peak RSS MiB (or ratio)", "saved for backward MiB"], rows,
-           {"size": size, "results": res, "ratios": ratios, "rounds": args.rounds, "steps": args.steps})
+    path = report("adapters_step", f"Train step, Llama {size['hidden']}x{size['layers']}, r={size['r']}, "
+                  "all 7 projections",
+                  ["variant", "trainable", "step ms (or ratio)", "peak RSS MiB (or ratio)", "saved for backward MiB"],
+                  rows, {"size": size, "results": res, "ratios": ratios, "rounds": args.rounds, "steps": args.steps})
+    print_readme_tables(readme_tables, path)
 
 
 if __name__ == "__main__":

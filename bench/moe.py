@@ -32,11 +32,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import report  # noqa: E402
+from _common import md_table, print_readme_tables, report  # noqa: E402
+
+if TYPE_CHECKING:  # torch loads in the functions: importing this file (bench/readme_check.py) stays cheap
+    import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {  # name -> (policy, predictor, drop_cache); "path" is the routing-path predictor trained below
@@ -156,6 +158,7 @@ def offloaded(model_dir: Path, policy: str, predictor, budget: str, drop_cache: 
 
 
 def in_memory(model_dir: Path) -> Runner:
+    import torch
     from transformers import AutoModelForCausalLM
 
     return Runner(_unmapped(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()))
@@ -165,6 +168,8 @@ def _unmapped(model):
     """transformers keeps the safetensors files mapped after loading (RssFile ~ the checkpoint), and mapped
     pages cannot be dropped from the page cache: every other runner's "cold" read would be served from
     memory. Copies into anonymous memory release the mappings."""
+    import torch
+
     with torch.no_grad():
         for p in model.parameters():
             if not p.is_meta:
@@ -186,6 +191,7 @@ def _assert_unmapped(model_dir: Path) -> None:
 def accelerate_offload(model_dir: Path, budget_share: float, cold: bool) -> tuple[Runner, dict]:
     """accelerate's disk offload under the same memory: non-expert weights + `budget_share` of the experts.
     cold: its offload files are dropped from the page cache before every forward, as our reads are."""
+    import torch
     from accelerate import infer_auto_device_map, init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -223,6 +229,8 @@ def run_schedule(model_dir: Path, predictor_path: Path, tok, n_docs: int, prompt
     """Batches of held-out documents: prompt = their first tokens, then their own continuation decoded
     (teacher-forced) as a batch; distinct experts per layer per decode step, in input order vs scheduled
     (regrouped by the route signatures of the prompts alone)."""
+    import torch
+
     import memfit.moe as moe
     from memfit.moe.generate import ExpertCounter, replay
     from memfit.moe.schedule import in_order_batches, plan_batches, route_signatures
@@ -298,7 +306,56 @@ def plot(runs: list[dict], baselines: dict, path: Path) -> None:
     print(f"wrote {path}")
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def readme_tables(payload: dict) -> dict[str, str]:
+    """README.md's two tables, from results/moe.json alone (bench/readme_check.py compares them with the README).
+
+    "variants": every variant by budget, then accelerate's disk offload at that budget, then the model in memory;
+    "layer-accuracy": top-k accuracy per MoE layer of the cross-layer gate and the routing-path predictor.
+    """
+    runs, baselines = payload["runs"], payload["baselines"]
+    accel = {mode: {b["budget_pct"]: b for b in baselines.get(f"accelerate {mode}", [])} for mode in ("cold", "warm")}
+    budgets = sorted({r["budget_pct"] for r in runs} | set(accel["cold"]) | set(accel["warm"]))
+    rows = []
+    for b in budgets:
+        for r in (r for r in runs if r["budget_pct"] == b):
+            mode = "warm" if r["variant"].endswith("(warm)") else "cold"
+            if r["precision"] is None:  # nothing was prefetched
+                prefetch = "-"
+            else:
+                recall = "-" if r["recall"] is None else f"{100 * r['recall']:.0f}%"
+                prefetch = f"{100 * r['precision']:.0f}% / {recall}"
+            ref = accel[mode].get(b)
+            rows.append([r["variant"], f"{b:g}%", _pct(r["hit_ratio"]), _pct(r["late"]), _pct(r["miss"]), prefetch,
+                         f"{r['disk_bytes_per_token'] / 1e6:.1f}", f"{r['decode_tok_s']:.1f}",
+                         f"{r['decode_tok_s'] / ref['decode_tok_s']:.1f}x {mode}" if ref is not None else "-"])
+        for mode in ("cold", "warm"):
+            if (a := accel[mode].get(b)) is not None:
+                rows.append([f"accelerate disk offload ({mode})", f"{b:g}%", "", "", "", "",
+                             f"{a['disk_bytes_per_token'] / 1e6:.1f}", f"{a['decode_tok_s']:.1f}", ""])
+    if (mem := baselines.get("in memory")) is not None:
+        rows.append(["fully in memory", "100%", "", "", "", "", f"{mem['disk_bytes_per_token'] / 1e6:.1f}",
+                     f"{mem['decode_tok_s']:.1f}", ""])
+    header = ["variant", "budget", "hit", "late", "miss", "prefetch precision / recall", "disk MB/token",
+              "decode tok/s", "vs accelerate"]
+    tables = {"variants": md_table(header, "lrrrrrrrr", rows)}
+
+    # JSON keys are strings; layers sort as numbers
+    cross = {int(k): v for k, v in payload["accuracy"]["cross-layer"].items()}
+    routing = {int(k): v for k, v in payload["accuracy"]["routing-path"].items()}
+    layers = sorted(routing)
+    acc_rows = [[name, *(_pct(acc[l]) if l in acc else "-" for l in layers)]
+                for name, acc in (("cross-layer gate", cross), ("routing-path predictor", routing))]
+    tables["layer-accuracy"] = md_table(["MoE layer", *map(str, layers)], "l" + "r" * len(layers), acc_rows)
+    return tables
+
+
 def main() -> None:
+    import torch
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=ROOT / "runs" / "moe-model")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "moe-bench", help="traces and predictor")
@@ -384,7 +441,7 @@ def main() -> None:
     payload = {"model": str(args.model), "memory": memory, "threads": args.threads, "windows": args.windows,
                "prefill": args.prefill, "decode": args.decode, "accuracy": accuracy, "runs": runs,
                "baselines": baselines, "schedule": schedule}
-    report("moe", "Offloaded MoE decoding on held-out text (teacher-forced)",
+    path = report("moe", "Offloaded MoE decoding on held-out text (teacher-forced)",
            ["variant", "budget", "hit", "late", "precision", "recall", "MB read/token", "decode tok/s",
             "vs accelerate"], rows, payload)
     acc_rows = [[str(l), f"{100 * cross.get(l, float('nan')):.1f}%", f"{100 * accuracy['routing-path'][l]:.1f}%"]
@@ -405,6 +462,7 @@ def main() -> None:
         sched.add_row(name, f"{s['distinct_experts_per_layer_step']:.2f}", f"{s['decode_tok_s']:.1f}")
     Console().print(sched)
     plot(runs, baselines, args.plot)
+    print_readme_tables(readme_tables, path)
 
 
 if __name__ == "__main__":

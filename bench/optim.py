@@ -24,19 +24,20 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import report  # noqa: E402
+from _common import md_table, print_readme_tables, report  # noqa: E402
 
-from memfit.optim import AdamW8bit, OffloadAdamW, kernels  # noqa: E402
-from memfit.train.memory import optimizer_state_bytes  # noqa: E402
+if TYPE_CHECKING:  # torch and memfit load in the functions: importing this file (bench/readme_check.py) stays cheap
+    import torch
 
 HYPER = dict(lr=1e-4, weight_decay=0.01)
 
 
 def triad_gbs(n: int, repeats: int = 5) -> float:
+    import torch
+
     a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
     best = float("inf")
     for _ in range(repeats):
@@ -57,6 +58,10 @@ def drop_cache(directory: Path) -> None:
 
 def variants(params: list[torch.nn.Parameter], swap: Path) -> dict[str, tuple[torch.optim.Optimizer, float, Callable]]:
     """name -> (optimizer, bytes moved per parameter, hook run before each timed step)."""
+    import torch
+
+    from memfit.optim import AdamW8bit, OffloadAdamW
+
     none = lambda: None  # noqa: E731
     out = {
         "torch AdamW foreach": (torch.optim.AdamW(params, foreach=True, **HYPER), 28, none),
@@ -76,7 +81,54 @@ def variants(params: list[torch.nn.Parameter], swap: Path) -> dict[str, tuple[to
     return out
 
 
+def bitsandbytes_version() -> str | None:
+    """The baseline's version, for the README's label (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bitsandbytes")
+    except PackageNotFoundError:
+        return None
+
+
+# README order and labels of the variants; a variant not listed here comes last under its own name
+README_LABELS = {
+    "torch AdamW foreach": "torch AdamW (foreach)",
+    "torch AdamW fused": "torch AdamW (fused)",
+    "memfit AdamW8bit": "**memfit AdamW8bit**",
+    "bitsandbytes AdamW8bit": "bitsandbytes AdamW8bit",
+    "offload-cpu": "memfit offload-cpu",
+    "offload-disk warm": "memfit offload-disk, swap in page cache",
+    "offload-disk cold": "memfit offload-disk, cold (fsync + DONTNEED)",
+}
+
+
+def readme_tables(payload: dict) -> dict[str, str]:
+    """README.md's table, from results/optim.json alone (bench/readme_check.py compares the two)."""
+    results = payload["results"]
+    names = [n for n in README_LABELS if n in results] + [n for n in results if n not in README_LABELS]
+    rows = []
+    for name in names:
+        r, label = results[name], README_LABELS.get(name, name)
+        if name == "bitsandbytes AdamW8bit" and payload.get("bitsandbytes"):
+            label += f" {payload['bitsandbytes']}"
+        state = f"{r['state_bytes_per_param']:.2f}"
+        if name.startswith("offload-disk") and r["state_bytes_per_param"] == 0:
+            state = "0 (disk)"
+        elif name == "memfit AdamW8bit":
+            state = f"**{state}**"
+        rows.append([label, f"{r['step_s'] * 1e3:.1f}", state, f"{r['moved_bytes_per_param']}",
+                     f"{r['achieved_gbs']:.1f}", f"{r['of_triad']:.2f}", f"{r['vs_fused']:.2f}"])
+    header = ["optimizer", "step ms", "state B/param (RAM)", "moved B/param", "GB/s", "÷ triad", "step ÷ fused AdamW"]
+    return {"step": md_table(header, "lrrrrrr", rows)}
+
+
 def main() -> None:
+    import torch
+
+    from memfit.optim import kernels
+    from memfit.train.memory import optimizer_state_bytes
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=float, default=50e6, help="total parameters (10 equal tensors)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timed steps per variant")
@@ -109,11 +161,13 @@ def main() -> None:
                                  "moved_bytes_per_param": moved, "achieved_gbs": gbs, "of_triad": gbs / triad,
                                  "vs_fused": step / fused, "all_s": times[name]}
             rows.append([name, step * 1e3, r["state_bytes_per_param"], moved, gbs, r["of_triad"], r["vs_fused"]])
-    report("optim", f"Optimizer step, {n / 1e6:.0f}M fp32 params, {torch.get_num_threads()} threads, "
-           f"triad {triad:.1f} GB/s", ["variant", "step ms", "state B/param (RAM)", "moved B/param", "GB/s",
-                                       "÷ triad", "step ÷ fused"], rows,
-           {"params": n, "triad_gbs": triad, "triad_all": triads, "kernel": kernels.load() is not None,
-            "results": results})
+    bnb = bitsandbytes_version() if "bitsandbytes AdamW8bit" in opts else None
+    path = report("optim", f"Optimizer step, {n / 1e6:.0f}M fp32 params, {torch.get_num_threads()} threads, "
+                  f"triad {triad:.1f} GB/s", ["variant", "step ms", "state B/param (RAM)", "moved B/param", "GB/s",
+                                              "÷ triad", "step ÷ fused"], rows,
+                  {"params": n, "triad_gbs": triad, "triad_all": triads, "kernel": kernels.load() is not None,
+                   "results": results, "bitsandbytes": bnb})
+    print_readme_tables(readme_tables, path)
 
 
 if __name__ == "__main__":

@@ -17,17 +17,30 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import report  # noqa: E402
-
-import memfit  # noqa: E402
-from memfit.cli.demo import DATA, minilm_dir  # noqa: E402
-from memfit.train.config import TrainConfig  # noqa: E402
-from memfit.train.finetune import finetune  # noqa: E402
+from _common import md_table, print_readme_tables, report  # noqa: E402
 
 OPTIMIZERS = ["adamw", "adamw8bit"]
+README_LABELS = {"adamw": "torch AdamW (fp32 states)", "adamw8bit": "memfit AdamW8bit"}
+
+
+def readme_tables(payload: dict) -> dict[str, str]:
+    """README.md's table, from results/optim_finetune.json alone (bench/readme_check.py compares the two)."""
+    results = payload["results"]
+    ref = results["adamw"]["eval_loss"]
+    rows = [[README_LABELS.get(name, name), f"{r['eval_loss']:.4f}", f"{r['eval_accuracy']:.3f}",
+             f"{r['eval_macro_f1']:.3f}", "" if name == "adamw" else f"{(r['eval_loss'] - ref) / ref:+.2%}"]
+            for name, r in results.items()]
+    header = ["optimizer", "val loss", "accuracy", "macro-F1", "val loss vs AdamW"]
+    return {"finetune": md_table(header, "lrrrr", rows)}
 
 
 def main() -> None:
+    # memfit (and torch) load here: importing this file (bench/readme_check.py) stays cheap
+    import memfit
+    from memfit.cli.demo import DATA, minilm_dir
+    from memfit.train.config import TrainConfig
+    from memfit.train.finetune import finetune
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many updates (smoke runs)")
@@ -48,11 +61,12 @@ def main() -> None:
     ref = results["adamw"]["eval_loss"]
     rows = [[name, r["eval_loss"], r["eval_accuracy"], r["eval_macro_f1"], f"{(r['eval_loss'] - ref) / ref:+.2%}",
              r["train_time_s"]] for name, r in results.items()]
-    report("optim_finetune", f"MiniLM-L6 + LoRA r=16 (all Linear) on debian-sections, {results['adamw']['step']} "
-           f"updates, {results['adamw']['trainable_params']:,} trainable parameters",
-           ["optimizer", "val loss", "accuracy", "macro-F1", "loss vs adamw", "train s"], rows,
-           {"epochs": args.epochs, "max_steps": args.max_steps, "lr": args.lr, "results": results,
-            "relative_loss_difference": (results["adamw8bit"]["eval_loss"] - ref) / ref})
+    path = report("optim_finetune", f"MiniLM-L6 + LoRA r=16 (all Linear) on debian-sections, "
+                  f"{results['adamw']['step']} updates, {results['adamw']['trainable_params']:,} trainable parameters",
+                  ["optimizer", "val loss", "accuracy", "macro-F1", "loss vs adamw", "train s"], rows,
+                  {"epochs": args.epochs, "max_steps": args.max_steps, "lr": args.lr, "results": results,
+                   "relative_loss_difference": (results["adamw8bit"]["eval_loss"] - ref) / ref})
+    print_readme_tables(readme_tables, path)
 
 
 if __name__ == "__main__":

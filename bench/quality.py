@@ -33,21 +33,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine  # noqa: E402
+from _common import RESULTS, machine, md_table, print_readme_tables  # noqa: E402
 
-import memfit  # noqa: E402
-from memfit.adapters import get_method  # noqa: E402
-from memfit.cli.demo import DATA, minilm_dir  # noqa: E402
-from memfit.train.config import TrainConfig  # noqa: E402
-from memfit.train.data import Row, label_names, load_rows  # noqa: E402
-from memfit.train.finetune import load_model, load_tokenizer  # noqa: E402
-from memfit.train.tasks import CausalLM, Classify, EvalState  # noqa: E402
-from memfit.train.trainer import Runtime, Trainer  # noqa: E402
+if TYPE_CHECKING:  # torch and memfit load in the functions: importing this file (bench/readme_check.py) is cheap
+    from torch import nn
+
+    import memfit
+    from memfit.train.data import Row
 
 IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
 LM_MODEL = Path(__file__).resolve().parent.parent / "runs" / "lm-model"
@@ -90,10 +85,14 @@ def _full(model: nn.Module) -> None:
 
 
 def _adapter(config: memfit.AdapterConfig) -> Callable[[nn.Module], None]:
+    import memfit
+
     return lambda model: memfit.inject(model, config)
 
 
 def setups(task: Task) -> list[Setup]:
+    import memfit
+
     targets, save = task.targets, [task.head] if task.head else []
 
     def lora(r: int) -> memfit.LoraConfig:
@@ -147,6 +146,9 @@ class Task:
     @staticmethod
     def load(model_dir: Path, data: Path, kind: str = "sections") -> Task:
         """`sections`: classify with an encoder; `lm`: the same synopses as text for a causal LM."""
+        from memfit.local import load_tokenizer
+        from memfit.train.data import label_names, load_rows
+
         mode = "classify" if kind == "sections" else "causal-lm"
         train, _ = load_rows(data / "debian-sections-train.jsonl", mode)
         val, _ = load_rows(data / "debian-sections-val.jsonl", mode)
@@ -158,6 +160,8 @@ class Task:
                     False, (3e-4, 1e-3, 3e-3))
 
     def memfit_task(self):
+        from memfit.train.tasks import CausalLM, Classify
+
         return Classify(self.labels) if self.labels is not None else CausalLM()
 
     def best(self, scores: dict[float, float]) -> float:
@@ -168,9 +172,17 @@ def run(setup: Setup, lr: float, seed: int, data: Task, epochs: int, train: list
         val: list[Row] | None = None) -> dict:
     """Train one configuration (on `train`, default the whole training file) and score it on `val` (default the
     validation file); returns the metrics, parameter counts, time per epoch and peak memory."""
+    import torch
+
+    from memfit.adapters import get_method
+    from memfit.train.allocation import AllocatorCallback
+    from memfit.train.config import TrainConfig
+    from memfit.train.finetune import load_base
+    from memfit.train.trainer import Trainer
+
     task, tokenizer = data.memfit_task(), data.tokenizer
     torch.manual_seed(seed)
-    model = load_model(data.model_dir, task, TrainConfig(), Runtime(torch.device("cpu")))[0]
+    model = load_base(data.model_dir, task)[0]
     model.config.pad_token_id = tokenizer.pad_token_id
     setup.prepare(model)
     head = sum(p.numel() for n, p in model.named_parameters() if data.head and n.startswith(data.head + "."))
@@ -181,7 +193,7 @@ def run(setup: Setup, lr: float, seed: int, data: Task, epochs: int, train: list
     config = TrainConfig(epochs=epochs, batch_size=32, eval_batch_size=128, lr=lr, seed=seed, max_length=MAX_LENGTH,
                          checkpoint_every=10**9, log_every=50)
     method = get_method(model.memfit_config.method) if hasattr(model, "memfit_config") else None
-    callbacks = method.callbacks(model, config) if method and method.callbacks else []  # rank allocators
+    callbacks = [AllocatorCallback()] if method and method.allocator else []  # rank allocators
     with tempfile.TemporaryDirectory(prefix="memfit-quality-") as out:
         trainer = Trainer(model, task, encode(train or data.train), encode(val or data.val), config, out,
                           tokenizer.pad_token_id, callbacks=callbacks,
@@ -193,14 +205,18 @@ def run(setup: Setup, lr: float, seed: int, data: Task, epochs: int, train: list
             "epoch_s": summary["train_time_s"] / epochs, "peak_mem_bytes": summary["peak_mem_bytes"]}
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, task, examples: list[dict], pad_id: int, batch_size: int = 128) -> dict[str, float]:
     """The task's metrics of a model that does not train (the same loss sums as the trainer's evaluation)."""
-    model.eval()
-    state = EvalState()
-    for s in range(0, len(examples), batch_size):
-        task.loss_sum(model, task.collate(examples[s:s + batch_size], pad_id), state)
-    return task.metrics(state)
+    import torch
+
+    from memfit.train.tasks import EvalState
+
+    with torch.no_grad():
+        model.eval()
+        state = EvalState()
+        for s in range(0, len(examples), batch_size):
+            task.loss_sum(model, task.collate(examples[s:s + batch_size], pad_id), state)
+        return task.metrics(state)
 
 
 def sweep(setup: Setup, data: Task, epochs: int, extend: int = 2) -> tuple[float, dict]:
@@ -253,6 +269,20 @@ def markdown(rows: list[dict], metrics: tuple[str, ...]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readme_tables(payload: dict) -> dict[str, str]:
+    """README.md's table of a run, from results/quality.json or results/quality-lm.json alone (bench/readme_check.py
+    compares them). The LM table shows the loss only; the base model, which does not train, has no lr and no std."""
+    rows = payload["rows"]
+    if payload["task"] == "sections":
+        return {"methods": markdown(rows, ("accuracy", "macro_f1")).rstrip("\n")}
+    lines = []
+    for r in rows:
+        trained = bool(r["lr"])
+        loss = f"{r['loss'][0]:.3f} ± {r['loss'][1]:.3f}" if trained else f"{r['loss'][0]:.3f}"
+        lines.append([r["method"], f"{r['adapter_params']:,}", f"{r['lr']:.3g}" if trained else "", loss])
+    return {"methods": md_table(["method", "adapter params", "lr", "val loss"], "lrrr", lines)}
+
+
 def plot(rows: list[dict], path: Path, metric: str = "accuracy", title: str = "") -> None:
     import matplotlib
 
@@ -295,6 +325,8 @@ TITLES = {"sections": "MiniLM-L6 on debian-sections: accuracy vs trainable param
 
 
 def main() -> None:
+    from memfit.cli.demo import DATA, minilm_dir
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=sorted(TITLES), default="sections")
     ap.add_argument("--model", type=Path, default=None, help="default: MiniLM-L6 (sections), runs/lm-model (lm)")
@@ -314,6 +346,7 @@ def main() -> None:
     if args.replot:
         rows = json.loads((RESULTS / f"quality{suffix}.json").read_text())["rows"]
         print(markdown(rows, data.metrics))
+        print_readme_tables(readme_tables, RESULTS / f"quality{suffix}.json")
         return plot(rows, plot_path, data.metrics[0], TITLES[args.task])
     chosen = [s for s in setups(data) if (s.quick or not args.quick)
               and (not args.only or any(o.lower() in s.name.lower() for o in args.only))]
@@ -338,6 +371,7 @@ def main() -> None:
     (RESULTS / f"quality{suffix}.json").write_text(json.dumps(payload, indent=2) + "\n")
     plot(rows, plot_path, data.metrics[0], TITLES[args.task])
     print(f"wrote {RESULTS / f'quality{suffix}.json'}, {RESULTS / f'quality{suffix}.md'} and {plot_path}")
+    print_readme_tables(readme_tables, RESULTS / f"quality{suffix}.json")
 
 
 if __name__ == "__main__":

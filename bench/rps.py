@@ -29,15 +29,14 @@ import re
 import sys
 import time
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
-from transformers import BertConfig, BertForSequenceClassification
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import report  # noqa: E402
+from _common import md_table, print_readme_tables, report  # noqa: E402
 
-import memfit  # noqa: E402
+if TYPE_CHECKING:  # torch, transformers and memfit load in the functions: importing this file stays cheap
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 PAD, UNK, CLS = 0, 1, 2
@@ -56,6 +55,8 @@ def words(text: str) -> list[str]:
 
 def encode(rows: list[dict], vocab: dict[str, int], labels: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """[CLS] + word ids, padded to MAX_LEN; labels as indices."""
+    import torch
+
     ids = torch.full((len(rows), MAX_LEN), PAD, dtype=torch.long)
     for r, row in enumerate(rows):
         toks = [CLS] + [vocab.get(w, UNK) for w in words(row["text"])][: MAX_LEN - 1]
@@ -64,6 +65,8 @@ def encode(rows: list[dict], vocab: dict[str, int], labels: dict[str, int]) -> t
 
 
 def bert_config(vocab_size: int, hidden: int, num_labels: int) -> BertConfig:
+    from transformers import BertConfig
+
     heads = next(h for h in (4, 2, 1) if hidden % h == 0 and hidden // h >= 8) if hidden >= 8 else 1
     return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
                       intermediate_size=2 * hidden, max_position_embeddings=MAX_LEN, type_vocab_size=1,
@@ -71,6 +74,9 @@ def bert_config(vocab_size: int, hidden: int, num_labels: int) -> BertConfig:
 
 
 def count(config: BertConfig) -> int:
+    import torch
+    from transformers import BertForSequenceClassification
+
     with torch.device("meta"):
         return sum(p.numel() for p in BertForSequenceClassification(config).parameters())
 
@@ -90,6 +96,9 @@ def macro_f1(pred: torch.Tensor, gold: torch.Tensor, classes: int) -> float:
 
 
 def train_eval(model: torch.nn.Module, train: tuple, val: tuple, args: argparse.Namespace, classes: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
     x, y = train
     steps = args.epochs * math.ceil(len(x) / args.batch)
     warmup = max(1, steps // 10)
@@ -119,11 +128,33 @@ def train_eval(model: torch.nn.Module, train: tuple, val: tuple, args: argparse.
 
 
 def build(config: BertConfig, seed: int) -> BertForSequenceClassification:
+    import torch
+    from transformers import BertForSequenceClassification
+
     torch.manual_seed(seed)
     return BertForSequenceClassification(config)
 
 
+def readme_tables(payload: dict) -> dict[str, str]:
+    """README.md's table, from results/rps.json alone (bench/readme_check.py compares the two)."""
+    rows = []
+    for res in payload["results"]:
+        rps, dense = res["rps"], res["dense"]
+        same = dense["params"] == payload["full_params"]
+        rows.append([f"{round(1 / res['compression'])}×", f"{rps['params']:,}",
+                     f"{rps['accuracy']:.3f} / {rps['macro_f1']:.3f}",
+                     f"hidden {dense['hidden']} (the same model)" if same
+                     else f"hidden {dense['hidden']}, {dense['params']:,} parameters",
+                     f"{dense['accuracy']:.3f} / {dense['macro_f1']:.3f}"])
+    header = ["compression", "RPS parameters", "RPS acc / F1", "dense model of equal size", "dense acc / F1"]
+    return {"compression": md_table(header, "lrrlr", rows)}
+
+
 def main() -> None:
+    import torch
+
+    import memfit
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch", type=int, default=32)
@@ -165,9 +196,11 @@ def main() -> None:
 
     columns = ["compression", "RPS params", "RPS acc", "RPS F1", "dense hidden", "dense params", "dense acc",
                "dense F1", "RPS ms/step", "dense ms/step"]
-    report("rps", "STABLE-RPS vs a smaller dense model of the same parameter count (Debian sections, from scratch)",
-           columns, rows, {"args": vars(args), "vocab_size": vocab_size, "full_params": count(full),
-                           "majority_accuracy": majority, "results": results})
+    path = report("rps", "STABLE-RPS vs a smaller dense model of the same parameter count (Debian sections, "
+                  "from scratch)", columns, rows, {"args": vars(args), "vocab_size": vocab_size,
+                                                   "full_params": count(full), "majority_accuracy": majority,
+                                                   "results": results})
+    print_readme_tables(readme_tables, path)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,8 @@ import time
 from pathlib import Path
 from queue import Empty
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import peak_rss_bytes, report, reset_peak_rss, rss_bytes  # noqa: E402
+from _common import md_table, peak_rss_bytes, print_readme_tables, report, reset_peak_rss, rss_bytes  # noqa: E402
 
 VARIANTS = ["memory", "memory+ckpt", "stream"]
 SIZES = {
@@ -54,16 +52,19 @@ def _disk_read_bytes() -> int:
 
 
 def _peak(device: str) -> int:
+    import torch
+
     return torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
 
 
 def run_variant(variant: str, ckpt: str, size: dict, frac: float, device: str, queue) -> None:
+    import torch
     from transformers import LlamaForCausalLM
 
     import memfit
     from memfit.tiers.files import load_tensors
+    from memfit.tiers.modules import empty_weights
     from memfit.tiers.st_reader import checkpoint_files
-    from memfit.tiers.stream import empty_weights
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     with empty_weights():
@@ -152,7 +153,28 @@ def disk_floor_gbps(ckpt: str, passes: int = 2) -> float:
     return best
 
 
+README_LABELS = {"memory": "all weights in memory", "memory+ckpt": "in memory + per-layer activation checkpointing"}
+
+
+def readme_tables(payload: dict) -> dict[str, str]:
+    """README.md's table, from results/stream.json alone (bench/readme_check.py compares the two)."""
+    results = payload["results"]
+    base = results["memory"]
+    rows = []
+    for name, r in results.items():
+        peak, peak_x = f"{r['peak_rss_bytes'] / 1e6:.0f}", f"{r['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}"
+        label = README_LABELS.get(name, name)
+        if name == "stream":  # the point of the table: its memory, in bold
+            label, peak, peak_x = f"**streamed, {payload['budget_frac']:.0%} budget**", f"**{peak}**", f"**{peak_x}**"
+        rows.append([label, f"{r['step_s']:.3f}", f"{r['step_s'] / base['step_s']:.2f}", peak, peak_x,
+                     f"{r.get('read_per_step', 0) / 1e6:.0f}", f"{r['disk_read_per_step'] / 1e6:.0f}"])
+    header = ["variant", "s/step", "÷ memory", "peak RSS MB", "÷ memory", "read MB/step", "disk MB/step"]
+    return {"step": md_table(header, "lrrrrrr", rows)}
+
+
 def main() -> None:
+    import torch
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--size", choices=sorted(SIZES), default=None, help="model preset (large: 3.3 GB, for a GPU)")
@@ -188,12 +210,13 @@ def main() -> None:
                      r["disk_read_per_step"] / 1e6, r.get("read_gbps", float("nan"))])
     floor_s = stream["read_per_step"] / 1e9 / floor
     # read/disk MB: bytes per step streamed by memfit / read from the block device (/proc/self/io read_bytes).
-    report("stream", f"LoRA fine-tune step, {base['weight_bytes'] / 1e6:.0f} MB of weights, budget "
-           f"{args.budget_frac:.0%} ({stream['budget'] / 1e6:.0f} MB), device {args.device}; disk floor {floor:.2f} "
-           f"GB/s = {floor_s:.2f} s/step of reads",
-           ["variant", "s/step", "x mem", "peak MB", "x mem", "RSS MB", "read MB", "disk MB", "GB/s"],
-           rows, {"size": size, "budget_frac": args.budget_frac, "device": args.device, "disk_floor_gbps": floor,
-                  "read_floor_s_per_step": floor_s, "results": results})
+    path = report("stream", f"LoRA fine-tune step, {base['weight_bytes'] / 1e6:.0f} MB of weights, budget "
+                  f"{args.budget_frac:.0%} ({stream['budget'] / 1e6:.0f} MB), device {args.device}; disk floor "
+                  f"{floor:.2f} GB/s = {floor_s:.2f} s/step of reads",
+                  ["variant", "s/step", "x mem", "peak MB", "x mem", "RSS MB", "read MB", "disk MB", "GB/s"],
+                  rows, {"size": size, "budget_frac": args.budget_frac, "device": args.device,
+                         "disk_floor_gbps": floor, "read_floor_s_per_step": floor_s, "results": results})
+    print_readme_tables(readme_tables, path)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def test_matches_peft_adalora_rank_patterns_and_losses():
     totals = [sum(r.values()) for r in ours_events.values()]
     assert totals[0] < 6 * 6 and totals[-1] == 2 * 6 and totals == sorted(totals, reverse=True)
     assert len(set(ours_events[50].values())) > 1  # the budget really moved between modules
-    assert worst <= 1e-4, f"loss relative difference {worst:.2e}"
+    assert worst <= 1e-6, f"loss relative difference {worst:.2e}"
 
 
 def test_budget_schedule_is_cubic_between_t_init_and_t_final():

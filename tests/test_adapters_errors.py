@@ -40,7 +40,14 @@ def test_dimension_not_divisible_by_shards(llama):
 
 def test_too_few_layers_for_active_rank(llama):
     with pytest.raises(ConfigError, match="lower r or raise r_eq"):
-        memfit.inject(llama, memfit.MoSConfig(target_modules=["q_proj"]))
+        memfit.inject(llama, memfit.MoSConfig(r=16, target_modules=["q_proj"]))  # explicit: stays an error
+
+
+def test_default_active_rank_fits_any_depth(llama):
+    """The paper's r=16 assumes 32 layers; left unset, r is what a 2-layer model's pools hold, and it says so."""
+    memfit.inject(llama, memfit.MoSConfig(target_modules=["q_proj", "v_proj"]))
+    assert llama.memfit_config.r == 2 + (4 - 2) * 2 and llama.memfit_config.shards == 4
+    assert "active rank r=6, not the paper's 16" in llama.memfit_notes[0]
 
 
 def test_second_injection_is_refused(llama):

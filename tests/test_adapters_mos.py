@@ -56,7 +56,7 @@ def test_private_shards_are_used_by_their_layer_only():
 
 
 def test_privatization_off_uses_public_pool_only():
-    config = memfit.MoSConfig(r=8, r_eq=4, r_pri=0, target_modules=["q_proj"])
+    config = memfit.MoSConfig(r=8, r_eq=4, r_pri=0, shards=4, target_modules=["q_proj"])
     for layer in mos_layers(memfit.inject(llama(4), config)).values():
         assert layer.idx_A.max() < config.r_eq * 4 * config.shards
 

@@ -9,9 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from memfit.cli import app
+from memfit.local import load_tokenizer
 from memfit.tiers.files import load_tensors
 from memfit.train.data import load_rows
-from memfit.train.finetune import load_finetuned, load_tokenizer
+from memfit.train.finetune import load_finetuned
 from memfit.train.tasks import Classify
 
 runner = CliRunner()

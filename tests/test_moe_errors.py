@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
@@ -24,8 +25,10 @@ def _open_fds() -> int:
 @pytest.fixture
 def clean():
     """Asserts a failing load leaves no thread running and no file open."""
+    gc.collect()  # files of earlier tests' dropped objects close now, not in the middle of this one
     threads, fds = threading.active_count(), _open_fds()
     yield
+    gc.collect()
     assert threading.active_count() == threads
     assert _open_fds() == fds
 
@@ -113,7 +116,7 @@ def test_predictor_trained_for_another_model(tmp_path, mixtral_dir, clean):
     from test_moe_predictor import small_trace
 
     other = save(tiny_moe("mixtral", seed=1), tmp_path / "other")  # same shapes, other routers
-    predictor = moe.RoutingPath.train(small_trace(other), moe.TrainConfig(width=16, epochs=1, batch_size=64))
+    predictor = moe.RoutingPath.train(small_trace(other), moe.PredictorConfig(width=16, epochs=1, batch_size=64))
     predictor.save(tmp_path / "p.safetensors")
     with pytest.raises(ConfigError, match=r"trained for another model .*memfit moe trace"):
         moe.load(mixtral_dir, predictor=tmp_path / "p.safetensors")

@@ -14,6 +14,12 @@ from memfit.moe.evaluate import predictor_accuracy
 from memfit.moe.trace import record
 
 K, E = 2, 8
+# Accuracy floors (top-2 of 8). Chance is 2/8 = 0.25, and always guessing each layer's two most used experts gets
+# 0.29-0.36 on these models. Measured on the tiny Mixtral (model seeds 0-3 x window/training seeds 0-2): the
+# cross-layer gate 0.79-0.91 (0.87 / 0.91 here), the routing-path predictor 0.79-0.86 (0.86 / 0.80 here); with
+# planted bugs, the gate on the wrong layer's router 0.23-0.30 and a predictor of random experts ~0.25.
+CROSS_LAYER_FLOOR = 0.75
+ROUTING_PATH_FLOOR = 0.72
 
 
 def windows(n: int = 24, seq: int = 32, seed: int = 0) -> torch.Tensor:
@@ -58,10 +64,10 @@ def test_trace_records_the_models_routing(mixtral, tmp_path):
 def test_routing_path_predictor_learns_routing_and_round_trips(mixtral, tmp_path):
     _, path = mixtral
     trace = small_trace(path, n=48)
-    config = moe.TrainConfig(width=64, epochs=30, batch_size=128, lr=3e-3, holdout=0.25)
+    config = moe.PredictorConfig(width=64, epochs=30, batch_size=128, lr=3e-3, holdout=0.25)
     predictor = moe.RoutingPath.train(trace, config)
-    # held-out tokens (the trace's tail): far above the 2-of-8 a blind guess gets
-    assert len(predictor.accuracy) == 2 and min(predictor.accuracy) > 0.45, predictor.accuracy
+    # held-out tokens (the trace's tail)
+    assert len(predictor.accuracy) == 2 and min(predictor.accuracy) > ROUTING_PATH_FLOOR, predictor.accuracy
     predictor.save(tmp_path / "p.safetensors")
     loaded = moe.RoutingPath.load(tmp_path / "p.safetensors")
     x = trace.features[:50].float()
@@ -81,7 +87,8 @@ def test_routing_path_predictor_learns_routing_and_round_trips(mixtral, tmp_path
 
 def test_predictive_policy_with_routing_path_keeps_logits_and_prefetches(mixtral, tmp_path):
     reference, path = mixtral
-    predictor = moe.RoutingPath.train(small_trace(path, n=48), moe.TrainConfig(width=64, epochs=10, batch_size=128))
+    config = moe.PredictorConfig(width=64, epochs=10, batch_size=128)
+    predictor = moe.RoutingPath.train(small_trace(path, n=48), config)
     predictor.save(tmp_path / "p.safetensors")
     ids, mask = batch()
     ref = run(reference, ids, mask)
@@ -105,4 +112,4 @@ def test_cross_layer_gate_predicts_the_next_layer(mixtral):
     finally:
         runtime.close()
     assert list(accuracy) == [1, 2]  # layer 0 has no layer before it
-    assert all(0.25 < a <= 1.0 for a in accuracy.values()), accuracy
+    assert all(CROSS_LAYER_FLOOR < a <= 1.0 for a in accuracy.values()), accuracy

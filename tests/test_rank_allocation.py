@@ -11,9 +11,9 @@ import torch
 from conftest import tiny_llama, write_jsonl
 
 import memfit
-from memfit.adapters.adaptive import plot_ranks, rank_grid
 from memfit.errors import ConfigError
 from memfit.tiers.files import load_tensors
+from memfit.train.allocation import plot_ranks, rank_grid
 from memfit.train.callbacks import Callback
 from memfit.train.config import TrainConfig
 from memfit.train.finetune import finetune

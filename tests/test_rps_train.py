@@ -14,12 +14,12 @@ from typer.testing import CliRunner
 import memfit
 from memfit.cli import app
 from memfit.errors import ConfigError
+from memfit.local import load_tokenizer
 from memfit.tiers.files import load_tensors
 from memfit.train.callbacks import Callback
 from memfit.train.config import TrainConfig
 from memfit.train.data import Row
-from memfit.train.finetune import finetune, load_tokenizer
-from memfit.train.scratch import load_trained, train_from_scratch
+from memfit.train.finetune import finetune, load_finetuned
 from memfit.train.tasks import CausalLM
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -55,7 +55,7 @@ def test_cli_trains_a_causal_lm_at_10x_and_the_saved_model_reloads(tmp_path, lla
     with safe_open(out / "adapter.safetensors", "pt") as f:
         (m,) = f.get_slice("memfit_shared.z").get_shape()
         assert not any(k.endswith("proj.weight") for k in f.keys())  # noqa: SIM118  (safe_open is not iterable); only z stands for the Linear weights
-    model = load_trained(out)
+    model = load_finetuned(out)
     assert m == memfit.rps_footprint(model)["z_params"] == round(0.1 * memfit.rps_footprint(model)["compressed_params"])
     # The reloaded model scores the eval set exactly as the run's final evaluation did.
     task, tokenizer = CausalLM(), load_tokenizer(llama_dir)
@@ -76,11 +76,11 @@ def test_classification_from_scratch_resumes_exactly(tmp_path, bert_dir, section
     train, val = sections
     rps = memfit.RPSConfig(compression=0.25)
     cfg = TrainConfig(epochs=2, batch_size=32, lr=5e-3, log_every=1, checkpoint_every=3)
-    full = train_from_scratch(bert_dir, train, tmp_path / "full", rps, cfg, eval_data=val, quiet=True)
+    full = finetune(bert_dir, train, tmp_path / "full", rps, cfg, eval_data=val, quiet=True)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_from_scratch(bert_dir, train, tmp_path / "cut", rps, cfg, eval_data=val, callbacks=[_Crash()],
+        finetune(bert_dir, train, tmp_path / "cut", rps, cfg, eval_data=val, callbacks=[_Crash()],
                            quiet=True)
-    resumed = train_from_scratch(bert_dir, train, tmp_path / "cut", rps, cfg, eval_data=val, resume=True, quiet=True)
+    resumed = finetune(bert_dir, train, tmp_path / "cut", rps, cfg, eval_data=val, resume=True, quiet=True)
     assert [e["loss"] for e in _events(tmp_path / "cut", "train")] == [e["loss"] for e in _events(tmp_path / "full",
                                                                                                    "train")]
     assert resumed["eval_accuracy"] == full["eval_accuracy"] and "eval_macro_f1" in full
@@ -93,14 +93,15 @@ def test_classification_from_scratch_resumes_exactly(tmp_path, bert_dir, section
 
 def test_methods_go_to_their_command(tmp_path, llama_dir, text):
     train, _ = text
-    with pytest.raises(ConfigError, match="memfit train --method"):
-        finetune(llama_dir, train, tmp_path / "a", memfit.RPSConfig(), TrainConfig(max_steps=1), quiet=True)
-    with pytest.raises(ConfigError, match="use `memfit finetune`"):
-        train_from_scratch(llama_dir, train, tmp_path / "b", memfit.LoraConfig(), TrainConfig(max_steps=1), quiet=True)
+    common = ["--model", str(llama_dir), "--data", str(train), "--max-steps", "1", "-q"]
+    result = runner.invoke(app, ["finetune", *common, "--out", str(tmp_path / "a"), "--method", "rps"])
+    assert isinstance(result.exception, ConfigError) and "use `memfit train --method rps`" in str(result.exception)
+    result = runner.invoke(app, ["train", *common, "--out", str(tmp_path / "b"), "--method", "lora"])
+    assert isinstance(result.exception, ConfigError) and "use `memfit finetune --method lora`" in str(result.exception)
     result = runner.invoke(app, ["train", "--model", str(llama_dir), "--data", str(train), "--out", str(tmp_path / "c"),
                                  "--compression", "1.5"])
     assert isinstance(result.exception, ConfigError) and "must be in (0, 1]" in str(result.exception)
-    assert "rps" not in runner.invoke(app, ["finetune", "--help"]).output.split("Adapter method:")[1].split(".")[0]
+    assert "rps" not in runner.invoke(app, ["finetune", "--help"]).output.split("Method:")[1].split("(")[0]
 
 
 def test_a_vocabulary_larger_than_the_model_is_refused(tmp_path, text):
@@ -111,5 +112,5 @@ def test_a_vocabulary_larger_than_the_model_is_refused(tmp_path, text):
                 num_key_value_heads=2).save_pretrained(model_dir)
     word_tokenizer(model_dir)  # 500 words
     with pytest.raises(ConfigError, match="tokenizer has .* tokens but the model's vocab_size is 64"):
-        train_from_scratch(model_dir, text[0], tmp_path / "out", memfit.RPSConfig(), TrainConfig(max_steps=1),
+        finetune(model_dir, text[0], tmp_path / "out", memfit.RPSConfig(), TrainConfig(max_steps=1),
                            quiet=True)

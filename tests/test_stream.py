@@ -17,8 +17,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import memfit
 from memfit.errors import CheckpointError, ConfigError
 from memfit.tiers.budget import format_size, parse_size
+from memfit.tiers.modules import empty_weights, find_layers
 from memfit.tiers.st_reader import SafetensorsReader
-from memfit.tiers.stream import empty_weights, find_layers, stream_weights
+from memfit.tiers.stream import stream_weights
 
 LAYERS = 6
 
@@ -154,6 +155,17 @@ def test_budget_too_small_names_the_sizes(ckpt):
         stream_weights(model, ckpt, need - 1000)
     assert format_size(need) in str(err.value)
     assert not hasattr(model, "memfit_stream")
+
+
+def test_a_share_of_the_weights_is_a_budget_like_for_experts(ckpt):
+    """--weights-budget 25% reads like --expert-budget 25%: a share of the model's weight bytes."""
+    model = _lora(_base())
+    total = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+    handle = stream_weights(model, ckpt, "90%")
+    assert handle.budget == int(0.9 * total) and 0 < len(handle.streamed) < LAYERS
+    with pytest.raises(ConfigError, match=r"a share of the model's weight bytes must lie in \(0%, 100%\]"):
+        stream_weights(_lora(_base()), ckpt, "150%")
 
 
 def test_big_budget_keeps_everything_resident(ckpt, tokens):

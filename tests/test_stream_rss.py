@@ -43,7 +43,7 @@ def _worker(mode: str, ckpt: str) -> None:
     from transformers import LlamaForCausalLM
 
     import memfit
-    from memfit.tiers.stream import empty_weights
+    from memfit.tiers.modules import empty_weights
 
     torch.set_num_threads(2)
     a = torch.randn(64, 64, requires_grad=True)  # start torch's thread pool and allocator before the baseline

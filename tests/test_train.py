@@ -16,7 +16,6 @@ from memfit.train.config import TrainConfig
 from memfit.train.data import load_rows
 from memfit.train.finetune import finetune
 from memfit.train.tasks import IGNORE, CausalLM, classification_metrics
-from memfit.train.trainer import Runtime
 
 TEXT = [{"text": t} for t in ["apache traffic server software developers kit", "puppet module for monit",
                               "awesome party music player", "print plugin for the gimp", "color picker tool",
@@ -63,7 +62,7 @@ def test_eval_label_never_seen_in_training(tmp_path, bert_dir, sections):
 
 
 def test_prompt_tokens_carry_no_loss(llama_dir):
-    tokenizer = memfit.train.finetune.load_tokenizer(llama_dir)
+    tokenizer = memfit.local.load_tokenizer(llama_dir)
     task = CausalLM()
     rows = [{"prompt": "puppet module", "completion": "for monit"}, {"text": "awesome party music player"}]
     rows, _ = load_rows(write_jsonl(llama_dir.parent / "pc.jsonl", rows))
@@ -105,7 +104,7 @@ def test_causal_lm_finetune_writes_adapter_metrics_and_plot(tmp_path, llama_dir)
     assert [e["step"] for e in evals] == [4, 8, 12]  # per epoch; the last one is the final evaluation
     assert summary["eval_loss"] == evals[-1]["loss"] < evals[0]["loss"]
     assert summary["trainable_params"] == sum(4 * (32 + n) for n in (32, 16)) * 4  # q: 32->32, v: 32->16, 4 layers
-    base = memfit.train.finetune.load_model(llama_dir, CausalLM(), TrainConfig(), Runtime(torch.device("cpu")))[0]
+    base = memfit.train.finetune.load_base(llama_dir, CausalLM())[0]
     reloaded = memfit.load_adapter(base, out)
     saved = load_tensors(out / "adapter.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in memfit.adapters.adapter_state_dict(reloaded).items())
@@ -176,7 +175,7 @@ def test_streamed_weights_give_the_same_losses(tmp_path, llama_dir):
     data = write_jsonl(tmp_path / "train.jsonl", TEXT)
     cfg = TrainConfig(max_steps=4, batch_size=8, lr=5e-3, log_every=1)
     finetune(llama_dir, data, tmp_path / "mem", LORA, cfg, quiet=True)
-    base = memfit.train.finetune.load_model(llama_dir, CausalLM(), TrainConfig(), Runtime(torch.device("cpu")))[0]
+    base = memfit.train.finetune.load_base(llama_dir, CausalLM())[0]
     layer = sum(p.numel() * 4 for p in base.model.layers[0].parameters())
     resident = sum(p.numel() * 4 for n, p in base.named_parameters() if ".layers." not in n)
     resident += sum(b.numel() * b.element_size() for b in base.buffers())

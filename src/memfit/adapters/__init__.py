@@ -1,7 +1,5 @@
-"""Parameter-efficient adapters: one file per method, registered by name, generic operations over them."""
+"""Parameter-efficient adapters: one file per method, listed in the registry, generic operations over them."""
 
-# Importing the method files registers the built-in methods.
-from memfit.adapters import adalora, compacter, difffit, increlora, lora, mos, rps  # noqa: F401
 from memfit.adapters.adalora import AdaLoRAConfig
 from memfit.adapters.adaptive import RankAllocator, rank_allocator
 from memfit.adapters.compacter import CompacterConfig
@@ -13,11 +11,10 @@ from memfit.adapters.lora import LoraConfig
 from memfit.adapters.model import adapter_state_dict, inject, merge, trainable_parameters, unmerge
 from memfit.adapters.mos import MoSConfig
 from memfit.adapters.peft_format import export_peft, import_peft
-from memfit.adapters.registry import METHODS, config_from_dict, get_method
+from memfit.adapters.registry import config_from_dict, get_method, methods, register_method
 from memfit.adapters.rps import RPSConfig, compress, decompress, rps_footprint
 
 __all__ = [
-    "METHODS",
     "AdaLoRAConfig",
     "AdapterConfig",
     "CompacterConfig",
@@ -37,7 +34,9 @@ __all__ = [
     "inject",
     "load_adapter",
     "merge",
+    "methods",
     "rank_allocator",
+    "register_method",
     "rps_footprint",
     "save_adapter",
     "trainable_parameters",

@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from memfit.adapters.adaptive import ImportanceEMA, JSONState, RankAllocator, allocator_callbacks
+from memfit.adapters.adaptive import ImportanceEMA, JSONState, RankAllocator
 from memfit.adapters.config import AdapterConfig, check_dropout, check_positive
-from memfit.adapters.layer import AdapterLinear, adapter_input
-from memfit.adapters.registry import Method, Target, register_method
+from memfit.adapters.layer import AdapterLinear, adapter_input, float_dtype, make_dropout
+from memfit.adapters.method import Method, Target
 from memfit.errors import ConfigError
+from memfit.fields import option
 
 INIT_STD = 0.02  # A and B ~ N(0, 0.02), as in the paper's code and PEFT
 T_INIT_SHARE, T_FINAL_SHARE = 0.1, 0.3  # defaults of t_init and t_final, as shares of the run
@@ -45,16 +46,18 @@ class AdaLoRAConfig(AdapterConfig):
     """
 
     method = "adalora"
-    init_rank: int = 12
-    target_rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    t_init: int | None = None
-    t_final: int | None = None
-    interval: int = 10
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
+    init_rank: int = option(12, help="triplets per module at the start", flag=True)
+    target_rank: int = option(8, help="average rank at the end: the budget is target_rank x modules", flag=True)
+    alpha: float = option(8.0, help="ΔW is scaled by alpha / init_rank", flag=True)
+    dropout: float = option(0.0, help="dropout on the adapter input", flag=True)
+    t_init: int | None = option(None, help=f"updates before pruning starts; None: {T_INIT_SHARE:.0%} of the run",
+                                flag=True)
+    t_final: int | None = option(None, help=f"last updates at the final budget, masks fixed; None: "
+                                 f"{T_FINAL_SHARE:.0%} of the run", flag=True)
+    interval: int = option(10, help="updates between mask events while the budget falls", flag=True)
+    beta1: float = option(0.85, help="EMA factor of the sensitivity")
+    beta2: float = option(0.85, help="EMA factor of the uncertainty")
+    orth_reg_weight: float = option(0.5, help="weight of the orthogonality regulariser")
 
     def validate(self) -> None:
         check_positive(self, "init_rank", "target_rank", "alpha", "interval")
@@ -88,7 +91,7 @@ class AdaLoRALinear(AdapterLinear):
     def __init__(self, base: nn.Linear, config: AdaLoRAConfig) -> None:
         super().__init__(base)
         r, device = config.init_rank, base.weight.device
-        dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
+        dtype = float_dtype(base.weight)
         self.init_rank, self.scale = r, config.alpha / r
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, dtype=dtype, device=device))
@@ -96,7 +99,7 @@ class AdaLoRALinear(AdapterLinear):
         nn.init.normal_(self.lora_A, std=INIT_STD)
         nn.init.normal_(self.lora_B, std=INIT_STD)
         self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=device))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = make_dropout(config.dropout)
 
     @property
     def rank(self) -> int:
@@ -215,4 +218,4 @@ def _wrap(target: Target, config: AdaLoRAConfig, shared: nn.Module | None) -> Ad
     return AdaLoRALinear(target.module, config)
 
 
-register_method(Method("adalora", AdaLoRAConfig, _wrap, allocator=AdaLoRAAllocator, callbacks=allocator_callbacks))
+METHOD = Method("adalora", AdaLoRAConfig, _wrap, allocator=AdaLoRAAllocator)

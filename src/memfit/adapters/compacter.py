@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from memfit.adapters.config import check_positive
-from memfit.adapters.layer import AdapterLayer
+from memfit.adapters.layer import AdapterLayer, float_dtype
+from memfit.adapters.method import Method, Target
 from memfit.adapters.placement import BlockOutputConfig
-from memfit.adapters.registry import Method, Target, register_method
 from memfit.errors import ConfigError
+from memfit.fields import option
 
 MERGE_ERROR = (
     "its GELU bottleneck is nonlinear, so it cannot be folded into the base weights. Keep the adapter "
@@ -35,14 +36,11 @@ MERGE_ERROR = (
 
 @dataclass
 class CompacterConfig(BlockOutputConfig):
-    """Compacter. n: number of Kronecker summands (n must divide d and k); reduction: k = d // reduction.
-
-    placement=["attention", "mlp"] is Compacter; placement=["mlp"] is Compacter++.
-    """
+    """Compacter. placement=["attention", "mlp"] is Compacter; placement=["mlp"] is Compacter++."""
 
     method = "compacter"
-    n: int = 4
-    reduction: int = 32
+    n: int = option(4, help="number of Kronecker summands (n must divide the width d and the bottleneck k)")
+    reduction: int = option(32, help="bottleneck k = d // reduction")
 
     def validate(self) -> None:
         super().validate()
@@ -58,7 +56,7 @@ class PHMRule(nn.Module):
 
     def __init__(self, n: int, like: torch.Tensor) -> None:
         super().__init__()
-        self.A = nn.Parameter(torch.randn(n, n, n, device=like.device).to(_float_dtype(like)) / math.sqrt(n))
+        self.A = nn.Parameter(torch.randn(n, n, n, device=like.device).to(float_dtype(like)) / math.sqrt(n))
 
 
 class PHM(nn.Module):
@@ -71,7 +69,7 @@ class PHM(nn.Module):
         super().__init__()
         self.n, self.in_features, self.out_features = n, in_features, out_features
         std = in_features ** -0.25
-        dtype = _float_dtype(like)
+        dtype = float_dtype(like)
         self.s = nn.Parameter((torch.randn(n, in_features // n, device=like.device) * std).to(dtype))
         t = torch.zeros(n, out_features // n) if zero_out else torch.randn(n, out_features // n) * std
         self.t = nn.Parameter(t.to(device=like.device, dtype=dtype))
@@ -111,10 +109,6 @@ class CompacterLinear(AdapterLayer):
         raise ConfigError(f"Compacter cannot be merged: {MERGE_ERROR}")
 
 
-def _float_dtype(t: torch.Tensor) -> torch.dtype:
-    return t.dtype if t.is_floating_point() else torch.float32
-
-
 def bottleneck(target: Target, config: CompacterConfig) -> int:
     """k = d // reduction for the block output `target`, checked against n."""
     d, n = target.module.out_features, config.n
@@ -144,4 +138,4 @@ def _wrap(target: Target, config: CompacterConfig, rule: nn.Module | None) -> Co
     return CompacterLinear(target.module, config.n, bottleneck(target, config), rule)
 
 
-register_method(Method("compacter", CompacterConfig, _wrap, build_shared=_build_rule, merge_error=MERGE_ERROR))
+METHOD = Method("compacter", CompacterConfig, _wrap, build_shared=_build_rule, merge_error=MERGE_ERROR)

@@ -1,64 +1,52 @@
-"""The config contract every adapter method follows: a validated dataclass with a JSON round trip."""
+"""The config contract every adapter method follows: a validated dataclass with a JSON round trip.
+
+Fields are declared with `memfit.fields.option` (help text, and whether the field gets a command-line flag of
+its own; the rest are set with `--set KEY=VALUE`). Values are checked against the field types, so a config read
+from a file or built from strings is as safe as one built in Python.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from memfit.errors import ConfigError
-
-# Defaults when `target_modules` is None, by `model.config.model_type` (the attention projections).
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen2_moe": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "qwen3_moe": ["q_proj", "v_proj"],
-    "olmoe": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "phi3": ["qkv_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "distilbert": ["q_lin", "v_lin"],
-    "opt": ["q_proj", "v_proj"],
-}
+from memfit.fields import check_types, option
 
 
 @dataclass
 class AdapterConfig:
-    """Fields shared by every method.
-
-    target_modules: module names matched as a suffix of the dotted path (``"q_proj"`` matches
-        ``model.layers.0.self_attn.q_proj``), a regex string matched against the full path, or
-        ``"all-linear"``. None picks the attention projections of known model types.
-    modules_to_save: modules that train fully and are saved with the adapter (a classifier head).
-    """
+    """Fields shared by every method."""
 
     method: ClassVar[str] = ""
-    target_modules: list[str] | str | None = None
-    modules_to_save: list[str] = field(default_factory=list)
+    target_modules: list[str] | str | None = option(
+        None, help="modules to adapt: names matched as a suffix of the dotted path ('q_proj' matches "
+        "model.layers.0.self_attn.q_proj), a regex matched against the full path, or 'all-linear'; None: the "
+        "model's attention query and value projections, found from the model itself")
+    modules_to_save: list[str] = option(
+        factory=list, help="modules trained fully and saved with the adapter (a new classification head); names "
+        "matched as a suffix of the dotted path")
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        if isinstance(self.modules_to_save, tuple):
+            self.modules_to_save = list(self.modules_to_save)
+        check_types(self)
         if self.target_modules is not None and not self.target_modules:
             raise ConfigError("target_modules is empty: name at least one module, or pass None for defaults.")
-        self.modules_to_save = list(self.modules_to_save)
         self.validate()
 
     def validate(self) -> None:
         """Method-specific checks; raise ConfigError naming the field and the fix."""
 
     def default_targets(self, model: Any) -> list[str] | str | None:
-        """Targets used when `target_modules` is None; None falls back to DEFAULT_TARGETS by model type.
+        """Targets used when `target_modules` is None; None falls back to the model's query and value projections.
 
-        Methods that place modules by role rather than by name (DiffFit, Compacter: "block outputs")
-        override this; it may inspect `model` (its type, its number of blocks) and raise ConfigError.
+        Methods that place modules by role rather than by name (DiffFit, Compacter: "block outputs") override
+        this; it may inspect `model` (its type, its number of blocks) and raise ConfigError.
         """
         return None
 

@@ -14,29 +14,25 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from memfit.adapters.layer import AdapterLayer
-from memfit.adapters.model import name_matches
+from memfit.adapters.layer import AdapterLayer, float_dtype
+from memfit.adapters.method import Method, Target
 from memfit.adapters.placement import BlockOutputConfig
-from memfit.adapters.registry import Method, Target, register_method
+from memfit.adapters.targets import name_matches
 from memfit.errors import ConfigError, TargetNotFoundError
+from memfit.fields import option
 
 _TORCH_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
 
 
 @dataclass
 class DiffFitConfig(BlockOutputConfig):
-    """DiffFit. γ goes on the block outputs named by `placement` (attention, mlp) in blocks `layers`.
-
-    train_bias: train every existing bias of the model.
-    train_norm: train the parameters of every normalisation layer (LayerNorm, RMSNorm, ...).
-    add_bias: Linear layers that lack a bias and should get a new trainable one (zeros): module names
-        matched as a path suffix, or a regex over full paths. None adds none.
-    """
+    """DiffFit. γ goes on the block outputs named by `placement` (attention, mlp) in blocks `layers`."""
 
     method = "difffit"
-    train_bias: bool = True
-    train_norm: bool = True
-    add_bias: list[str] | str | None = None
+    train_bias: bool = option(True, help="train every existing bias of the model")
+    train_norm: bool = option(True, help="train the parameters of every normalisation layer (LayerNorm, RMSNorm...)")
+    add_bias: list[str] | str | None = option(None, help="Linear layers that lack a bias and get a new trainable one "
+                                              "(zeros): names matched as a path suffix, or a regex; None adds none")
 
     def __post_init__(self) -> None:
         if isinstance(self.add_bias, tuple):
@@ -54,8 +50,8 @@ class DiffFitLinear(AdapterLayer):
 
     def __init__(self, base: nn.Linear) -> None:
         super().__init__(base)
-        dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
-        self.gamma = nn.Parameter(torch.ones(self.out_features, dtype=dtype, device=base.weight.device))
+        self.gamma = nn.Parameter(torch.ones(self.out_features, dtype=float_dtype(base.weight),
+                                             device=base.weight.device))
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y * self.gamma.to(y.dtype)
@@ -111,12 +107,11 @@ def _add_biases(model: nn.Module, spec: list[str] | str) -> None:
     for _, module in chosen:
         if module.bias is None:
             w = module.weight
-            dtype = w.dtype if w.is_floating_point() else torch.float32
-            module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=dtype, device=w.device))
+            module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=float_dtype(w), device=w.device))
 
 
 def _wrap(target: Target, config: DiffFitConfig, shared: nn.Module | None) -> DiffFitLinear:
     return DiffFitLinear(target.module)
 
 
-register_method(Method("difffit", DiffFitConfig, _wrap, prepare=_prepare))
+METHOD = Method("difffit", DiffFitConfig, _wrap, prepare=_prepare)

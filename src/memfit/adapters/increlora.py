@@ -30,11 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from memfit.adapters.adaptive import ImportanceEMA, JSONState, RankAllocator, allocator_callbacks
+from memfit.adapters.adaptive import ImportanceEMA, JSONState, RankAllocator
 from memfit.adapters.config import AdapterConfig, check_dropout, check_positive
-from memfit.adapters.layer import AdapterLinear, adapter_input
-from memfit.adapters.registry import Method, Target, register_method
+from memfit.adapters.layer import AdapterLinear, adapter_input, float_dtype, make_dropout
+from memfit.adapters.method import Method, Target
 from memfit.errors import ConfigError
+from memfit.fields import option
 
 INIT_STD = 0.02  # a, b ~ N(0, 0.02), as in the author's code
 T_INIT_SHARE, GROWTH_END_SHARE = 0.1, 0.8  # defaults: first growth after 10% of the run, budget full at 80%
@@ -57,19 +58,22 @@ class IncreLoRAConfig(AdapterConfig):
     """
 
     method = "increlora"
-    init_rank: int = 1
-    target_rank: int = 2
-    alpha: float = 16.0
-    dropout: float = 0.0
-    t_init: int | None = None
-    interval: int | None = None
-    top_h: int = 2
-    rank_step: int | None = None
-    restart_warmup: int | None = None
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.1
-    reserve_e: float = 1e-5
+    init_rank: int = option(1, help="components per module at the start", flag=True)
+    target_rank: int = option(2, help="average rank at the end: the budget is target_rank x modules", flag=True)
+    alpha: float = option(16.0, help="ΔW is scaled by alpha / k, k = a module's active components", flag=True)
+    dropout: float = option(0.0, help="dropout on the adapter input", flag=True)
+    t_init: int | None = option(None, help=f"updates before the first growth; None: {T_INIT_SHARE:.0%} of the run",
+                                flag=True)
+    interval: int | None = option(None, help=f"updates between growth events; None: spread so that the budget is "
+                                  f"reached at {GROWTH_END_SHARE:.0%} of the run", flag=True)
+    top_h: int = option(2, help="modules that grow per event")
+    rank_step: int | None = option(None, help="components each growing module activates; None: target_rank // 2 "
+                                   "(at least 1)")
+    restart_warmup: int | None = option(None, help="warmup updates of each new parameter group; None: interval")
+    beta1: float = option(0.85, help="EMA factor of the sensitivity")
+    beta2: float = option(0.85, help="EMA factor of the uncertainty")
+    orth_reg_weight: float = option(0.1, help="weight of the orthogonality regulariser")
+    reserve_e: float = option(1e-5, help="the frozen e of reserve components (advance learning)")
 
     def validate(self) -> None:
         check_positive(self, "init_rank", "target_rank", "alpha", "top_h", "reserve_e")
@@ -114,7 +118,7 @@ class IncreLoRALinear(AdapterLinear):
         self.lora_A, self.lora_E, self.lora_B = nn.ParameterList(), nn.ParameterList(), nn.ParameterList()
         self.register_buffer("rank", torch.tensor(config.init_rank))
         self.k = config.init_rank  # python copy of `rank`: the forward needs it without a device sync
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = make_dropout(config.dropout)
         self._add_chunk(config.init_rank, e=0.0, active=True)
         for _ in range(config.step_rank):
             self._add_chunk(1, e=config.reserve_e, active=False)
@@ -126,7 +130,7 @@ class IncreLoRALinear(AdapterLinear):
     def _add_chunk(self, r: int, e: float, active: bool) -> int:
         # Later chunks follow the first one (which moved with the adapter), not a possibly streamed base weight.
         like = self.lora_A[0] if len(self.lora_A) else self.weight
-        dtype = like.dtype if like.is_floating_point() else torch.float32
+        dtype = float_dtype(like)
         a = torch.empty(r, self.in_features, dtype=dtype, device=like.device).normal_(0.0, INIT_STD)
         b = torch.empty(self.out_features, r, dtype=dtype, device=like.device).normal_(0.0, INIT_STD)
         self.lora_A.append(nn.Parameter(a))
@@ -386,5 +390,4 @@ def _wrap(target: Target, config: IncreLoRAConfig, shared: nn.Module | None) -> 
     return IncreLoRALinear(target.module, config)
 
 
-register_method(Method("increlora", IncreLoRAConfig, _wrap, allocator=IncreLoRAAllocator,
-                       callbacks=allocator_callbacks))
+METHOD = Method("increlora", IncreLoRAConfig, _wrap, allocator=IncreLoRAAllocator)

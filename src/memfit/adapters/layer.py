@@ -81,6 +81,16 @@ class AdapterLinear(AdapterLayer):
             self.merged = False
 
 
+def float_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype new adapter tensors take beside base weight `t`: its own if floating, else fp32 (quantized bases)."""
+    return t.dtype if t.is_floating_point() else torch.float32
+
+
+def make_dropout(p: float) -> nn.Module:
+    """Dropout on the adapter input, or the identity when p = 0 (no RNG draw, no mask kept for backward)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def adapter_input(x: torch.Tensor, dropout: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """Dropout on the adapter's input, cast to the adapter's dtype (fp32 adapters on a bf16 base)."""
     return dropout(x.to(dtype))

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from memfit.adapters.config import AdapterConfig, check_dropout, check_positive
-from memfit.adapters.layer import AdapterLinear, adapter_input
-from memfit.adapters.registry import Method, Target, register_method
+from memfit.adapters.layer import AdapterLinear, adapter_input, float_dtype, make_dropout
+from memfit.adapters.method import Method, Target
 from memfit.errors import ConfigError
+from memfit.fields import option
 
 
 @dataclass
@@ -25,11 +26,12 @@ class LoraConfig(AdapterConfig):
     """
 
     method = "lora"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    r: int = option(8, help="rank of every adapted module", flag="--rank", short="-r")
+    alpha: float = option(16.0, help="scale numerator: ΔW is scaled by alpha / r", flag=True)
+    dropout: float = option(0.0, help="dropout on the adapter input", flag=True)
+    rank_pattern: dict[str, int] = option(factory=dict, help="per-module ranks: regex matched against the end of "
+                                          "the module path -> rank (PEFT's semantics)")
+    alpha_pattern: dict[str, float] = option(factory=dict, help="per-module alphas, keyed like rank_pattern")
 
     def validate(self) -> None:
         check_positive(self, "r", "alpha")
@@ -45,7 +47,7 @@ class LoraConfig(AdapterConfig):
 
 def _pattern_value(pattern: dict, name: str, default):
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?{key}$", name):
+        if re.match(rf"(.*\.)?({key})$", name):  # PEFT's get_pattern_key
             return value
     return default
 
@@ -55,10 +57,10 @@ class LoraLinear(AdapterLinear):
         super().__init__(base)
         self.r, self.alpha = r, alpha
         self.scale = alpha / r
-        dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
+        dtype = float_dtype(base.weight)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=base.weight.device))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = make_dropout(dropout)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,4 +79,4 @@ def _wrap(target: Target, config: LoraConfig, shared: nn.Module | None) -> LoraL
     return LoraLinear(target.module, r, alpha, config.dropout)
 
 
-register_method(Method("lora", LoraConfig, _wrap))
+METHOD = Method("lora", LoraConfig, _wrap)

@@ -1,81 +1,24 @@
 """Generic operations over any adapter method: inject, freeze, count, merge, and the adapter state.
 
-These are free functions over the small layer contract (`AdapterLayer`) and the registry, so no
-method repeats them. The injected config lives on the model as `model.memfit_config`.
+These are free functions over the small layer contract (`AdapterLayer`) and the registry, so no method repeats
+them. The injected config lives on the model as `model.memfit_config`; `model.memfit_notes` says in words what
+the method chose for settings left to the model (e.g. MoS's active rank on a shallow model).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from memfit.adapters.config import DEFAULT_TARGETS, AdapterConfig
+from memfit.adapters.config import AdapterConfig
 from memfit.adapters.layer import AdapterLayer
-from memfit.adapters.registry import Target, get_method
-from memfit.errors import ConfigError, TargetNotFoundError
+from memfit.adapters.registry import get_method
+from memfit.adapters.targets import find_targets, saved_modules
+from memfit.errors import ConfigError
 
 SHARED_NAME = "memfit_shared"
-# Output heads are never adapted by "all-linear": they are trained fully via modules_to_save instead.
-_HEAD_NAMES = ("lm_head", "classifier", "score", "cls", "pooler", "qa_outputs")
-
-
-def name_matches(name: str, targets: list[str] | str) -> bool:
-    """`targets` is a list of names matched as a path suffix, or a regex matched against the full path."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _target_spec(model: nn.Module, config: AdapterConfig) -> list[str] | str:
-    if config.target_modules is not None:
-        return config.target_modules
-    spec = config.default_targets(model)
-    if spec is not None:
-        return spec
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
-        raise ConfigError(
-            f"no default target_modules for model type {model_type!r}; pass target_modules "
-            "(names such as ['q_proj', 'v_proj'], a regex, or 'all-linear')."
-        )
-    return DEFAULT_TARGETS[model_type]
-
-
-def find_targets(model: nn.Module, config: AdapterConfig, types: tuple[type[nn.Module], ...]) -> list[Target]:
-    """Modules of `types` whose path matches the config, with their kind and layer index."""
-    spec = _target_spec(model, config)
-    saved = tuple(config.modules_to_save)
-    chosen = []
-    for name, module in model.named_modules():
-        if not isinstance(module, types) or isinstance(module, AdapterLayer):
-            continue
-        if any(name == s or name.startswith(s + ".") or f".{s}." in f".{name}." for s in saved):
-            continue
-        if spec == "all-linear":
-            if name.split(".")[-1] not in _HEAD_NAMES:
-                chosen.append((name, module))
-        elif name_matches(name, spec):
-            chosen.append((name, module))
-    if not chosen:
-        existing = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, types)})
-        raise TargetNotFoundError(
-            f"target_modules={spec!r} matched no {'/'.join(t.__name__ for t in types)} module. "
-            f"Module names that exist: {existing}."
-        )
-    counts: dict[str, int] = {}
-    for name, _ in chosen:
-        kind = name.split(".")[-1]
-        counts[kind] = counts.get(kind, 0) + 1
-    seen: dict[str, int] = {}
-    targets = []
-    for name, module in chosen:
-        kind = name.split(".")[-1]
-        targets.append(Target(name, module, kind, seen.get(kind, 0), counts[kind]))
-        seen[kind] = seen.get(kind, 0) + 1
-    return targets
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -84,39 +27,30 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
-    found = []
-    for wanted in names:
-        hits = [n for n, _ in model.named_modules() if n == wanted or n.endswith("." + wanted)]
-        if not hits:
-            top = sorted(n for n, _ in model.named_children())
-            raise TargetNotFoundError(f"modules_to_save entry {wanted!r} matches no module; top-level modules: {top}.")
-        found.extend(hits)
-    return found
-
-
 def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """Wrap the matching modules with `config.method`'s adapter, freeze everything else, in place."""
     if getattr(model, "memfit_config", None) is not None:
         raise ConfigError("this model already has a memfit adapter; load a fresh base model to inject another.")
     method = get_method(config.method)
     targets = find_targets(model, config, method.target_types)
-    keep = _modules_to_save(model, config.modules_to_save)
+    config, notes = method.resolve(config, targets) if method.resolve else (config, [])
+    keep = saved_modules(model, config.modules_to_save)
     base_keys = set(model.state_dict().keys())
     for p in model.parameters():
         p.requires_grad_(False)
     shared = method.build_shared(targets, config) if method.build_shared else None
     if shared is not None:
-        model.add_module(SHARED_NAME, shared)
-    for target in targets:
-        _set_submodule(model, target.name, method.wrap(target, config, shared))
+        model.add_module(SHARED_NAME, shared.train(model.training))
+    for target in targets:  # new modules take the mode of what they replace: no dropout in an eval-mode model
+        _set_submodule(model, target.name, method.wrap(target, config, shared).train(target.module.training))
     for name in keep:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
     if method.prepare is not None:
         method.prepare(model, targets, config)
     model.memfit_config = config
-    model.memfit_base_keys = base_keys - {k for n in keep for k in base_keys if k.startswith(n + ".")}
+    model.memfit_notes = notes
+    model.memfit_base_keys = base_keys - {k for k in base_keys if any(k.startswith(n + ".") for n in keep)}
     model.memfit_targets = [t.name for t in targets]
     return model
 

@@ -18,6 +18,7 @@ from torch import nn
 from memfit.adapters.io import load_adapter_tensors
 from memfit.adapters.lora import LoraConfig
 from memfit.adapters.model import adapter_modules, inject
+from memfit.adapters.targets import saved_modules
 from memfit.errors import ConfigError
 from memfit.tiers.files import atomic_write_json, load_tensors, read_json, save_tensors
 
@@ -61,7 +62,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b.float()
     if not ranks:
         raise ConfigError("every adapted module has rank 0; there is nothing to export.")
-    saved = _saved_module_names(model)
+    saved = saved_modules(model, model.memfit_config.modules_to_save)
     for key, value in model.state_dict().items():
         if any(key.startswith(n + ".") for n in saved):
             tensors[PREFIX + key] = value
@@ -97,11 +98,6 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     save_tensors(directory / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
     atomic_write_json(directory / PEFT_CONFIG, peft_config)
     return directory
-
-
-def _saved_module_names(model: nn.Module) -> list[str]:
-    wanted = model.memfit_config.modules_to_save
-    return [n for n, _ in model.named_modules() if any(n == w or n.endswith("." + w) for w in wanted)]
 
 
 def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:

@@ -7,11 +7,12 @@ type. `target_modules` still overrides it for model types the table does not kno
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from memfit.adapters.config import AdapterConfig
 from memfit.errors import ConfigError
+from memfit.fields import option
 
 PLACEMENTS = ("attention", "mlp")
 
@@ -42,20 +43,17 @@ _LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layers", "num_layers", "n_layer")
 
 @dataclass
 class BlockOutputConfig(AdapterConfig):
-    """Config fields of methods placed on block outputs.
+    """Config fields of methods placed on block outputs. target_modules, when given, names the modules directly
+    and replaces `placement`/`layers` (for model types the placement table does not know)."""
 
-    placement: which block outputs get the method: "attention" and/or "mlp".
-    layers: block indices to adapt (None = every block).
-    target_modules: when given, names the modules directly and replaces `placement`/`layers`
-        (for model types the placement table does not know).
-    """
-
-    placement: list[str] = field(default_factory=lambda: list(PLACEMENTS))
-    layers: list[int] | None = None
+    placement: list[str] = option(factory=lambda: list(PLACEMENTS), help="which block outputs get the method: "
+                                  "'attention' and/or 'mlp'")
+    layers: list[int] | None = option(None, help="block indices to adapt (None: every block)")
 
     def __post_init__(self) -> None:
-        self.placement = list(self.placement)
-        if self.layers is not None:
+        if isinstance(self.placement, tuple):
+            self.placement = list(self.placement)
+        if isinstance(self.layers, tuple):
             self.layers = list(self.layers)
         super().__post_init__()
 

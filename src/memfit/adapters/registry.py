@@ -1,85 +1,64 @@
-"""Method registry: a name maps to its config class and the function that builds its modules.
+"""The registry of methods: an explicit list of method files, each exposing `METHOD`.
 
-Each method file registers itself with `register_method`; nothing here knows any method.
+Adding a method is one file in this package plus one line in `BUILTIN`; importing a method file registers
+nothing (no import side effects), and nothing here knows a method's internals. `register_method` adds a method
+from outside the package (a plugin, a test).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import importlib
+from functools import cache
 from typing import Any
 
-from torch import nn
-
 from memfit.adapters.config import AdapterConfig
+from memfit.adapters.method import Method
 from memfit.errors import ConfigError
 
-
-@dataclass(frozen=True)
-class Target:
-    """One module chosen for adaptation, with its place among the modules of the same kind."""
-
-    name: str  # dotted path in the model
-    module: nn.Module
-    kind: str  # projection type: the last path component ("q_proj", "query", ...)
-    layer: int  # index among the targets of this kind, in model order
-    num_layers: int  # number of targets of this kind
-
-
-@dataclass(frozen=True)
-class Method:
-    """How a method turns targets into modules.
-
-    build_shared(targets, config) -> nn.Module | None: state shared across layers (shard pools,
-        slow weights), registered once on the model as `memfit_shared`.
-    wrap(target, config, shared) -> nn.Module: the replacement for `target.module`.
-    target_types: module classes the method can wrap (nn.Linear for LoRA-like methods).
-    allocator(model, config, total_steps) -> RankAllocator: adaptive-rank methods only; what
-        `memfit.rank_allocator(model)` builds.
-    callbacks(model, train_config) -> list: objects with the `memfit.train.callbacks.Callback` methods that
-        `finetune()` adds to its loop for this method (adapters/ cannot import train/, so they duck-type it).
-    prepare(model, targets, config): model-level setup after wrapping, for methods that train base
-        tensors (DiffFit's biases and norms) or add parameters outside the targets.
-    merge_error: why `merge()` is impossible for this method (nonlinear adapters, compressed
-        weights); None when the method merges.
-    from_scratch: the method compresses a model trained from the start (`memfit train`), rather
-        than adapting a pretrained one (`memfit finetune`).
-    """
-
-    name: str
-    config_cls: type[AdapterConfig]
-    wrap: Callable[[Target, Any, nn.Module | None], nn.Module]
-    build_shared: Callable[[list[Target], Any], nn.Module | None] | None = None
-    target_types: tuple[type[nn.Module], ...] = (nn.Linear,)
-    allocator: Callable[[nn.Module, Any, int | None], Any] | None = None
-    callbacks: Callable[[nn.Module, Any], list] | None = None
-    prepare: Callable[[nn.Module, list[Target], Any], None] | None = None
-    merge_error: str | None = None
-    from_scratch: bool = False
+BUILTIN = (
+    "lora",
+    "mos",
+    "increlora",
+    "adalora",
+    "difffit",
+    "compacter",
+    "rps",
+)
+_EXTRA: dict[str, Method] = {}
 
 
-METHODS: dict[str, Method] = {}
+@cache
+def _builtin() -> dict[str, Method]:
+    # Imported on first use: the method files import the generic modules, which import this one.
+    found = {}
+    for module in BUILTIN:
+        method = importlib.import_module(f"memfit.adapters.{module}").METHOD
+        found[method.name] = method
+    return found
+
+
+def methods() -> dict[str, Method]:
+    """Every registered method by name, built-in ones first, in registration order."""
+    return {**_builtin(), **_EXTRA}
 
 
 def register_method(method: Method) -> Method:
-    METHODS[method.name] = method
+    """Register a method defined outside memfit (its name must not shadow a built-in one)."""
+    if method.name in _builtin():
+        raise ConfigError(f"method {method.name!r} is built in; register yours under another name.")
+    _EXTRA[method.name] = method
     return method
 
 
 def get_method(name: str) -> Method:
-    _import_builtin_methods()
-    if name not in METHODS:
-        raise ConfigError(f"unknown adapter method {name!r}; choose one of {sorted(METHODS)}.")
-    return METHODS[name]
+    found = methods()
+    if name not in found:
+        raise ConfigError(f"unknown adapter method {name!r}; choose one of {sorted(found)}.")
+    return found[name]
 
 
 def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     """Rebuild any registered config from its `to_dict()` form (the `method` key picks the class)."""
-    if "method" not in data:
+    if not isinstance(data, dict) or "method" not in data:
         raise ConfigError("adapter config has no 'method' field; it was not written by memfit.")
     return get_method(data["method"]).config_cls.from_dict(data)
-
-
-def _import_builtin_methods() -> None:
-    # Importing the package registers every built-in method (each file calls register_method).
-    import memfit.adapters  # noqa: F401

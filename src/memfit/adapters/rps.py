@@ -31,9 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from memfit.adapters.config import AdapterConfig
+from memfit.adapters.layer import float_dtype
+from memfit.adapters.method import Method, Target
 from memfit.adapters.model import SHARED_NAME, inject
-from memfit.adapters.registry import Method, Target, register_method
 from memfit.errors import ConfigError
+from memfit.fields import option
 
 P = 2**31 - 1  # Mersenne prime of the universal hashes; (a·(x mod P) + b) stays below 2^63 in int64
 MERGE_ERROR = (
@@ -44,23 +46,21 @@ MERGE_ERROR = (
 
 @dataclass
 class RPSConfig(AdapterConfig):
-    """STABLE-RPS compression of the Linear and Embedding weights of a model.
+    """STABLE-RPS compression of the Linear and Embedding weights of a model. target_modules: the Linear/Embedding
+    modules to compress (None = all of them); modules_to_save stay dense.
 
-    compression: m / n, the size of the shared memory z relative to the weights it replaces, in (0, 1]
-        (0.1 = "10× compression"; 1.0 reproduces the dense model exactly).
-    sigma_z: the scale of z; λ_μ = std(W_μ) / sigma_z, rounded to a power of two so that folding the
-        dense weights into z and reading them back is exact in floating point. The default, HF's usual
-        initializer_range, keeps λ ≈ 1 so an Adam step on z moves a weight as much as a dense step.
-    gradient_scaling: STABLE-RPS's per-slot gradient scaling (False gives plain ROAST-style gradients).
-    seed: seeds the hashes h and g.
-    target_modules: Linear/Embedding modules to compress (None = all of them); modules_to_save stay dense.
+    sigma_z: λ_μ = std(W_μ) / sigma_z is rounded to a power of two so that folding the dense weights into z and
+    reading them back is exact in floating point; the default, HF's usual initializer_range, keeps λ ≈ 1 so an
+    Adam step on z moves a weight as much as a dense step.
     """
 
     method = "rps"
-    compression: float = 0.1
-    sigma_z: float = 0.02
-    gradient_scaling: bool = True
-    seed: int = 0
+    compression: float = option(0.1, help="size of the shared memory z relative to the weights it replaces, in "
+                                "(0, 1]: 0.1 = 10x smaller, 1 = the dense model exactly", flag=True)
+    sigma_z: float = option(0.02, help="the scale of z (see RPSConfig's docstring)")
+    gradient_scaling: bool = option(True, help="STABLE-RPS's per-slot gradient scaling (false: plain ROAST "
+                                    "gradients)")
+    seed: int = option(0, help="seeds the hashes h and g")
 
     def validate(self) -> None:
         if not 0.0 < self.compression <= 1.0:
@@ -279,7 +279,7 @@ def build_memory(targets: list[Target], config: RPSConfig) -> RPSMemory:
             weights.append(w)
     sizes = [w.numel() for w in weights]
     m = max(1, round(config.compression * sum(sizes)))
-    dtype = weights[0].dtype if weights[0].is_floating_point() else torch.float32
+    dtype = float_dtype(weights[0])
     lam = [_scale_for(w, config.sigma_z) for w in weights]
     segments = {t.name: segment_of[id(t.module.weight)] for t in targets}
     memory = RPSMemory(sizes, lam, m, segments, config, dtype, weights[0].device)
@@ -299,8 +299,12 @@ def _train_everything(model: nn.Module, targets: list[Target], config: RPSConfig
         p.requires_grad_(True)
 
 
-register_method(Method("rps", RPSConfig, _wrap, build_shared=build_memory, target_types=(nn.Linear, nn.Embedding),
-                       prepare=_train_everything, merge_error=MERGE_ERROR, from_scratch=True))
+def _report(model: nn.Module) -> dict[str, Any]:
+    return {"footprint": rps_footprint(model)}
+
+
+METHOD = Method("rps", RPSConfig, _wrap, build_shared=build_memory, target_types=(nn.Linear, nn.Embedding),
+                prepare=_train_everything, merge_error=MERGE_ERROR, from_scratch=True, report=_report)
 
 
 def compress(model: nn.Module, config: RPSConfig) -> nn.Module:

@@ -5,13 +5,14 @@ Each command lives in its own module and registers on `memfit.cli.app.app` (or i
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from memfit.cli import demo, export, finetune, moe, train  # noqa: F401  (importing registers the commands)
+from memfit.cli import demo, export, finetune, moe  # noqa: F401  (importing registers the commands)
 from memfit.cli.app import app
 from memfit.errors import MemfitError
 
@@ -33,6 +34,9 @@ def version() -> None:
 
 def main() -> None:
     """Entry point: memfit's own errors are bad input, so they print as one clear line, not a traceback."""
+    # bitsandbytes (an optional benchmark baseline that PEFT imports when present) warns on every start about an
+    # optional CPU kernel package; it is not ours to act on.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         app()
     except MemfitError as e:

@@ -56,7 +56,8 @@ def demo(
     if not train.is_file():
         raise CheckpointError(f"no demo data at {data}; pass --data (the repository's data/ folder).")
     config = TrainConfig(**{**DEMO_TRAIN.to_dict(), "epochs": epochs, "max_steps": max_steps})
-    summary = finetune(model or minilm_dir(), train, out, DEMO_MOS, config, eval_data=val, task="classify")
+    summary = finetune(model or minilm_dir(), train, out, DEMO_MOS, config, eval_data=val, task="classify",
+                       overwrite=True)  # the demo's own folder: a rerun replaces it
     trained = load_finetuned(out, model)
     adapted = dict(adapter_modules(trained))
     lora = sum(LORA_RANK * (m.in_features + m.out_features) for m in adapted.values())

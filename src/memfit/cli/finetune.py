@@ -1,9 +1,14 @@
-"""`memfit finetune`: train an adapter on a local HF model from a JSONL file."""
+"""`memfit finetune` and `memfit train`: one pipeline (`memfit.train.finetune`), two faces.
+
+`finetune` adapts a pretrained model with any adapter method; `train` trains a model compressed from scratch
+(methods with `from_scratch`). Both take the same options, generated from `TrainConfig` and from the method
+configs' flagged fields (`memfit.cli.options`); any method option is reachable with `--set KEY=VALUE`.
+`memfit methods` lists every method and its options.
+"""
 
 from __future__ import annotations
 
-import json
-import re
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -11,148 +16,185 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from memfit.adapters import METHODS, AdapterConfig, adalora, get_method, increlora
-from memfit.adapters.adaptive import rank_grid
+from memfit.adapters import AdapterConfig, get_method, methods
+from memfit.cli.app import app
+from memfit.cli.options import build_command, field_params, flag_name, parse_sets, parse_targets
 from memfit.errors import ConfigError
+from memfit.fields import field_types
 from memfit.tiers.budget import format_size
+from memfit.train.allocation import rank_grid
 from memfit.train.config import TrainConfig
-from memfit.train.finetune import finetune as run_finetune
+from memfit.train.finetune import finetune as run_pipeline
 
-from .app import app
-
-_T = TrainConfig()  # the defaults shown in --help come from the one place they are defined
-_I, _A = increlora.IncreLoRAConfig(), adalora.AdaLoRAConfig()
-_REGEX = re.compile(r"[\\^$*+?()\[\]{}|]")
-TRAIN_PANEL, ADAPTER_PANEL, MEMORY_PANEL = "Training", "Adapter", "Memory"
-RANK_PANEL = "Adaptive rank (increlora, adalora)"
+METHOD_PANEL = "Method"
+_SCRATCH_ONLY = ("weights_budget", "shard", "cpu_offload")  # a model trained from scratch is held whole
 
 
-def parse_targets(text: str | None) -> list[str] | str | None:
-    """'q_proj,v_proj' -> names; 'all-linear' or a regex ('.*attn.*(q|v)_proj') -> the string itself."""
-    if text is None:
-        return None
-    text = text.strip()
-    if text == "all-linear" or _REGEX.search(text):
-        return text
-    return [t.strip() for t in text.split(",") if t.strip()]
+class _MethodFlags:
+    """The flagged fields of a group of method configs, merged: one flag per field name, shared by the methods
+    that have it (their types must agree)."""
+
+    def __init__(self, from_scratch: bool) -> None:
+        self.methods = {n: m for n, m in methods().items() if m.from_scratch == from_scratch}
+        self.owners: dict[str, list[str]] = {}
+        self.fields: dict[str, tuple[type, dataclasses.Field]] = {}
+        for name, method in self.methods.items():
+            hints = field_types(method.config_cls)
+            for f in dataclasses.fields(method.config_cls):
+                if not f.metadata.get("flag"):
+                    continue
+                seen = self.fields.get(f.name)
+                if seen is not None and not _compatible(field_types(seen[0])[f.name], hints[f.name]):
+                    raise TypeError(f"{f.name} has different types in {self.owners[f.name]} and {name}")
+                self.fields.setdefault(f.name, (method.config_cls, f))
+                self.owners.setdefault(f.name, []).append(name)
+
+    def params(self) -> list:
+        out = []
+        for name, (cls, _) in self.fields.items():
+            out += field_params(cls, names=[name], unset=True, panel=METHOD_PANEL,
+                                help_suffix=lambda f, n=name: f" ({self._defaults(n)})")
+        return out
+
+    def _defaults(self, name: str) -> str:
+        parts = []
+        for method in self.owners[name]:
+            f = next(f for f in dataclasses.fields(self.methods[method].config_cls) if f.name == name)
+            parts.append(f"{method} {'derived' if f.default is None else f.default}")
+        return "default: " + ", ".join(parts)
 
 
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    """['r_eq=2', 'subset_selection=false'] -> {'r_eq': 2, 'subset_selection': False} (JSON values, else text)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: write KEY=VALUE, e.g. --set r_eq=2.")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
+def _compatible(a: Any, b: Any) -> bool:
+    """int and int | None share one flag (None there means the method derives it)."""
+    strip = lambda t: {x for x in getattr(t, "__args__", (t,)) if x is not type(None)}  # noqa: E731
+    return strip(a) == strip(b)
 
 
-_FLAGS = {"r": "--rank", "alpha": "--alpha", "dropout": "--dropout", "init_rank": "--init-rank",
-          "target_rank": "--target-rank", "t_init": "--t-init", "t_final": "--t-final", "interval": "--interval"}
-
-
-def adapter_config(method: str, rank: int | None, alpha: float | None, dropout: float | None,
-                   targets: str | None, modules_to_save: str | None, sets: list[str],
-                   options: dict[str, Any] | None = None) -> AdapterConfig:
-    """The method's config from the common flags plus --set; unset flags keep the method's own defaults.
-
-    options: method flags by config field (init_rank, target_rank, t_init, ... of the adaptive methods).
-    """
+def method_config(method: str, flags: dict[str, Any], targets: str | None, modules_to_save: str | None,
+                  sets: list[str]) -> AdapterConfig:
+    """The method's config from its flags, --targets, --modules-to-save and --set; unset ones keep the method's
+    defaults. A flag the method does not have is an error naming the method's options."""
     cls = get_method(method).config_cls
-    fields = set(cls.__dataclass_fields__)
-    given = {"r": rank, "alpha": alpha, "dropout": dropout, "target_modules": parse_targets(targets),
-             "modules_to_save": [m.strip() for m in modules_to_save.split(",")] if modules_to_save else None,
-             **(options or {})}
-    kwargs = {k: v for k, v in given.items() if v is not None}
-    for key in kwargs:
-        if key not in fields:
-            flag = _FLAGS.get(key, key)
-            raise ConfigError(f"{flag} does not apply to method {method!r}; its options are {sorted(fields)} "
-                              "(set them with --set KEY=VALUE).")
-    extra = parse_sets(sets)
-    unknown = sorted(set(extra) - fields)
-    if unknown:
-        raise ConfigError(f"--set {unknown}: not options of method {method!r}; its options are {sorted(fields)}.")
-    return cls(**{**kwargs, **extra})
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in flags.items() if v is not None}
+    for key in given:
+        if key not in names:
+            raise ConfigError(f"--{key.replace('_', '-')} does not apply to method {method!r}; its options are "
+                              f"{sorted(names)} (set them with --set KEY=VALUE).")
+    if targets is not None:
+        given["target_modules"] = parse_targets(targets)
+    if modules_to_save is not None:
+        given["modules_to_save"] = [m.strip() for m in modules_to_save.split(",") if m.strip()]
+    extra = parse_sets(sets, cls)
+    both = sorted(set(given) & set(extra))
+    if both:
+        raise ConfigError(f"{both} given both as flags ({', '.join(flag_name(names[b]) for b in both)}) and with "
+                          "--set; give each once.")
+    return cls(**given, **extra)
 
 
-@app.command()
-def finetune(
-    model: Path = typer.Option(..., "--model", help="Local HF model directory (config.json, safetensors, tokenizer)."),
-    data: Path = typer.Option(..., "--data", help='JSONL rows: {"text"}, {"prompt","completion"} or {"text","label"}.'),
-    out: Path = typer.Option(..., "--out", help="Output directory: adapter, metrics.jsonl, loss.png, checkpoint/."),
-    eval_data: Path | None = typer.Option(None, "--eval-data", help="JSONL file to evaluate on (same format)."),
-    task: str | None = typer.Option(None, "--task", help="causal-lm or classify (default: from the data's fields)"),
-    method: str = typer.Option("lora", "--method", help="Adapter method: "
-                               f"{', '.join(sorted(n for n, m in METHODS.items() if not m.from_scratch))}.",
-                               rich_help_panel=ADAPTER_PANEL),
-    rank: int | None = typer.Option(None, "--rank", "-r", help="Rank r (default: the method's)",
-                                    rich_help_panel=ADAPTER_PANEL),
-    alpha: float | None = typer.Option(None, "--alpha", help="Scale numerator α (ΔW·α/r) (default: the method's)",
-                                       rich_help_panel=ADAPTER_PANEL),
-    dropout: float | None = typer.Option(None, "--dropout", help="Adapter dropout (default: the method's)",
-                                         rich_help_panel=ADAPTER_PANEL),
-    targets: str | None = typer.Option(None, "--targets", help="Modules to adapt: 'q_proj,v_proj', 'all-linear' or "
-                                       "a regex (default: the attention projections of known models)",
-                                       rich_help_panel=ADAPTER_PANEL),
-    modules_to_save: str | None = typer.Option(None, "--modules-to-save", help="Modules trained fully, comma-"
-                                               "separated (default: a new classification head)",
-                                               rich_help_panel=ADAPTER_PANEL),
-    sets: list[str] = typer.Option([], "--set", help="Any method option as KEY=VALUE (repeatable), e.g. "
-                                   "--set r_eq=2 --set dissociation=false", rich_help_panel=ADAPTER_PANEL),
-    init_rank: int | None = typer.Option(None, "--init-rank", help="increlora/adalora: rank of every module at the "
-                                         f"start (default: {_I.init_rank} / {_A.init_rank})",
-                                         rich_help_panel=RANK_PANEL),
-    target_rank: int | None = typer.Option(None, "--target-rank", help="increlora/adalora: average rank at the end; "
-                                           f"the budget is target × modules (default: {_I.target_rank} / "
-                                           f"{_A.target_rank})", rich_help_panel=RANK_PANEL),
-    t_init: int | None = typer.Option(None, "--t-init", help="Updates before ranks change: IncreLoRA's first growth, "
-                                      f"AdaLoRA's pruning start (default: {adalora.T_INIT_SHARE:.0%} of the run)",
-                                      rich_help_panel=RANK_PANEL),
-    t_final: int | None = typer.Option(None, "--t-final", help="adalora: last updates at the final budget, masks "
-                                       f"fixed (default: {adalora.T_FINAL_SHARE:.0%} of the run)",
-                                       rich_help_panel=RANK_PANEL),
-    interval: int | None = typer.Option(None, "--interval", help="Updates between rank changes (default: IncreLoRA "
-                                        f"spreads its growth to end at {increlora.GROWTH_END_SHARE:.0%} of the run, "
-                                        f"AdaLoRA {_A.interval})", rich_help_panel=RANK_PANEL),
-    epochs: int = typer.Option(_T.epochs, help="Passes over the data.", rich_help_panel=TRAIN_PANEL),
-    max_steps: int | None = typer.Option(_T.max_steps, help="Stop after this many updates (overrides --epochs).",
-                                         rich_help_panel=TRAIN_PANEL),
-    batch_size: int = typer.Option(_T.batch_size, help="Examples per micro-batch (per rank).",
-                                   rich_help_panel=TRAIN_PANEL),
-    lr: float = typer.Option(_T.lr, help="Peak learning rate (linear warmup, then linear decay).",
-                             rich_help_panel=TRAIN_PANEL),
-    weight_decay: float = typer.Option(_T.weight_decay, rich_help_panel=TRAIN_PANEL),
-    warmup_ratio: float = typer.Option(_T.warmup_ratio, rich_help_panel=TRAIN_PANEL),
-    grad_accum: int = typer.Option(_T.grad_accum, help="Micro-batches per update.", rich_help_panel=TRAIN_PANEL),
-    max_length: int = typer.Option(_T.max_length, help="Tokens per example (longer ones are cut).",
-                                   rich_help_panel=TRAIN_PANEL),
-    seed: int = typer.Option(_T.seed, rich_help_panel=TRAIN_PANEL),
-    eval_every: int = typer.Option(_T.eval_every, help="Evaluate every N updates (0: once per epoch).",
-                                   rich_help_panel=TRAIN_PANEL),
-    checkpoint_every: int = typer.Option(_T.checkpoint_every, help="Checkpoint every N updates (0: per epoch).",
-                                         rich_help_panel=TRAIN_PANEL),
-    log_every: int = typer.Option(_T.log_every, help="Log the training loss every N updates.",
-                                  rich_help_panel=TRAIN_PANEL),
-    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out from its checkpoint.",
-                                rich_help_panel=TRAIN_PANEL),
-    optim: str = typer.Option(_T.optim, help="adamw, adamw8bit (2 B/param of state), offload-cpu (states in host "
-                              "RAM), offload-disk (states in swap files under --out).", rich_help_panel=MEMORY_PANEL),
-    weights_budget: str | None = typer.Option(_T.weights_budget, help="Keep at most this many bytes of frozen "
-                                              "weights in memory, e.g. '2GB'; stream the other layers from disk.",
-                                              rich_help_panel=MEMORY_PANEL),
-    shard: str | None = typer.Option(_T.shard, help="Under torchrun: FSDP2 'grad' (ZeRO-2) or 'full' (ZeRO-3).",
-                                     rich_help_panel=MEMORY_PANEL),
-    cpu_offload: bool = typer.Option(_T.cpu_offload, help="With --shard: FSDP2 CPUOffloadPolicy.",
-                                     rich_help_panel=MEMORY_PANEL),
-    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or tables."),
-) -> None:
-    """Fine-tune an adapter (LoRA, MoS, ...) on a local Hugging Face model.
+def _common_params(scratch: bool) -> list:
+    import inspect
+
+    def opt(name: str, annotation: Any, *decls: str, default: Any = None, **kw: Any) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                 default=typer.Option(default, *decls, **kw))
+
+    model_help = ("Directory with the architecture (config.json) and a tokenizer; weights, if present, are not "
+                  "read." if scratch else "Local HF model directory (config.json, safetensors, tokenizer).")
+    names = [n for n, m in methods().items() if m.from_scratch == scratch]  # registry order: lora first
+    return [
+        opt("model", Path, "--model", default=..., help=model_help),
+        opt("data", Path, "--data", default=..., help='JSONL rows: {"text"}, {"prompt","completion"} or '
+            '{"text","label"}. Any readable file (a pipe too).'),
+        opt("out", Path, "--out", default=..., help="Output directory: the adapter (or compressed model), "
+            "metrics.jsonl, loss.png, checkpoint/."),
+        opt("eval_data", Path | None, "--eval-data", help="JSONL file to evaluate on (same format)."),
+        opt("task", str | None, "--task", help="causal-lm or classify (default: from the data's fields)."),
+        opt("method", str, "--method", default=names[0], help=f"Method: {', '.join(names)} (`memfit methods` "
+            "describes each and its options).", rich_help_panel=METHOD_PANEL),
+        opt("targets", str | None, "--targets", help="Modules to adapt: 'q_proj,v_proj', 'all-linear' or a regex "
+            "(default: " + ("every Linear and Embedding)" if scratch else "the model's attention query and value "
+            "projections)"), rich_help_panel=METHOD_PANEL),
+        opt("modules_to_save", str | None, "--modules-to-save", help="Modules " + (
+            "left dense" if scratch else "trained fully") + ", comma-separated (default: a new classification "
+            "head)", rich_help_panel=METHOD_PANEL),
+        opt("sets", list[str], "--set", default=[], help="Any method option as KEY=VALUE (repeatable), e.g. "
+            "--set r_eq=2 --set dissociation=false; values are parsed by the option's type.",
+            rich_help_panel=METHOD_PANEL),
+        opt("resume", bool, "--resume", default=False, help="Continue the interrupted run in --out from its "
+            "checkpoint, step for step."),
+        opt("overwrite", bool, "--overwrite", default=False, help="Replace the run --out already holds."),
+        opt("device", str | None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+        opt("quiet", bool, "--quiet", "-q", default=False, help="No progress bar or tables; only where the "
+            "outputs went."),
+    ]
+
+
+def _register(name: str, scratch: bool, doc: str) -> None:
+    flags = _MethodFlags(scratch)
+    train_names = [f.name for f in dataclasses.fields(TrainConfig) if not (scratch and f.name in _SCRATCH_ONLY)]
+    params = [*_common_params(scratch), *flags.params(), *field_params(TrainConfig, names=train_names)]
+
+    def run(**values: Any) -> None:
+        train = TrainConfig(**{k: values.pop(k) for k in train_names})
+        method_flags = {k: values.pop(k) for k in flags.fields}
+        if values["method"] in methods() and values["method"] not in flags.methods:
+            other = "finetune" if scratch else "train"
+            raise ConfigError(f"method {values['method']!r} is not for `memfit {name}`: use `memfit {other} --method "
+                              f"{values['method']}` (`memfit {name}` takes {', '.join(flags.methods)}).")
+        config = method_config(values.pop("method"), method_flags, values.pop("targets"),
+                               values.pop("modules_to_save"), values.pop("sets"))
+        quiet, out = values["quiet"], values["out"]
+        summary = run_pipeline(values.pop("model"), values.pop("data"), values.pop("out"), config, train, **values)
+        print_summary(summary, out, Console(quiet=quiet))
+        if quiet:
+            typer.echo(f"wrote the run to {out}")
+
+    run.__name__ = name
+    app.command(name)(build_command(run, params, doc))
+
+
+def print_summary(summary: dict[str, Any], out: Path, console: Console) -> None:
+    """The one summary every training run prints: metrics, parameters, method facts, time, peak, outputs."""
+    footprint = summary.get("footprint")
+    title = f"{summary['method']} on {summary['task']}"
+    if footprint:
+        title = f"{summary['method']} ({1 / footprint['compression']:.1f}× compressed) on {summary['task']}"
+    table = Table(title=title, show_header=False)
+    for key, value in summary.items():
+        if key.startswith("eval_"):
+            table.add_row(key.removeprefix("eval_"), f"{value:.4f}")
+    table.add_row("trainable parameters", f"{summary['trainable_params']:,} of {summary['total_params']:,}")
+    if footprint:
+        table.add_row("shared memory z", f"{footprint['z_params']:,} parameters, {format_size(footprint['z_bytes'])} "
+                      f"(dense weights: {format_size(footprint['dense_bytes'])})")
+    table.add_row("train time", f"{summary['train_time_s']:.1f} s")
+    table.add_row("peak memory", f"{format_size(summary['peak_mem_bytes'])} (since training started)")
+    console.print(table)
+    for note in summary.get("notes", []):
+        console.print(note, highlight=False, soft_wrap=True)
+    if "ranks" in summary:
+        console.print(rank_table(summary["ranks"]))
+        console.print(f"total rank {summary['total_rank']} of a budget of {summary['target_total_rank']}")
+    files = "metrics.jsonl, loss.png and ranks.png" if "ranks" in summary else "metrics.jsonl and loss.png"
+    what = "compressed model" if footprint else "adapter"
+    console.print(f"{what}, {files} written to {out}", highlight=False)
+
+
+def rank_table(ranks: dict[str, int]) -> Table:
+    """The rank each module ended with: layers down, module kinds across."""
+    layers, kinds, grid = rank_grid(ranks)
+    table = Table(title="rank per module")
+    table.add_column("layer", justify="right")
+    for kind in kinds:
+        table.add_column(kind, justify="right")
+    for layer, row in zip(layers, grid, strict=True):
+        table.add_row(str(layer), *("" if v is None else str(v) for v in row))
+    return table
+
+
+_register("finetune", scratch=False, doc="""Fine-tune an adapter (LoRA, MoS, ...) on a local Hugging Face model.
 
     Causal-LM rows are {"text": ...} or {"prompt": ..., "completion": ...} (loss on the completion only);
     classification rows are {"text": ..., "label": ...} and train a new head beside the adapter.
@@ -161,44 +203,31 @@ def finetune(
     start; both print the rank each module ended with, log it to metrics.jsonl and draw ranks.png.
 
     Example: memfit finetune --model ./tiny-llama --data train.jsonl --eval-data val.jsonl --method mos --out runs/a
-    """
-    schedule = {"init_rank": init_rank, "target_rank": target_rank, "t_init": t_init, "t_final": t_final,
-                "interval": interval}
-    adapter = adapter_config(method, rank, alpha, dropout, targets, modules_to_save, sets, schedule)
-    train = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                        warmup_ratio=warmup_ratio, grad_accum=grad_accum, max_length=max_length, seed=seed,
-                        log_every=log_every, eval_every=eval_every, checkpoint_every=checkpoint_every, optim=optim,
-                        weights_budget=weights_budget, shard=shard, cpu_offload=cpu_offload)
-    summary = run_finetune(model, data, out, adapter, train, eval_data=eval_data, task=task, resume=resume,
-                           device=device, quiet=quiet)
-    if not quiet:
-        print_summary(summary, out)
+    """)
+_register("train", scratch=True, doc="""Train a model from scratch with its weights compressed (STABLE-RPS).
+
+    Every Linear and Embedding weight is read from one shared memory z, --compression times their size
+    (RandomFold hashing, per-slot gradient scaling); z and the small dense rest (norms, biases) train from the
+    start. It saves memory, not compute. The summary shows the memory of z beside the dense weights it stands for.
+
+    Example: memfit train --model ./tiny-llama --data text.jsonl --compression 0.1 --lr 3e-3 --out runs/rps
+    """)
 
 
-def print_summary(summary: dict[str, Any], out: Path, console: Console | None = None) -> None:
-    table = Table(title=f"{summary['method']} on {summary['task']}", show_header=False)
-    for key, value in summary.items():
-        if key.startswith("eval_"):
-            table.add_row(key.removeprefix("eval_"), f"{value:.4f}")
-    table.add_row("trainable parameters", f"{summary['trainable_params']:,} of {summary['total_params']:,}")
-    table.add_row("train time", f"{summary['train_time_s']:.1f} s")
-    table.add_row("peak memory", format_size(summary["peak_mem_bytes"]))
-    console = console or Console()
-    console.print(table)
-    if "ranks" in summary:
-        console.print(rank_table(summary))
-        console.print(f"total rank {summary['total_rank']} of a budget of {summary['target_total_rank']}")
-    files = "metrics.jsonl, loss.png and ranks.png" if "ranks" in summary else "metrics.jsonl and loss.png"
-    console.print(f"adapter, {files} written to {out}")
-
-
-def rank_table(summary: dict[str, Any]) -> Table:
-    """The rank each module ended with: layers down, module kinds across."""
-    layers, kinds, grid = rank_grid(summary["ranks"])
-    table = Table(title="rank per module")
-    table.add_column("layer", justify="right")
-    for kind in kinds:
-        table.add_column(kind, justify="right")
-    for layer, row in zip(layers, grid, strict=True):
-        table.add_row(str(layer), *("" if v is None else str(v) for v in row))
-    return table
+@app.command("methods")
+def list_methods(name: str | None = typer.Argument(None, help="A method to describe (default: all).")) -> None:
+    """List the adapter and compression methods with every option, its type, default and meaning."""
+    chosen = {name: get_method(name)} if name else methods()
+    console = Console()
+    for method_name, method in chosen.items():
+        hints = field_types(method.config_cls)
+        what = "trains a model from scratch (memfit train)" if method.from_scratch else "adapts (memfit finetune)"
+        table = Table(title=f"{method_name}: {what}", title_justify="left")
+        for col in ("option", "type", "default", "meaning"):
+            table.add_column(col, overflow="fold")
+        for f in dataclasses.fields(method.config_cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            flag = f" ({flag_name(f)})" if f.metadata.get("flag") else ""
+            table.add_row(f.name + flag, str(hints[f.name]).replace("typing.", ""), repr(default),
+                          f.metadata.get("help", ""))
+        console.print(table)

@@ -11,9 +11,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from memfit.errors import CheckpointError, ConfigError
-from memfit.moe import POLICIES, PREDICTORS, RoutingPath, Trace, TrainConfig, load
-from memfit.moe.generate import generate_requests, timed_generate
+from memfit.errors import ConfigError
+from memfit.local import load_tokenizer
+from memfit.moe import POLICIES, PREDICTORS, PredictorConfig, RoutingPath, Trace, load
+from memfit.moe.generate import cache_warning, check_token_ids, generate_requests, prompt_ids, timed_generate
 from memfit.moe.loader import DEFAULT_BUDGET, DEFAULT_POLICY, DEFAULT_PREDICTOR
 from memfit.moe.trace import read_texts, record, token_windows
 from memfit.tiers.budget import format_size
@@ -27,7 +28,7 @@ app = typer.Typer(
          "`memfit moe generate --predictor predictor.safetensors`.",
     no_args_is_help=True,
 )
-_T = TrainConfig()  # --help shows the defaults from where they are defined
+_T = PredictorConfig()  # --help shows the defaults from where they are defined
 console = Console()
 
 MODEL = typer.Option(..., "--model", help="Hugging Face MoE model directory (config.json, safetensors, tokenizer).")
@@ -44,18 +45,20 @@ def _predictor_option(default: str):
                         help=f"{', '.join(PREDICTORS)}, none, or a routing-path file from train-predictor.")
 
 
-def _tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
+def _vocab_size(model_dir: Path) -> int | None:
+    """The model's vocabulary size from its config.json, to check token ids before the model loads (None when
+    the file is missing or odd: `load` then says what is wrong with it)."""
     try:
-        tok = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"no usable tokenizer in {model_dir} ({e}); save one there with "
-                              "tokenizer.save_pretrained.") from e
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-    return tok
+        size = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return size if isinstance(size, int) else None
+
+
+def _text_lines(path: Path) -> list[str]:
+    """`path:line` of each text `read_texts` returns (it skips blank lines, so texts and lines do not line up)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [f"{path}:{n}" for n, line in enumerate(lines, 1) if line.strip()]
 
 
 def _progress(quiet: bool) -> Progress:
@@ -109,16 +112,23 @@ def generate(
     texts = read_texts(prompts, ("prompt", "text")) if prompts is not None else []  # bad input fails before loading
     if threads:
         torch.set_num_threads(threads)
-    tok = _tokenizer(model)
+    tok = load_tokenizer(model, padding_side="left")  # generation pads on the left
+    vocab = _vocab_size(model)
+    if prompt is not None:
+        ids = prompt_ids(tok, [prompt], ["--prompt"], vocab, error=ConfigError,
+                         fix="pass some text, e.g. --prompt 'Once upon a time'.")[0].view(1, -1)
+    else:
+        prompt_ids(tok, texts, _text_lines(prompts), vocab, fix="give that line a prompt with text, or delete it.")
     lm = load(model, expert_budget, policy, predictor)
-    if not quiet:
-        console.print(lm.memfit_moe.describe(), highlight=False, soft_wrap=True)
     try:
+        warning = cache_warning(lm, 1 if prompt is not None else min(batch_size, len(texts)), expert_budget)
+        if warning is not None:
+            typer.echo(f"warning: {warning}", err=True)
+        if not quiet:
+            console.print(lm.memfit_moe.describe(), highlight=False, soft_wrap=True)
         if prompt is not None:
-            enc = tok(prompt, return_tensors="pt")
-            ids, timing = timed_generate(lm, enc["input_ids"], enc["attention_mask"], max_new_tokens,
-                                         pad_token_id=tok.pad_token_id)
-            typer.echo(prompt + tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+            out, timing = timed_generate(lm, ids, torch.ones_like(ids), max_new_tokens, pad_token_id=tok.pad_token_id)
+            typer.echo(prompt + tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
             speed = (f"{timing.new_tokens} tokens: prefill {timing.prefill_s:.2f} s, decode "
                      f"{timing.decode_tokens_per_s:.2f} tokens/s ({timing.tokens_per_s:.2f} tokens/s overall)")
         else:
@@ -162,8 +172,11 @@ def trace(
     """Record which experts every MoE layer picks for every token of a text (the predictor's training data)."""
     if threads:
         torch.set_num_threads(threads)
-    tok = _tokenizer(model)
+    tok = load_tokenizer(model, padding_side="left")  # generation pads on the left
     windows = token_windows(tok, read_texts(text), seq_len)
+    vocab = _vocab_size(model)
+    if vocab is not None:
+        check_token_ids(windows, vocab, str(text))
     if max_tokens is not None:
         windows = windows[: max(1, max_tokens // seq_len)]
     lm = load(model, expert_budget, "lru", None)
@@ -194,7 +207,7 @@ def train_predictor(
 ) -> None:
     """Train the routing-path predictor: from a token's state at the first MoE layer, every later layer's experts."""
     data = Trace.load(trace_file)
-    config = TrainConfig(width=width, epochs=epochs, lr=lr, holdout=holdout, seed=seed)
+    config = PredictorConfig(width=width, epochs=epochs, lr=lr, holdout=holdout, seed=seed)
     steps = epochs * (int(data.tokens * (1 - holdout)) // config.batch_size)
     with _progress(quiet) as bar:
         task = bar.add_task("training", total=steps)

@@ -9,8 +9,8 @@ predicted and prefetched before they are needed (ExpertFlow, HybriMoE, Fate, mix
 from memfit.moe.arch import ARCHS, MoeArch, register
 from memfit.moe.loader import load
 from memfit.moe.policies import POLICIES
-from memfit.moe.predictors import PREDICTORS, CrossLayerGate, RoutingPath, TrainConfig
+from memfit.moe.predictors import PREDICTORS, CrossLayerGate, PredictorConfig, RoutingPath
 from memfit.moe.trace import Trace
 
-__all__ = ["ARCHS", "POLICIES", "PREDICTORS", "CrossLayerGate", "MoeArch", "RoutingPath", "Trace", "TrainConfig",
+__all__ = ["ARCHS", "POLICIES", "PREDICTORS", "CrossLayerGate", "MoeArch", "PredictorConfig", "RoutingPath", "Trace",
            "load", "register"]

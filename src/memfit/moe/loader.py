@@ -14,18 +14,19 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from memfit.errors import CheckpointError, ConfigError
-from memfit.moe.arch import MoeArch, arch_for, expert_shape, moe_layers
+from memfit.errors import ConfigError
+from memfit.local import load_config, model_dir
+from memfit.moe.arch import arch_for, expert_shape, moe_layers
 from memfit.moe.experts import OffloadedExperts
 from memfit.moe.policies import make_policy
 from memfit.moe.predictors import Predictor, make_predictor
 from memfit.moe.runtime import OffloadRuntime
 from memfit.moe.store import ExpertStore
-from memfit.tiers.budget import format_size, parse_size
+from memfit.tiers.budget import format_size, parse_budget
+from memfit.tiers.modules import empty_weights, load_resident
 from memfit.tiers.st_reader import SafetensorsReader
-from memfit.tiers.stream import empty_weights
 
 DEFAULT_BUDGET = "25%"
 DEFAULT_POLICY = "predictive"
@@ -54,9 +55,7 @@ def load(checkpoint_dir: str | os.PathLike, expert_budget: int | str = DEFAULT_B
     root = Path(checkpoint_dir)
     if io_threads < 1:
         raise ConfigError(f"io_threads must be >= 1 (prefetch reads in flight), got {io_threads}.")
-    if not (root / "config.json").is_file():
-        raise CheckpointError(f"{root} has no config.json; point to a Hugging Face model directory (save_pretrained).")
-    config = AutoConfig.from_pretrained(root)
+    config = load_config(model_dir(root))
     arch = arch_for(config)
     with empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -77,7 +76,8 @@ def load(checkpoint_dir: str | os.PathLike, expert_budget: int | str = DEFAULT_B
         acts = {l: layer.mlp.experts.act_fn for l, layer in blocks.items()}
         for layer in blocks.values():
             layer.mlp.experts = nn.Module()  # drops the meta expert tensors before the rest is loaded
-        resident = _load_resident(model, reader, arch)
+        resident = load_resident(model, reader, keys_for=lambda names: (k for n in names for k in arch.disk_names(n)))
+        model.requires_grad_(False)  # inference weights; MoE fine-tuning unfreezes what it trains
         runtime = OffloadRuntime(blocks, arch, store, slots, cache_policy, chosen, fingerprint, resident, prefetch,
                                  io_threads)
     except BaseException:
@@ -86,7 +86,7 @@ def load(checkpoint_dir: str | os.PathLike, expert_budget: int | str = DEFAULT_B
     for l, layer in blocks.items():
         layer.mlp.experts = OffloadedExperts(runtime, l, E, acts[l])
     if (root / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(root)
+        model.generation_config = GenerationConfig.from_pretrained(root, local_files_only=True)
     model.memfit_moe = runtime
     return model.eval()
 
@@ -94,17 +94,7 @@ def load(checkpoint_dir: str | os.PathLike, expert_budget: int | str = DEFAULT_B
 def expert_slots(budget: int | str, store: ExpertStore, top_k: int) -> int:
     """How many experts `budget` holds; an error naming the minimum if fewer than one layer's top-k."""
     total = store.total_bytes
-    text = str(budget).strip()
-    if text.endswith("%"):
-        try:
-            share = float(text[:-1]) / 100
-        except ValueError:
-            share = -1.0
-        if not 0 < share <= 1:
-            raise ConfigError(f"expert budget {budget!r}: a share must lie in (0%, 100%], e.g. '25%'.")
-        nbytes = int(share * total)
-    else:
-        nbytes = parse_size(budget)
+    nbytes = parse_budget(budget, total, "all expert bytes")
     slots = min(nbytes // store.expert_bytes, len(store.keys()))
     if slots < top_k:
         need = top_k * store.expert_bytes
@@ -114,35 +104,3 @@ def expert_slots(budget: int | str, store: ExpertStore, top_k: int) -> int:
             f"{100 * need / total:.2f}% of all expert bytes). Raise the budget to at least that."
         )
     return slots
-
-
-def _load_resident(model: nn.Module, reader: SafetensorsReader, arch: MoeArch) -> int:
-    """Read every parameter and stored buffer of `model` (experts already removed); returns their bytes."""
-    aliases: dict[nn.Parameter, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(p, []).append(name)
-    total = 0
-    for p, names in aliases.items():
-        candidates = [k for n in names for k in arch.disk_names(n)]
-        key = next((k for k in candidates if k in reader), None)
-        if key is None:
-            raise CheckpointError(f"the checkpoint has no tensor for {names[0]!r} (looked for {candidates}); is it "
-                                  "a checkpoint of this model, complete?")
-        info = reader.info(key)
-        if info.shape != tuple(p.shape):
-            raise CheckpointError(f"tensor {key!r} in {info.path} has shape {list(info.shape)}; the model expects "
-                                  f"{list(p.shape)}. config.json and the weights disagree.")
-        loaded = nn.Parameter(reader.read(key).to(p.dtype), requires_grad=False)
-        total += loaded.numel() * loaded.element_size()
-        for name in names:  # every alias gets the same Parameter, so tied weights stay tied
-            owner, _, attr = name.rpartition(".")
-            model.get_submodule(owner)._parameters[attr] = loaded
-    for name, b in model.named_buffers():
-        key = next((k for k in arch.disk_names(name) if k in reader), None)
-        owner, _, attr = name.rpartition(".")
-        if key is not None:
-            model.get_submodule(owner)._buffers[attr] = reader.read(key).to(b.dtype)
-        elif b.is_meta:
-            raise CheckpointError(f"the checkpoint has no tensor for buffer {name!r}.")
-        total += b.numel() * b.element_size()
-    return total

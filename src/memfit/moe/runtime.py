@@ -119,9 +119,6 @@ class OffloadRuntime:
             self.stats.reset()
             self.layer_stats = {l: [0, 0, 0] for l in self.order}
 
-    def layer_hit_ratios(self) -> dict[int, float]:
-        return {l: h / max(1, h + late + m) for l, (h, late, m) in self.layer_stats.items()}
-
     def memory(self) -> dict[str, int]:
         """Bytes: the expert cache (its budget), one expert, all experts, and the resident non-expert weights."""
         return {"expert_cache": self.cache.nbytes, "slots": self.cache.slots, "expert": self.store.expert_bytes,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 
 from memfit.errors import CheckpointError
 from memfit.moe.arch import MoeArch
-from memfit.tiers.st_reader import INDEX_NAME, SafetensorsReader, TensorInfo
+from memfit.tiers.st_reader import INDEX_NAME, SafetensorsReader, TensorInfo, read_index
 
 ExpertKey = tuple[int, int]  # (decoder layer index, expert index)
 
@@ -153,15 +154,14 @@ class ExpertStore:
         return buf[:nbytes]
 
 
-def _key_files(root: Path):
-    """key -> a description of the file that should hold it (the index's shard, or the checkpoint file)."""
-    weight_map = {}
-    if root.is_dir() and (root / INDEX_NAME).is_file():
-        weight_map = json.loads((root / INDEX_NAME).read_text()).get("weight_map", {})
+def _key_files(root: Path) -> Callable[[str], str]:
+    """key -> a description of the file that should hold it (the index's shard, or the checkpoint file). The index
+    is read through `read_index`, so its shard names pass the same check as the reader's."""
+    weight_map = read_index(root) if root.is_dir() and (root / INDEX_NAME).is_file() else {}
 
     def where(key: str) -> str:
         if key in weight_map:
-            return str(root / weight_map[key])
+            return str(weight_map[key])
         if weight_map:
             return f"{root / INDEX_NAME} (which does not list it)"
         files = sorted(root.glob("*.safetensors")) if root.is_dir() else [root]

@@ -56,14 +56,14 @@ def read_texts(path: str | os.PathLike, fields: tuple[str, ...] = ("text",)) -> 
     """Texts of a .jsonl file (one JSON object per line, the text under the first of `fields` it has) or of
     a plain text file (one text per non-empty line)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() or path.is_dir():
         raise DataError(f"no text file at {path}.")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    numbered = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
     if path.suffix != ".jsonl":
-        texts = lines
+        texts = [line for _, line in numbered]
     else:
         texts = []
-        for n, line in enumerate(lines, 1):
+        for n, line in numbered:  # n: the line in the file, blank lines counted
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:

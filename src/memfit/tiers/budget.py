@@ -1,7 +1,8 @@
-"""Byte sizes: parse user budgets ("200MB", "1.5GiB", 10**9) and print them back.
+"""Byte sizes: parse user budgets ("200MB", "1.5GiB", 10**9, "25%") and print them back.
 
 Units follow accelerate's `max_memory` convention: KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB and
-the bare letters K/M/G/T are powers of 1024.
+the bare letters K/M/G/T are powers of 1024. A share ("25%") is of a total the caller knows (all expert
+bytes, all frozen weight bytes), so every budget flag reads the same way.
 """
 
 from __future__ import annotations
@@ -37,6 +38,20 @@ def parse_size(size: int | float | str) -> int:
     if value <= 0:
         raise ConfigError(f"size must be positive, got {size!r}.")
     return int(value)
+
+
+def parse_budget(budget: int | float | str, total: int, what: str) -> int:
+    """Bytes in `budget`: a size (see `parse_size`) or a share of `total` such as "25%" (of `what`, for errors)."""
+    text = str(budget).strip()
+    if not text.endswith("%"):
+        return parse_size(budget)
+    try:
+        share = float(text[:-1]) / 100
+    except ValueError:
+        share = -1.0
+    if not 0 < share <= 1:
+        raise ConfigError(f"budget {budget!r}: a share of {what} must lie in (0%, 100%], e.g. '25%'.")
+    return max(1, int(share * total))
 
 
 def format_size(nbytes: int | float) -> str:

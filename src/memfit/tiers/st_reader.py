@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import mmap
 import os
 import struct
@@ -59,6 +60,8 @@ class TensorInfo:
 
 
 def _read_header(path: Path) -> dict[str, TensorInfo]:
+    """The tensors of one file, each header entry checked against the file first: a damaged or crafted header
+    must not send a read outside the file, give a tensor the wrong number of bytes or alias two tensors."""
     size = path.stat().st_size
     with path.open("rb") as f:
         raw = f.read(8)
@@ -71,21 +74,112 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path} has a corrupt safetensors header ({e}). Re-save or re-copy it.") from e
-    start, infos = 8 + n, {}
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = DTYPES.get(entry.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {entry.get('dtype')!r}.")
-        begin, end = entry["data_offsets"]
-        shape = tuple(entry["shape"])
-        nbytes = end - begin
-        if start + end > size or nbytes != torch.Size(shape).numel() * dtype.itemsize:
-            raise CheckpointError(f"{path}: tensor {key!r} lies outside the file or has a wrong length; "
-                                  "the file is corrupt or truncated. Re-save or re-copy it.")
-        infos[key] = TensorInfo(key, path, start + begin, nbytes, dtype, shape)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object; "
+                              "the file is corrupt. Re-save or re-copy it.")
+    infos = {key: _tensor_info(path, key, entry, 8 + n, size)
+             for key, entry in header.items() if key != "__metadata__"}
+    spans = sorted((i for i in infos.values() if i.nbytes), key=lambda i: (i.offset, i.nbytes))
+    # Sorted by start, any overlap shows between neighbours: whatever starts inside a tensor follows it directly.
+    for a, b in zip(spans, spans[1:], strict=False):
+        if b.offset < a.offset + a.nbytes:
+            raise CheckpointError(f"{path}: tensor {b.key!r} (file bytes {b.offset}-{b.offset + b.nbytes}) overlaps "
+                                  f"tensor {a.key!r} (file bytes {a.offset}-{a.offset + a.nbytes}); the file is "
+                                  "corrupt. Re-save or re-copy it.")
     return infos
+
+
+def _tensor_info(path: Path, key: str, entry: object, start: int, size: int) -> TensorInfo:
+    """One header entry as a TensorInfo, or a CheckpointError saying which field is wrong (never a bare
+    KeyError or TypeError: the header is untrusted input)."""
+
+    def corrupt(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor {key!r} {what}; the file is corrupt or truncated. "
+                               "Re-save or re-copy it.")
+
+    if not isinstance(entry, dict):
+        raise corrupt(f"has a header entry that is a JSON {type(entry).__name__}, not an object")
+    name = entry.get("dtype")
+    dtype = DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {_short(name)}; memfit reads "
+                              f"{sorted(DTYPES)}. The file is corrupt or in another dtype: re-save it in one of these.")
+    offsets = entry.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise corrupt(f"has data_offsets {_short(offsets)}, not a list of two integers [begin, end]")
+    begin, end = offsets
+    if begin < 0:
+        raise corrupt(f"has data_offsets [{begin}, {end}]: begin is negative")
+    if end < begin:
+        raise corrupt(f"has data_offsets [{begin}, {end}]: end is before begin")
+    shape = entry.get("shape")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise corrupt(f"has shape {_short(shape)}, not a list of non-negative integers")
+    if start + end > size:
+        raise corrupt(f"lies outside the file (its data ends at byte {start + end} of a {size}-byte file)")
+    nbytes, need = end - begin, math.prod(shape) * dtype.itemsize
+    if nbytes != need:
+        raise corrupt(f"has {nbytes} bytes of data, but shape {shape} of {name} takes {need}")
+    return TensorInfo(key, path, start + begin, nbytes, dtype, tuple(shape))
+
+
+def _short(value: object, limit: int = 200) -> str:
+    """repr of a header value, cut short: a crafted header must not turn an error into pages of text."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shard_path(root: Path, name: object) -> Path:
+    """root / name, for a shard name read from root's index, refused unless it names a file inside root: a crafted
+    index must not make the reader open, and feed into the model, any other file the process can read.
+
+    Hugging Face's hub cache keeps a snapshot's files as links into the repository's blobs/ folder
+    (snapshots/<rev>/x -> ../../blobs/<hash>); targets there count as inside, so cached models still load.
+    """
+    index = root / INDEX_NAME
+
+    def refused(why: str) -> CheckpointError:
+        return CheckpointError(f"{index} names shard {_short(name)}, which {why}; an index may only name files "
+                               f"inside {root}. The index is corrupt or crafted: re-save or re-copy the checkpoint.")
+
+    if not isinstance(name, str):
+        raise refused(f"is a JSON {type(name).__name__}, not a string")
+    rel = Path(name)
+    if "\x00" in name or not rel.parts:
+        raise refused("is empty or holds a NUL byte")
+    if rel.is_absolute():
+        raise refused("is an absolute path")
+    if ".." in rel.parts:
+        raise refused("has a '..' component")
+    real_root = root.resolve()
+    inside = [real_root]
+    if real_root.parent.name == "snapshots":
+        inside.append(real_root.parent.parent / "blobs")
+    target = (root / rel).resolve()
+    if not any(target.is_relative_to(r) for r in inside):
+        raise refused(f"resolves (through a symlink) to {target}, outside the model directory")
+    return root / rel
+
+
+def read_index(root: Path) -> dict[str, Path]:
+    """key -> shard file, from root's model.safetensors.index.json, every shard name checked by `shard_path`."""
+    index = root / INDEX_NAME
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{index} is not a valid index ({e}). Re-save the checkpoint.") from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        what = "missing" if weight_map is None else f"a JSON {type(weight_map).__name__}"
+        raise CheckpointError(f"{index} is not a valid index: its weight_map is {what}, not an object from tensor "
+                              "names to shard file names. Re-save the checkpoint.")
+    checked: dict[str, Path] = {}  # a shard holds many tensors: resolve each name once
+    out = {}
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or name not in checked:
+            checked[name] = shard_path(root, name)  # raises for a name that is not a string
+        out[key] = checked[name]
+    return out
 
 
 def checkpoint_files(checkpoint: str | os.PathLike) -> list[Path]:
@@ -94,11 +188,7 @@ def checkpoint_files(checkpoint: str | os.PathLike) -> list[Path]:
     if root.is_file():
         return [root]
     if (root / INDEX_NAME).is_file():
-        try:
-            weight_map = json.loads((root / INDEX_NAME).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{root / INDEX_NAME} is not a valid index ({e}). Re-save the checkpoint.") from e
-        files = [root / name for name in sorted(set(weight_map.values()))]
+        files = sorted(set(read_index(root).values()))
         missing = [str(p) for p in files if not p.is_file()]
         if missing:
             raise CheckpointError(f"the index in {root} names missing shards {missing}. Copy the whole checkpoint.")

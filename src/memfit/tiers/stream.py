@@ -25,14 +25,12 @@ Usage (model built without weights, adapters injected after, or a loaded model, 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import functools
 import os
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -41,65 +39,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memfit.errors import CheckpointError, ConfigError
-from memfit.tiers.budget import format_size, parse_size
+from memfit.tiers.budget import format_size, parse_budget
+from memfit.tiers.modules import checkpoint_key, find_layers, load_resident, param_aliases
 from memfit.tiers.st_reader import SafetensorsReader
 
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # "cache" since transformers 5.24
-
-
-@contextlib.contextmanager
-def empty_weights() -> Iterator[None]:
-    """Build modules with parameters on the meta device (no memory) and buffers on the CPU.
-
-    Buffers stay real because many are computed at construction and are not in checkpoints
-    (rotary `inv_freq`); `stream_weights` then loads the parameters from the checkpoint.
-    """
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None and not param.is_meta:  # already-meta parameters are ties: keep them shared
-            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
-def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The repeated blocks of a model: the ModuleList of >= 2 same-class modules with the most parameters.
-
-    Generic on purpose (HF `model.layers`, GPT-2 `transformer.h`, BERT `encoder.layer`, ...), so no
-    architecture needs an entry in a table.
-    """
-    best, best_size = None, -1
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2:
-            continue
-        if len({type(m) for m in module}) != 1:
-            continue
-        size = sum(p.numel() for p in module.parameters())
-        if size > best_size:
-            best, best_size = (name, module), size
-    if best is None:
-        raise ConfigError("found no nn.ModuleList of repeated blocks to stream; streaming needs a model whose "
-                          "layers are held in an nn.ModuleList (as every HF decoder is).")
-    return best
-
-
-def checkpoint_key(names: list[str], reader: SafetensorsReader) -> str | None:
-    """The checkpoint key of a parameter known by `names`: exact, or a suffix (a model wrapped in another)."""
-    for name in names:
-        parts = name.split(".")
-        for start in range(len(parts) - 1):
-            key = ".".join(parts[start:])
-            if key in reader:
-                return key
-        if "model." + name in reader:
-            return "model." + name
-    return None
 
 
 @functools.cache
@@ -128,7 +72,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 @dataclass(frozen=True)
-class _Slot:
+class _StreamedParam:
     """One streamed parameter: its owner module inside the layer, attribute, checkpoint key, dtype, size."""
 
     owner: str
@@ -162,13 +106,13 @@ class StreamHandle:
     """The running stream of one model: plan, counters, and `close()` to stop streaming."""
 
     def __init__(self, model: nn.Module, reader: SafetensorsReader, layers: nn.ModuleList,
-                 slots: dict[int, list[_Slot]], pinned: list[int], budget: int, resident_bytes: int,
+                 params: dict[int, list[_StreamedParam]], pinned: list[int], budget: int, resident_bytes: int,
                  device: torch.device) -> None:
-        self.model, self.reader, self.layers, self.slots = model, reader, layers, slots
-        self.streamed = sorted(slots)
+        self.model, self.reader, self.layers, self.params = model, reader, layers, params
+        self.streamed = sorted(params)
         self.pinned = pinned
         self.budget, self.resident_bytes, self.device = budget, resident_bytes, device
-        self.layer_bytes = {i: sum(s.nbytes for s in slots[i]) for i in self.streamed}
+        self.layer_bytes = {i: sum(s.nbytes for s in params[i]) for i in self.streamed}
         self.stats = StreamStats()
         self._stats_lock = threading.Lock()
         self._cuda = device.type == "cuda"
@@ -258,9 +202,9 @@ class StreamHandle:
 
     def _release(self, i: int) -> None:
         layer = self.layers[i]
-        for slot in self.slots[i]:
-            owner = layer.get_submodule(slot.owner)
-            owner._parameters[slot.name] = self._placeholder(slot)
+        for param in self.params[i]:
+            owner = layer.get_submodule(param.owner)
+            owner._parameters[param.name] = self._placeholder(param)
         if self._next != i:
             self._ready.pop(i, None)
         _trim_heap()
@@ -273,28 +217,28 @@ class StreamHandle:
                 t.record_stream(stream)  # the copy stream allocated it; keep it until compute is done
             loaded.event = None
         layer = self.layers[i]
-        for slot, tensor in zip(self.slots[i], loaded.tensors, strict=True):
-            owner = layer.get_submodule(slot.owner)
-            if owner._parameters[slot.name].requires_grad:
-                raise ConfigError(f"layer {i}'s {slot.owner}.{slot.name} is streamed but now trainable; streaming "
+        for param, tensor in zip(self.params[i], loaded.tensors, strict=True):
+            owner = layer.get_submodule(param.owner)
+            if owner._parameters[param.name].requires_grad:
+                raise ConfigError(f"layer {i}'s {param.owner}.{param.name} is streamed but now trainable; streaming "
                                   "serves frozen base weights only. Train it with streaming off, or keep it frozen.")
-            owner._parameters[slot.name] = nn.Parameter(tensor, requires_grad=False)
+            owner._parameters[param.name] = nn.Parameter(tensor, requires_grad=False)
 
-    def _placeholder(self, slot: _Slot) -> nn.Parameter:
-        return nn.Parameter(torch.empty(0, dtype=slot.dtype, device=self.device), requires_grad=False)
+    def _placeholder(self, param: _StreamedParam) -> nn.Parameter:
+        return nn.Parameter(torch.empty(0, dtype=param.dtype, device=self.device), requires_grad=False)
 
     def _read_layer(self, i: int) -> _Loaded:
         t0 = time.perf_counter()
-        host = self.reader.read_many([s.key for s in self.slots[i]], pin_memory=self._cuda)
+        host = self.reader.read_many([s.key for s in self.params[i]], pin_memory=self._cuda)
         event = None
         if self._cuda:
             with torch.cuda.stream(self._copy_stream):  # overlaps the copy with compute on the default stream
                 tensors = [t.to(self.device, s.dtype, non_blocking=True)
-                           for t, s in zip(host, self.slots[i], strict=True)]
+                           for t, s in zip(host, self.params[i], strict=True)]
                 event = torch.cuda.Event()
                 event.record(self._copy_stream)
         else:
-            tensors = [t.to(s.dtype) for t, s in zip(host, self.slots[i], strict=True)]
+            tensors = [t.to(s.dtype) for t, s in zip(host, self.params[i], strict=True)]
         with self._stats_lock:  # a stale prefetch may still be running beside a synchronous read
             self.stats.read_s += time.perf_counter() - t0
             self.stats.bytes_read += sum(_nbytes(t) for t in host)
@@ -324,40 +268,8 @@ class StreamHandle:
         self.close()
 
 
-def _names_by_param(model: nn.Module) -> dict[nn.Parameter, list[str]]:
-    names: dict[nn.Parameter, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(p, []).append(name)
-    return names
-
-
-def _load_resident(model: nn.Module, reader: SafetensorsReader, streamed: set[nn.Parameter],
-                   device: torch.device) -> None:
-    """Load every frozen (or meta) parameter/buffer that stays resident from the checkpoint."""
-    for p, names in _names_by_param(model).items():
-        if p in streamed or (p.requires_grad and not p.is_meta):
-            continue
-        key = checkpoint_key(names, reader)
-        if key is not None:
-            loaded = nn.Parameter(reader.read(key).to(device, p.dtype), requires_grad=p.requires_grad)
-            for name in names:  # every alias gets the same new Parameter, so tied weights stay tied
-                owner, _, attr = name.rpartition(".")
-                model.get_submodule(owner)._parameters[attr] = loaded
-        elif p.is_meta:
-            raise ConfigError(f"parameter {names[0]!r} is on the meta device and not in the checkpoint. Build "
-                              "adapters after stream_weights (memfit.inject after it), or on a real device.")
-    for name, b in model.named_buffers():
-        if b.is_meta:
-            key = checkpoint_key([name], reader)
-            if key is None:
-                raise ConfigError(f"buffer {name!r} is on the meta device and not in the checkpoint; build the "
-                                  "model inside memfit.tiers.stream.empty_weights(), which keeps buffers real.")
-            owner, _, attr = name.rpartition(".")
-            model.get_submodule(owner)._buffers[attr] = reader.read(key).to(device, b.dtype)
-
-
-def _plan_layer(layer: nn.Module, prefix: str, names: dict, reader: SafetensorsReader) -> list[_Slot]:
-    slots = []
+def _plan_layer(layer: nn.Module, prefix: str, names: dict, reader: SafetensorsReader) -> list[_StreamedParam]:
+    params = []
     for owner_name, owner in layer.named_modules():
         for attr, p in owner._parameters.items():
             if p is None or p.requires_grad and not p.is_meta:
@@ -369,8 +281,8 @@ def _plan_layer(layer: nn.Module, prefix: str, names: dict, reader: SafetensorsR
                     raise CheckpointError(f"the checkpoint has no tensor for {full!r} (looked up by name and "
                                           "name suffix); is it the checkpoint of this model?")
                 continue  # a frozen tensor the checkpoint lacks stays resident with its current value
-            slots.append(_Slot(owner_name, attr, key, p.dtype, p.numel() * p.element_size()))
-    return slots
+            params.append(_StreamedParam(owner_name, attr, key, p.dtype, p.numel() * p.element_size()))
+    return params
 
 
 def stream_weights(model: nn.Module, checkpoint_dir: str | os.PathLike, budget_bytes: int | float | str, *,
@@ -379,32 +291,33 @@ def stream_weights(model: nn.Module, checkpoint_dir: str | os.PathLike, budget_b
 
     checkpoint_dir: the base model's safetensors (one file, or shards with model.safetensors.index.json).
         Every frozen base weight is (re)loaded from it, so the model may be built in `empty_weights()`.
-    budget_bytes: bytes or a string like "2GB"; must hold the resident part plus two layers.
+    budget_bytes: bytes, a size like "2GB", or a share of the model's weight bytes like "25%"; must hold the
+        resident part plus two layers.
     device: where weights are used (default: the device of the model's first real parameter, else CPU).
     drop_cache: drop read ranges from the page cache, so memory use is what this process holds.
     Returns a handle with the plan (`streamed`, `pinned`, `memory()`) and `stats`; `close()` stops streaming.
     """
     if getattr(model, "memfit_stream", None) is not None:
         raise ConfigError("this model already streams its weights; close the first handle before streaming again.")
-    budget = parse_size(budget_bytes)
     if device is None:
         device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
     device = torch.device(device)
     reader = SafetensorsReader(checkpoint_dir, drop_cache=drop_cache, pool=2)  # the two-layer window
     try:
         prefix, layers = find_layers(model)
-        names = _names_by_param(model)
-        slots = {i: _plan_layer(layer, f"{prefix}.{i}", names, reader) for i, layer in enumerate(layers)}
-        pinned = _choose_pinned(model, layers, slots, budget)
+        names = param_aliases(model)
+        params = {i: _plan_layer(layer, f"{prefix}.{i}", names, reader) for i, layer in enumerate(layers)}
+        budget = parse_budget(budget_bytes, _resident_bytes(model, set()), "the model's weight bytes")
+        pinned = _choose_pinned(model, layers, params, budget)
         for i in pinned:
-            del slots[i]
-        streamed_params = {layers[i].get_submodule(s.owner)._parameters[s.name] for i in slots for s in slots[i]}
-        resident = _resident_bytes(model, streamed_params)
-        _load_resident(model, reader, streamed_params, device)
+            del params[i]
+        streamed = {layers[i].get_submodule(s.owner)._parameters[s.name] for i in params for s in params[i]}
+        resident = _resident_bytes(model, streamed)
+        load_resident(model, reader, streamed, device=device)
     except BaseException:
         reader.close()
         raise
-    handle = StreamHandle(model, reader, layers, slots, pinned, budget, resident, device)
+    handle = StreamHandle(model, reader, layers, params, pinned, budget, resident, device)
     for i in handle.streamed:
         handle._release(i)  # frees the weights the model was built with
     model.memfit_stream = handle
@@ -416,10 +329,11 @@ def _resident_bytes(model: nn.Module, streamed: set[nn.Parameter]) -> int:
     return params + sum(_nbytes(b) for b in model.buffers())
 
 
-def _choose_pinned(model: nn.Module, layers: nn.ModuleList, slots: dict[int, list[_Slot]], budget: int) -> list[int]:
+def _choose_pinned(model: nn.Module, layers: nn.ModuleList, params: dict[int, list[_StreamedParam]],
+                   budget: int) -> list[int]:
     """Layers kept resident: as many of the last layers as fit beside the two-layer streaming window."""
-    sizes = {i: sum(s.nbytes for s in slots[i]) for i in slots}
-    all_streamed = {layers[i].get_submodule(s.owner)._parameters[s.name] for i in slots for s in slots[i]}
+    sizes = {i: sum(s.nbytes for s in params[i]) for i in params}
+    all_streamed = {layers[i].get_submodule(s.owner)._parameters[s.name] for i in params for s in params[i]}
     resident = _resident_bytes(model, all_streamed)
     biggest = max(sizes.values())
     need = resident + 2 * biggest

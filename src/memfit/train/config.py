@@ -1,4 +1,8 @@
-"""TrainConfig: every knob of the fine-tuning loop, with its default in one place (the CLI reads them here)."""
+"""TrainConfig: every knob of the training loop, with its default and help text in one place.
+
+The CLI builds the flags of every command that trains from these fields (`memfit.cli.options`), so a new knob is
+one field here and nothing else.
+"""
 
 from __future__ import annotations
 
@@ -7,42 +11,43 @@ from dataclasses import dataclass
 from typing import Any
 
 from memfit.errors import ConfigError
+from memfit.fields import check_types, option
+
+TRAINING, MEMORY = "Training", "Memory"
 
 
 @dataclass
 class TrainConfig:
-    """How to train. Steps count optimizer updates; a batch is `batch_size` examples per micro-step.
+    """How to train. Steps count optimizer updates; a batch is `batch_size` examples per micro-step."""
 
-    epochs / max_steps: train for `epochs` passes over the data, or stop at `max_steps` updates if set.
-    lr: peak learning rate, reached after `warmup_ratio` of the updates, then decayed linearly to 0.
-    grad_accum: micro-batches per update (the effective batch is batch_size × grad_accum × ranks).
-    max_grad_norm: gradient clipping (0 disables it).
-    eval_every / checkpoint_every: in updates; 0 means once per epoch.
-    optim: a name from `memfit.optim.OPTIMIZERS` (adamw, adamw8bit, offload-cpu, offload-disk).
-    weights_budget: keep at most this many bytes of frozen base weights resident ("2GB"); stream the rest.
-    shard: FSDP2 mode under torchrun, "grad" (ZeRO-2) or "full" (ZeRO-3); None trains on one process.
-    """
-
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    max_length: int = 128
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 0
-    checkpoint_every: int = 0
-    optim: str = "adamw"
-    weights_budget: str | None = None
-    shard: str | None = None
-    cpu_offload: bool = False
+    epochs: int = option(1, help="Passes over the data.", panel=TRAINING)
+    max_steps: int | None = option(None, help="Stop after this many updates (overrides --epochs).", panel=TRAINING)
+    batch_size: int = option(16, help="Examples per micro-batch (per rank).", panel=TRAINING)
+    eval_batch_size: int = option(64, help="Examples per evaluation batch.", panel=TRAINING)
+    lr: float = option(5e-4, help="Peak learning rate, reached after --warmup-ratio of the updates, then decayed "
+                       "linearly to 0.", panel=TRAINING)
+    weight_decay: float = option(0.0, help="Decoupled weight decay (AdamW).", panel=TRAINING)
+    warmup_ratio: float = option(0.06, help="Share of the updates spent warming the learning rate up.",
+                                 panel=TRAINING)
+    grad_accum: int = option(1, help="Micro-batches per update (the effective batch is batch size x grad accum x "
+                             "ranks).", panel=TRAINING)
+    max_grad_norm: float = option(1.0, help="Clip the gradient norm to this (0 disables clipping).", panel=TRAINING)
+    max_length: int = option(128, help="Tokens per example (longer ones are cut).", panel=TRAINING)
+    seed: int = option(0, help="Seeds initialisation, dropout and the order of batches: a run is a function of it.",
+                       panel=TRAINING)
+    log_every: int = option(10, help="Log the training loss every N updates.", panel=TRAINING)
+    eval_every: int = option(0, help="Evaluate every N updates (0: once per epoch).", panel=TRAINING)
+    checkpoint_every: int = option(0, help="Checkpoint every N updates (0: once per epoch).", panel=TRAINING)
+    optim: str = option("adamw", help="Optimizer: adamw, adamw8bit (2 B/param of state), offload-cpu (states in host "
+                        "RAM), offload-disk (states in swap files under --out).", panel=MEMORY)
+    weights_budget: int | str | None = option(None, help="Keep at most this much of the frozen weights in memory, e.g. "
+                                        "'2GB' or '25%'; stream the other layers from disk.", panel=MEMORY)
+    shard: str | None = option(None, help="Under torchrun: FSDP2 'grad' (ZeRO-2) or 'full' (ZeRO-3).", panel=MEMORY)
+    cpu_offload: bool = option(False, help="With --shard: FSDP2 CPUOffloadPolicy (shards and the step in host RAM).",
+                               panel=MEMORY)
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "max_length", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}.")

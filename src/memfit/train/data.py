@@ -32,11 +32,18 @@ class Row:
 def read_jsonl(path: str | os.PathLike) -> list[Row]:
     """Every non-blank line of `path` as a JSON object; a DataError names the file and line of any problem."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"data file {path} does not exist. Pass a JSONL file (one JSON object per line).")
+    if path.is_dir():
+        raise DataError(f"data path {path} is a directory. Pass a JSONL file (one JSON object per line).")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    # Any readable file: a regular file, a pipe or a process substitution (read once, front to back).
+    try:
+        f = path.open(encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"cannot read data file {path}: {e.strerror or e}.") from e
+    with f:
+        for number, line in _lines(f, path):
             if not line.strip():
                 continue
             try:
@@ -50,6 +57,15 @@ def read_jsonl(path: str | os.PathLike) -> list[Row]:
     if not rows:
         raise DataError(f"{path} is empty: it holds no JSON lines. Point --data at a file with examples.")
     return rows
+
+
+def _lines(f: Any, path: Path) -> Any:
+    number = 0
+    try:
+        for number, line in enumerate(f, start=1):  # noqa: B007 (the count names the line of a decoding error)
+            yield number, line
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{number + 1}: not UTF-8 text ({e.reason}). Save the file as UTF-8.") from e
 
 
 def guess_task(rows: list[Row]) -> str:

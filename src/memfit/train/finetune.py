@@ -1,14 +1,19 @@
-"""`finetune()`: from a local HF checkpoint and a JSONL file to a trained, saved adapter.
+"""The one training pipeline: from a local model directory and a JSONL file to a trained, saved run.
 
-Wires the pieces in their one correct order: runtime (torchrun or one process) -> data -> tokenizer ->
-model (in memory, or built on meta and streamed) -> adapter (new, or the checkpoint's on --resume) ->
-sharding -> trainer. `memfit finetune` and `memfit demo` are thin shells around it.
+Its only branch is where the model comes from: a pretrained checkpoint (in memory, or built on the meta device
+and streamed under a weights budget) that an adapter is injected into, or, for methods that compress a model
+trained from the start (STABLE-RPS, `Method.from_scratch`), a freshly initialised model of the directory's
+architecture. Everything else is shared, in its one correct order: ranks (torchrun or one process) -> output
+directory -> data -> tokenizer -> model -> adapter (new, or the checkpoint's on resume) -> placement (FSDP2 or a
+device) -> trainer (with the method's rank allocator if it has one) -> summary. `memfit finetune`, `memfit train`
+and `memfit demo` are thin shells around `finetune()`; `load_finetuned()` loads what any run wrote.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,40 +24,32 @@ from rich.console import Console
 from torch import nn
 
 from memfit.adapters import AdapterConfig, inject, load_adapter, save_adapter, trainable_parameters
-from memfit.adapters.io import read_adapter_config
+from memfit.adapters.io import CONFIG_FILE, read_adapter_config
 from memfit.adapters.registry import config_from_dict, get_method
 from memfit.errors import CheckpointError, ConfigError
-from memfit.tiers.memory import peak_bytes
+from memfit.local import from_pretrained, load_config, load_tokenizer
+from memfit.local import model_dir as local_dir
+from memfit.tiers.modules import checkpoint_key, empty_weights, move_model
 from memfit.tiers.st_reader import SafetensorsReader
-from memfit.tiers.stream import checkpoint_key, empty_weights, stream_weights
+from memfit.tiers.stream import stream_weights
+from memfit.train.allocation import AllocatorCallback
 from memfit.train.callbacks import Callback
 from memfit.train.config import TrainConfig
 from memfit.train.data import check_labels, label_names, load_rows
 from memfit.train.memory import memory_rows, print_memory_table
 from memfit.train.tasks import TASKS, Task
-from memfit.train.trainer import Runtime, Trainer, checkpoint_dir
+from memfit.train.trainer import CHECKPOINT, Ranks, Trainer, checkpoint_dir
+
+RUN_FILES = ("metrics.jsonl", "loss.png", "ranks.png", "adapter.safetensors", CONFIG_FILE)
 
 
-def make_runtime(config: TrainConfig, device: str | None = None) -> Runtime:
+def make_ranks(config: TrainConfig, device: str | None = None) -> Ranks:
     if config.shard is not None:
         from memfit.train.distributed import init_distributed
 
         info = init_distributed()
-        return Runtime(info.device, info.rank, info.world_size)
-    return Runtime(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
-
-
-def load_tokenizer(model_dir: str | os.PathLike):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot load a tokenizer from {model_dir} ({e}). The model directory needs "
-                              "tokenizer.json (or the files of a slow tokenizer) beside config.json.") from e
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return tokenizer
+        return Ranks(info.device, info.rank, info.world_size)
+    return Ranks(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
 
 
 @contextlib.contextmanager
@@ -69,7 +66,7 @@ def _quiet_transformers() -> Iterator[None]:
         logging.enable_progress_bar()
 
 
-def _auto_class(task: Task):
+def _auto_class(task: Task) -> Any:
     import transformers
 
     return getattr(transformers, task.auto_class)
@@ -81,64 +78,108 @@ def _new_modules(names: list[str]) -> list[str]:
     return [o for o in owners if o and not any(o.startswith(p + ".") for p in owners if p != o)]
 
 
-def load_model(model_dir: str | os.PathLike, task: Task, config: TrainConfig, runtime: Runtime
-               ) -> tuple[nn.Module, Any, list[str]]:
-    """(model, stream handle or None, names of modules the checkpoint lacks) for `task`, in fp32.
+def load_base(directory: str | os.PathLike, task: Task, *, fresh: bool = False,
+              weights_budget: int | str | None = None, device: torch.device | str = "cpu"
+              ) -> tuple[nn.Module, Any, list[str]]:
+    """(model, stream handle or None, modules the checkpoint lacks) for `task`, in fp32: where a run's model comes
+    from, and the only place that differs between pretrained and from-scratch runs.
 
-    With `config.weights_budget` the model is built on the meta device and its frozen layers are streamed
-    from the checkpoint's safetensors; modules the checkpoint lacks are initialised as from_pretrained would.
+    fresh: a newly initialised model of the directory's architecture (its weights, if any, are not read).
+    weights_budget: build on the meta device and stream the frozen layers from the checkpoint's safetensors;
+        modules the checkpoint lacks are initialised as from_pretrained would.
     """
-    from transformers import AutoConfig
-
     cls = _auto_class(task)
-    if not (Path(model_dir) / "config.json").is_file():
-        raise CheckpointError(f"{model_dir} is not a Hugging Face model directory (no config.json). Pass the "
-                              "directory written by save_pretrained.")
-    if config.weights_budget is None:
+    if fresh:
+        model = cls.from_config(load_config(directory, **task.model_kwargs()), dtype=torch.float32)
+        model.config._name_or_path = str(Path(directory).resolve())  # where load_finetuned finds the architecture
+        return model, None, []
+    root = local_dir(directory)
+    if weights_budget is None:
         with _quiet_transformers():  # its load report lists the new head, which memfit trains anyway
             # An absolute path in config._name_or_path lets `memfit export` find the base model again.
-            model, info = cls.from_pretrained(str(Path(model_dir).resolve()), dtype=torch.float32,
-                                              output_loading_info=True, **task.model_kwargs())
+            model, info = from_pretrained(cls, root, dtype=torch.float32, output_loading_info=True,
+                                          **task.model_kwargs())
         return model, None, _new_modules(info["missing_keys"])
-    hf_config = AutoConfig.from_pretrained(str(model_dir), **task.model_kwargs())
     with empty_weights():
-        model = cls.from_config(hf_config, dtype=torch.float32)
-    with SafetensorsReader(model_dir, drop_cache=False) as reader:
+        model = cls.from_config(load_config(root, **task.model_kwargs()), dtype=torch.float32)
+    model.config._name_or_path = str(root.resolve())
+    with SafetensorsReader(root, drop_cache=False) as reader:
         missing = [n for n, p in model.named_parameters() if p.is_meta and checkpoint_key([n], reader) is None]
     new = _new_modules(missing)
     for name in new:  # initialise the fresh head on the CPU, as from_pretrained does
         module = model.get_submodule(name)
         module.to_empty(device="cpu")
         model._init_weights(module) if hasattr(model, "_init_weights") else module.reset_parameters()
-    stream = stream_weights(model, model_dir, config.weights_budget, device=runtime.device)
-    return model, stream, new
+    return model, stream_weights(model, root, weights_budget, device=device), new
+
+
+def _check_vocab(model: nn.Module, tokenizer: Any) -> None:
+    size = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {size}; raise "
+                          "vocab_size in config.json (or use a smaller tokenizer).")
 
 
 def _adapter_for_resume(model: nn.Module, checkpoint: Path, requested: AdapterConfig) -> None:
     saved = config_from_dict(read_adapter_config(checkpoint / "model")["config"])
-    if saved.to_dict() != requested.to_dict():
+    if not _same_request(saved, requested):
         raise CheckpointError(f"the checkpoint in {checkpoint} holds a {saved.method!r} adapter with config "
                               f"{saved.to_dict()}, not the requested {requested.to_dict()}; resume with the same "
                               "method and options.")
     load_adapter(model, checkpoint / "model")
 
 
+def _same_request(saved: AdapterConfig, requested: AdapterConfig) -> bool:
+    """Whether `requested` asks for the adapter `saved` holds: equal fields, where a field left unset (None) in
+    the request matches whatever the method derived for it when the run started."""
+    if saved.method != requested.method:
+        return False
+    mine, theirs = requested.to_dict(), saved.to_dict()
+    return all(v is None or theirs.get(k) == v for k, v in mine.items())
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool, ranks: Ranks) -> None:
+    """Refuse to overwrite a run silently: a finished one needs --overwrite, an interrupted one --resume."""
+    if resume:
+        return
+    finished, interrupted = (out / CONFIG_FILE).is_file(), (out / CHECKPOINT).exists()
+    if (finished or interrupted) and not overwrite:
+        if finished:
+            raise ConfigError(f"{out} holds a finished run ({CONFIG_FILE}); pass --overwrite to replace it, or "
+                              "choose another --out.")
+        raise ConfigError(f"{out} holds an interrupted run ({CHECKPOINT}/); continue it with --resume, or pass "
+                          "--overwrite to start over.")
+    if (finished or interrupted) and ranks.main:
+        for name in (CHECKPOINT, f"{CHECKPOINT}.old", f"{CHECKPOINT}.partial", "optimizer-swap"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    ranks.barrier()
+
+
 def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
              adapter: AdapterConfig, train: TrainConfig | None = None, eval_data: str | os.PathLike | None = None,
-             task: str | None = None, resume: bool = False, device: str | None = None,
+             task: str | None = None, resume: bool = False, overwrite: bool = False, device: str | None = None,
              callbacks: list[Callback] | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Fine-tune `adapter` on the model in `model_dir` with the rows of `data`; writes everything to `out`.
+    """Train `adapter` (any registered method's config) on the model in `model_dir` with the rows of `data`;
+    writes the run to `out`. For a method that compresses a model from scratch (STABLE-RPS), `model_dir` only
+    gives the architecture and the tokenizer.
 
-    Returns the final summary (eval metrics, time, peak memory, trainable/total parameters).
+    resume: continue the interrupted run in `out` step for step; overwrite: replace a run `out` already holds.
+    Returns the summary: eval metrics, time, peak memory, parameter counts, and what the method reports.
     """
     train = train or TrainConfig()
-    if get_method(adapter.method).from_scratch:
-        raise ConfigError(f"method {adapter.method!r} compresses a model trained from the start, it does not adapt a "
-                          "pretrained one: use `memfit train --method ...` (memfit.train.scratch.train_from_scratch).")
+    method = get_method(adapter.method)
+    fresh = method.from_scratch
+    if fresh and (train.shard is not None or train.weights_budget is not None):
+        raise ConfigError(f"{adapter.method} trains every weight of a model from scratch, in memory: it does not "
+                          "shard or stream (drop --shard / --weights-budget).")
     out = Path(out)
-    runtime = make_runtime(train, device)
-    torch.manual_seed(train.seed)  # adapter and head initialisation, dropout: a run is a function of its seed
-    console = Console(quiet=quiet or not runtime.main)
+    local_dir(model_dir, weights=not fresh)  # a missing or incomplete directory fails before anything else
+    ranks = make_ranks(train, device)
+    _prepare_out(out, resume, overwrite, ranks)
+    torch.manual_seed(train.seed)  # initialisation and dropout: a run is a function of its seed
+    console = Console(quiet=quiet or not ranks.main)
     rows, task = load_rows(data, task)
     eval_rows = load_rows(eval_data, task)[0] if eval_data is not None else []
     labels = label_names(rows) if task == "classify" else None
@@ -146,12 +187,15 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
         check_labels(eval_rows, labels, eval_data)
     task_obj = TASKS[task](labels)
     tokenizer = load_tokenizer(model_dir)
-    model, stream, new_modules = load_model(model_dir, task_obj, train, runtime)
+    model, stream, new_modules = load_base(model_dir, task_obj, fresh=fresh, weights_budget=train.weights_budget,
+                                           device=ranks.device)
+    if fresh:
+        _check_vocab(model, tokenizer)
     if labels is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # sequence heads find the last real token by it
     if new_modules and not adapter.modules_to_save:
         adapter = replace(adapter, modules_to_save=new_modules)  # a fresh head must train, or it stays random
-    if resume and runtime.world_size == 1:
+    if resume and ranks.world_size == 1:
         _adapter_for_resume(model, checkpoint_dir(out), adapter)
     else:
         inject(model, adapter)
@@ -159,51 +203,52 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
         from memfit.train.distributed import shard_model
 
         shard_model(model, train.shard, train.cpu_offload)
-    elif stream is None:
-        model.to(runtime.device)
-    else:  # streamed layers already live on the device; move the resident rest (adapters included)
-        for p in model.parameters():
-            if p.numel() and p.device != runtime.device:
-                p.data = p.data.to(runtime.device)
+    else:
+        move_model(model, ranks.device)  # streamed layers are installed on the device as they run
+
+    extra = {"task": task, "labels": labels, "from_scratch": fresh, "pad_token_id": tokenizer.pad_token_id}
 
     def save(model: nn.Module, directory: Path) -> None:
-        extra = {"task": task, "labels": labels}
-        if runtime.world_size > 1:
+        if ranks.world_size > 1:
             from memfit.train.distributed import gather_trainable_state
 
             state = gather_trainable_state(model)  # a collective: every rank takes part
-            if runtime.main:
+            if ranks.main:
                 save_adapter(model, directory, extra=extra, state=state)
         else:
             save_adapter(model, directory, extra=extra)
 
+    for note in model.memfit_notes:
+        console.print(note, highlight=False, soft_wrap=True)
     encode = lambda rs: [task_obj.encode(r, tokenizer, train.max_length) for r in rs]  # noqa: E731
-    method_callbacks = get_method(adapter.method).callbacks  # e.g. the rank allocator of adaptive methods
-    callbacks = [*(method_callbacks(model, train) if method_callbacks else []), *(callbacks or [])]
+    allocator = [AllocatorCallback()] if method.allocator is not None else []
     trainer = Trainer(model, task_obj, encode(rows), encode(eval_rows), train, out, tokenizer.pad_token_id, save,
-                      callbacks=callbacks, runtime=runtime, quiet=quiet)
+                      callbacks=[*allocator, *(callbacks or [])], ranks=ranks, quiet=quiet)
     print_memory_table("memory plan", memory_rows(model, trainer.optimizer, train.optim, stream), console)
     summary = trainer.fit(resume=resume)
-    measured = {**trainer.memory, "peak": peak_bytes(runtime.device)}
+    measured = {**trainer.memory, "peak": summary["peak_mem_bytes"]}
     print_memory_table("memory used", memory_rows(model, trainer.optimizer, train.optim, stream, measured), console)
     trainable, total = trainable_parameters(model)
-    summary.update(trainable_params=trainable, total_params=total, task=task, method=adapter.method)
+    summary.update(trainable_params=trainable, total_params=total, task=task, method=adapter.method,
+                   notes=list(model.memfit_notes), **(method.report(model) if method.report else {}))
     if stream is not None:
         summary["stream"] = {**stream.memory(), "bytes_read": stream.stats.bytes_read}
     return summary
 
 
-def load_finetuned(adapter_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
+def load_finetuned(run_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
                    device: str = "cpu") -> nn.Module:
-    """The base model with the adapter of a `finetune` run loaded: ready for inference, merge or export.
+    """The model a run wrote to `run_dir`, ready for inference, merge or export: the base model with the adapter
+    loaded, or the compressed model of a from-scratch run.
 
-    model_dir: the base model; defaults to the one recorded in the adapter's config.
+    model_dir: the base model (or the architecture, for from-scratch runs); defaults to the one recorded in the run.
     """
-    meta = read_adapter_config(adapter_dir)
+    meta = read_adapter_config(run_dir)
     model_dir = model_dir or meta.get("base_model")
-    if not model_dir or not (Path(model_dir) / "config.json").is_file():
-        raise CheckpointError(f"the base model of {adapter_dir} ({model_dir!r}) is not a local model directory; "
-                              "pass it with --model.")
+    if not model_dir:
+        raise CheckpointError(f"{run_dir} records no base model; pass it with --model (model_dir).")
     task = TASKS[meta.get("task") or "causal-lm"](meta.get("labels"))
-    model = load_model(model_dir, task, TrainConfig(), Runtime(torch.device(device)))[0]
-    return load_adapter(model, adapter_dir).eval()
+    model = load_base(model_dir, task, fresh=bool(meta.get("from_scratch")))[0]
+    if meta.get("labels") is not None:
+        model.config.pad_token_id = meta.get("pad_token_id")  # sequence heads find the last real token by it
+    return load_adapter(model, run_dir).to(device).eval()

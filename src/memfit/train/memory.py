@@ -2,7 +2,9 @@
 
 Rows: frozen weights resident, frozen weights streamed from disk, trainable weights, gradients, optimizer
 states (in memory, and on disk for disk offload), activations (peak of the first update above what was held
-before it) and the peak. Sizes are per rank under FSDP2 (each rank holds its shards).
+before it) and the peak since training started (the one peak figure a run reports: the progress bar shows it as
+it grows, the summary and metrics.jsonl's "end" event give its final value). Sizes are per rank under FSDP2 (each
+rank holds its shards).
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ def memory_rows(model: nn.Module, optimizer: torch.optim.Optimizer, optim_name: 
     if "step_peak" in measured:
         rows.append(("activations", format_size(max(0, measured["step_peak"] - measured["before_step"])),
                      "peak of the first update above what was held before it"))
-    rows.append(("peak", format_size(measured["peak"]), "process peak (RSS on CPU, allocator peak on GPU)"))
+    rows.append(("peak", format_size(measured["peak"]), "peak since training started (RSS on CPU, allocator peak "
+                 "on GPU): the summary's figure"))
     return rows
 
 

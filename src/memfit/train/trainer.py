@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 from torch import nn
 
 from memfit.errors import CheckpointError, ConfigError, TrainingError
@@ -37,8 +38,8 @@ STATE_FILE = "trainer_state.json"
 
 
 @dataclass(frozen=True)
-class Runtime:
-    """Where this process computes and its place among the ranks (1 rank without torchrun)."""
+class Ranks:
+    """Where this process computes and its place among the ranks of the run (one rank without torchrun)."""
 
     device: torch.device
     rank: int = 0
@@ -98,7 +99,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, task: Task, train_set: list[Example], eval_set: list[Example] | None,
                  config: TrainConfig, out_dir: str | Path, pad_id: int, save_model: SaveModel,
-                 callbacks: list[Callback] | None = None, runtime: Runtime | None = None,
+                 callbacks: list[Callback] | None = None, ranks: Ranks | None = None,
                  quiet: bool = False) -> None:
         if not train_set:
             raise ConfigError("the training set is empty after encoding; check --data.")
@@ -106,12 +107,13 @@ class Trainer:
         self.train_set, self.eval_set = train_set, eval_set or []
         self.out_dir, self.pad_id, self.save_model = Path(out_dir), pad_id, save_model
         self.callbacks = list(callbacks or [])
-        self.runtime = runtime or Runtime(torch.device("cpu"))
+        self.ranks = ranks or Ranks(torch.device("cpu"))
         self.quiet = quiet
+        self.console = Console(quiet=quiet or not self.ranks.main)
         self.steps_per_epoch = len(self._epoch_groups(0))
         if self.steps_per_epoch == 0:
             raise ConfigError(f"{len(train_set)} examples do not fill one batch of {config.batch_size} on each of "
-                              f"{self.runtime.world_size} ranks; lower --batch-size or add data.")
+                              f"{self.ranks.world_size} ranks; lower --batch-size or add data.")
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -120,7 +122,7 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         warmup = math.ceil(config.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(self.total_steps, warmup))
-        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.runtime.main)
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.ranks.main)
         self.memory: dict[str, int] = {}
 
     # -- setup ----------------------------------------------------------------------------------------------
@@ -131,24 +133,26 @@ class Trainer:
 
     def _epoch_groups(self, epoch: int) -> list[list[list[int]]]:
         """This rank's micro-batches of `epoch` (example indices), grouped into updates."""
-        n, bs, world = len(self.train_set), self.config.batch_size, self.runtime.world_size
+        n, bs, world = len(self.train_set), self.config.batch_size, self.ranks.world_size
         gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=gen).tolist()
         span = bs * world
         stop = n - n % span if world > 1 else n  # ranks must run the same number of micro-batches
-        batches = [order[i:i + span][self.runtime.rank * bs:(self.runtime.rank + 1) * bs] for i in range(0, stop, span)]
+        batches = [order[i:i + span][self.ranks.rank * bs:(self.ranks.rank + 1) * bs] for i in range(0, stop, span)]
         accum = self.config.grad_accum
         return [batches[i:i + accum] for i in range(0, len(batches), accum)]
 
     def _batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         batch = self.task.collate(examples, self.pad_id)
-        return {k: v.to(self.runtime.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(self.ranks.device, non_blocking=True) for k, v in batch.items()}
 
     # -- training ---------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train to `total_steps`; returns the final metrics. resume=True continues from out_dir/checkpoint."""
         if resume:
             self.load_checkpoint()
+            self.console.print(f"resuming from update {self.global_step} of {self.total_steps} "
+                               f"(checkpoint in {self.out_dir / CHECKPOINT})", highlight=False)
         else:
             self.metrics.reset()
         for cb in self.callbacks:
@@ -156,17 +160,17 @@ class Trainer:
         self.metrics.log({"event": "start", "step": self.global_step, "total_steps": self.total_steps,
                           "resumed": resume, "config": self.config.to_dict()})
         start, progress = time.perf_counter(), TrainProgress(self.total_steps, self.global_step, self.quiet
-                                                             or not self.runtime.main)
+                                                             or not self.ranks.main)
         window: list[float] = []
         examples = 0
-        reset_peak(self.runtime.device)
+        reset_peak(self.ranks.device)
         try:
             with progress:
                 for step_loss, n_examples in self._updates():
                     window.append(step_loss)
                     examples += n_examples
                     rate = examples / max(1e-9, time.perf_counter() - start)
-                    progress.update(self.global_step, step_loss, rate, peak_bytes(self.runtime.device))
+                    progress.update(self.global_step, step_loss, rate, peak_bytes(self.ranks.device))
                     self._after_update(window, rate)
         except KeyboardInterrupt:
             if self.global_step > 0:
@@ -178,7 +182,7 @@ class Trainer:
             extra.update(cb.on_train_end(self))
         self.save_model(self.model, self.out_dir)
         summary = {"event": "end", "step": self.global_step, "train_time_s": time.perf_counter() - start,
-                   "peak_mem_bytes": peak_bytes(self.runtime.device), **{f"eval_{k}": v for k, v in final.items()},
+                   "peak_mem_bytes": peak_bytes(self.ranks.device), **{f"eval_{k}": v for k, v in final.items()},
                    **extra}
         self.metrics.log(summary)
         self.metrics.plot(self.out_dir / "loss.png")
@@ -189,7 +193,7 @@ class Trainer:
         if step % cfg.log_every == 0 or step == self.total_steps:
             self.metrics.log({"event": "train", "step": step, "epoch": self.epoch, "loss": sum(window) / len(window),
                               "lr": self.optimizer.param_groups[0]["lr"], "examples_per_s": rate,
-                              "peak_mem_bytes": peak_bytes(self.runtime.device)})
+                              "peak_mem_bytes": peak_bytes(self.ranks.device)})
             window.clear()
         if step == self.total_steps:
             return  # the end of fit evaluates and saves
@@ -215,25 +219,24 @@ class Trainer:
     def _update(self, micro: list[list[int]]) -> tuple[float, int]:
         self.model.train()
         batches = [self._batch([self.train_set[i] for i in idx]) for idx in micro]
-        n_targets = self.runtime.sum(sum(self.task.targets(b) for b in batches))
+        n_targets = self.ranks.sum(sum(self.task.targets(b) for b in batches))
         if n_targets == 0:
             raise TrainingError(f"update {self.global_step + 1} has no loss targets (every completion was cut by "
                                 f"--max-length {self.config.max_length}?); raise --max-length.")
         total, checked = 0.0, 0.0
-        if self.global_step == 0:
-            self.memory["before_step"] = current_bytes(self.runtime.device)
-            reset_peak(self.runtime.device)
+        if self.global_step == 0:  # the first update's peak above what was held before it: its activations
+            self.memory["before_step"] = current_bytes(self.ranks.device)
         for batch in batches:
             loss_sum = self.task.loss_sum(self.model, batch)
             total += loss_sum.item()
-            loss = loss_sum * (self.runtime.world_size / n_targets)
+            loss = loss_sum * (self.ranks.world_size / n_targets)
             for cb in self.callbacks:
                 loss = cb.loss(self, loss)
             checked += loss.item()
             loss.backward()
         # Checked on the sum over ranks, so every rank stops together; NaN gradients never reach the weights.
-        self._check_finite(self.runtime.sum(checked), "loss")
-        mean = self.runtime.sum(total) / n_targets
+        self._check_finite(self.ranks.sum(checked), "loss")
+        mean = self.ranks.sum(total) / n_targets
         if self.config.max_grad_norm:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]  # callbacks may add some
             norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
@@ -245,8 +248,8 @@ class Trainer:
             cb.on_step_end(self, self.global_step)
         self.optimizer.zero_grad(set_to_none=True)
         if self.global_step == 1:
-            self.memory["step_peak"] = peak_bytes(self.runtime.device)
-        return mean, sum(len(idx) for idx in micro) * self.runtime.world_size
+            self.memory["step_peak"] = peak_bytes(self.ranks.device)
+        return mean, sum(len(idx) for idx in micro) * self.ranks.world_size
 
     def _check_finite(self, value: float, what: str) -> None:
         """Stop before a non-finite value reaches the weights: the optimizer step would spread it everywhere."""
@@ -277,14 +280,14 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
         return {"global_step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "total_steps": self.total_steps, "world_size": self.runtime.world_size,
+                "total_steps": self.total_steps, "world_size": self.ranks.world_size,
                 "config": self.config.to_dict(), "scheduler": self.scheduler.state_dict()}
 
     def _rank_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """This rank's RNG state and the callbacks' state, split into tensors and JSON."""
         tensors = {"rng.cpu": torch.get_rng_state()}
-        if self.runtime.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.runtime.device)
+        if self.ranks.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.ranks.device)
         json_state: dict[str, Any] = {}
         for i, cb in enumerate(self.callbacks):
             for key, value in cb.state_dict().items():
@@ -299,11 +302,11 @@ class Trainer:
         path = self.out_dir / CHECKPOINT
         tensors, callback_json = self._rank_tensors()
         state = {**self._state(), "callbacks": callback_json}
-        if self.runtime.world_size > 1:
+        if self.ranks.world_size > 1:
             from memfit.train import distributed
 
             def extra(directory: Path) -> None:
-                save_tensors(directory / f"rank{self.runtime.rank}.safetensors", tensors)
+                save_tensors(directory / f"rank{self.ranks.rank}.safetensors", tensors)
 
             distributed.save_checkpoint(path, self.model, self.optimizer, meta=state, write_extra=extra)
             return path
@@ -318,30 +321,30 @@ class Trainer:
         """Continue from out_dir/checkpoint. The model must already carry the checkpoint's trained state
         (`finetune` loads `checkpoint/model` before building the trainer); this restores the rest."""
         path = checkpoint_dir(self.out_dir)
-        if self.runtime.world_size > 1:
+        if self.ranks.world_size > 1:
             from memfit.train import distributed
 
             state = distributed.load_checkpoint(path, self.model, self.optimizer)
         else:
             state = read_json(path / STATE_FILE)
-        if state["world_size"] != self.runtime.world_size:
+        if state["world_size"] != self.ranks.world_size:
             raise CheckpointError(f"{path} was written by {state['world_size']} rank(s), this run has "
-                                  f"{self.runtime.world_size}; resume with the same number of processes.")
+                                  f"{self.ranks.world_size}; resume with the same number of processes.")
         saved = TrainConfig.from_dict(state["config"])
         if saved != self.config:
             diff = {k: (v, getattr(self.config, k)) for k, v in saved.to_dict().items() if getattr(self.config, k) != v}
             raise CheckpointError(f"the checkpoint in {path} was trained with other settings {diff} "
                                   "(saved, now); resume with the same settings.")
-        tensors = load_tensors(path / f"rank{self.runtime.rank}.safetensors")
+        tensors = load_tensors(path / f"rank{self.ranks.rank}.safetensors")
         for i, cb in enumerate(self.callbacks):
             prefix = f"callback{i}."
             saved = {**tensors, **state["callbacks"]}
             cb.load_state_dict({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}, self)
-        if self.runtime.world_size == 1:
+        if self.ranks.world_size == 1:
             load_optimizer(self.optimizer, path / "optimizer")
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(tensors["rng.cpu"])
-        if "rng.cuda" in tensors and self.runtime.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.runtime.device)
+        if "rng.cuda" in tensors and self.ranks.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.ranks.device)
         self.global_step, self.epoch, self.step_in_epoch = state["global_step"], state["epoch"], state["step_in_epoch"]
         self.metrics.truncate(self.global_step)

@@ -11,10 +11,10 @@ from memfit.errors import ConfigError
 from memfit.moe.arch import MoeArch
 from memfit.moe.predictors.base import Prediction, Predictor
 from memfit.moe.predictors.cross_layer import CrossLayerGate
-from memfit.moe.predictors.routing_path import RoutingPath, RoutingPathNet, TrainConfig
+from memfit.moe.predictors.routing_path import PredictorConfig, RoutingPath, RoutingPathNet
 
-__all__ = ["PREDICTORS", "CrossLayerGate", "Prediction", "Predictor", "RoutingPath", "RoutingPathNet",
-           "TrainConfig", "make_predictor"]
+__all__ = ["PREDICTORS", "CrossLayerGate", "Prediction", "Predictor", "PredictorConfig", "RoutingPath",
+           "RoutingPathNet", "make_predictor"]
 
 # name -> factory(layers {index: decoder layer}, arch)
 PREDICTORS: dict[str, Callable[[dict[int, nn.Module], MoeArch], Predictor]] = {

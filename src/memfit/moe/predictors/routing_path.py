@@ -44,7 +44,10 @@ class RoutingPathNet(nn.Module):
 
 
 @dataclass
-class TrainConfig:
+class PredictorConfig:
+    """How `RoutingPath.train` fits the predictor (not `memfit.train.config.TrainConfig`, which is the fine-tuning
+    loop's)."""
+
     width: int = 512
     epochs: int = 8
     lr: float = 2e-3
@@ -97,9 +100,9 @@ class RoutingPath(Predictor):
 
     # -- training ------------------------------------------------------------------------------------------
     @classmethod
-    def train(cls, trace: Trace, config: TrainConfig | None = None, progress=None) -> RoutingPath:
+    def train(cls, trace: Trace, config: PredictorConfig | None = None, progress=None) -> RoutingPath:
         """Fit on the head of `trace`; `accuracy` is measured on its held-out tail (per later layer)."""
-        config = config or TrainConfig()
+        config = config or PredictorConfig()
         if len(trace.layers) < 2:
             raise ConfigError("the model has one MoE layer: there is no later layer for a routing path to predict.")
         n_test = int(trace.tokens * config.holdout)

@@ -1,0 +1,240 @@
+"""README.md's benchmark tables trace to results/*.json: bench/readme_check.py, and each bench script's renderer.
+
+The synthetic payloads below copy their numbers from README rows, so each renderer is held to the README's
+columns and number formats, not only to running without error.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+README = ROOT / "README.md"
+RESULTS = ROOT / "results"
+MiB = 2**20
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_test_readme_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+readme_check = _load("readme_check")
+REFERENCED = sorted({b.file for b in readme_check.blocks(README.read_text().splitlines())})
+
+
+@pytest.mark.skipif(not any((RESULTS / f).is_file() for f in REFERENCED),
+                    reason=f"results/ holds none of the README's results files ({', '.join(REFERENCED)}): "
+                           "not committed yet")
+def test_readme_tables_match_committed_results():
+    assert readme_check.check(README, RESULTS) == []
+
+
+def test_readme_marks_the_benchmark_tables():
+    assert REFERENCED == ["adapters_step.json", "moe.json", "optim.json", "optim_finetune.json", "quality-lm.json",
+                          "quality.json", "rps.json", "stream.json"]
+
+
+# --- the mechanism, on a README and results of its own ---------------------------------------------------------
+
+
+def _demo(payload: dict) -> dict[str, str]:
+    return {"speed": f"| variant | tok/s |\n|---|---:|\n| ours | {payload['tok_s']:.1f} |"}
+
+
+def _readme(tmp_path: Path, value: str) -> Path:
+    path = tmp_path / "README.md"
+    path.write_text(f"# demo\n\nprose\n\n<!-- results/demo.json: speed -->\n| variant | tok/s |\n|---|---:|\n"
+                    f"| ours | {value} |   \n<!-- /results -->\n\nmore prose\n")
+    return path
+
+
+def test_check_reports_a_changed_number_and_write_fixes_it(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "demo.json").write_text(json.dumps({"tok_s": 35.54}))
+    renderers = {"demo.json": _demo}
+    assert readme_check.check(_readme(tmp_path, "35.5"), results, renderers) == []  # trailing blanks do not count
+
+    readme = _readme(tmp_path, "36.0")
+    problems = readme_check.check(readme, results, renderers)
+    assert len(problems) == 1
+    assert "README.md:8:" in problems[0] and "demo.json" in problems[0] and "speed" in problems[0]
+    assert "'| ours | 36.0 |'" in problems[0] and "'| ours | 35.5 |'" in problems[0]
+
+    assert readme_check.write(readme, results, renderers) == []
+    assert readme_check.check(readme, results, renderers) == []
+    assert readme.read_text() == _readme(tmp_path, "35.5").read_text().replace(" |   \n", " |\n")
+
+
+def test_check_reports_missing_results_unknown_tables_and_bad_markers(tmp_path):
+    readme = _readme(tmp_path, "35.5")
+    results = tmp_path / "results"
+    results.mkdir()
+    assert "missing results file" in " ".join(readme_check.check(readme, results, {"demo.json": _demo}))
+    assert readme_check.write(readme, results, {"demo.json": _demo}) != []  # nothing to write it from
+    assert "| ours | 35.5 |" in readme.read_text()
+
+    (results / "demo.json").write_text(json.dumps({"tok_s": 35.5}))
+    other = {"demo.json": lambda p: {"other": ""}}
+    assert "no such table" in " ".join(readme_check.check(readme, results, other))
+
+    readme.write_text(readme.read_text().replace("<!-- /results -->\n", ""))
+    assert "never closed" in " ".join(readme_check.check(readme, results, {"demo.json": _demo}))
+
+
+def test_command_line_write_and_check_with_a_bench_script(tmp_path, capsys):
+    """The default renderers: the bench script named by the results file (here bench/optim_finetune.py)."""
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "optim_finetune.json").write_text(json.dumps(PAYLOADS["optim_finetune.json"]))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results/optim_finetune.json: finetune -->\n| stale |\n<!-- /results -->\n")
+    args = ["--readme", str(readme), "--results", str(results)]
+    assert readme_check.main(args) == 1
+    assert "table line 1" in capsys.readouterr().err
+    assert readme_check.main([*args, "--write"]) == 0
+    assert readme_check.main(args) == 0
+    assert capsys.readouterr().out.endswith("README tables match results/\n")
+    assert "| memfit AdamW8bit | 0.8310 | 0.755 | 0.709 | -0.07% |" in readme.read_text()
+
+
+# --- every bench script's renderer, on a minimal payload of the structure its main() writes ----------------------
+
+PAYLOADS = {
+    "rps.json": {"full_params": 788_750, "results": [
+        {"compression": 1.0, "rps": {"params": 788_750, "accuracy": 0.802, "macro_f1": 0.789, "step_ms": 9.0},
+         "dense": {"params": 788_750, "hidden": 128, "accuracy": 0.802, "macro_f1": 0.789, "step_ms": 5.0}},
+        {"compression": 0.25, "rps": {"params": 199_598, "accuracy": 0.800, "macro_f1": 0.781, "step_ms": 9.0},
+         "dense": {"params": 197_414, "hidden": 42, "accuracy": 0.692, "macro_f1": 0.510, "step_ms": 3.0}}]},
+    "moe.json": {
+        "runs": [
+            {"variant": "LRU on demand", "budget_pct": 12.5, "hit_ratio": 0.456, "late": 0.0, "miss": 0.544,
+             "precision": None, "recall": 0.0, "disk_bytes_per_token": 15.3e6, "decode_tok_s": 35.5},
+            {"variant": "predictive + routing path (warm)", "budget_pct": 12.5, "hit_ratio": 0.867, "late": 0.0,
+             "miss": 0.132, "precision": 0.90, "recall": 0.77, "disk_bytes_per_token": 3.6e6, "decode_tok_s": 51.8}],
+        "baselines": {"accelerate cold": [{"budget_pct": 12.5, "disk_bytes_per_token": 202.6e6, "decode_tok_s": 3.5}],
+                      "accelerate warm": [{"budget_pct": 12.5, "disk_bytes_per_token": 7.4e6, "decode_tok_s": 20.1}],
+                      "in memory": {"disk_bytes_per_token": 0.0, "decode_tok_s": 86.6}},
+        "accuracy": {"cross-layer": {"1": 0.471, "2": 0.876}, "routing-path": {"1": 0.982, "2": 0.972}}},
+    "quality.json": {"task": "sections", "rows": [
+        {"method": "LoRA r=1", "lr": 0.01, "accuracy": [0.749, 0.007], "macro_f1": [0.731, 0.003],
+         "adapter_params": 9216, "head_params": 5390, "epoch_s": 86.2, "peak_mem_bytes": 958 * MiB, "seeds": 3}]},
+    "quality-lm.json": {"task": "lm", "rows": [
+        {"method": "base model, no training", "lr": 0.0, "loss": [6.835, 0.0], "perplexity": [929.0, 0.0],
+         "adapter_params": 0, "head_params": 0, "epoch_s": 0.0, "peak_mem_bytes": 0, "seeds": 1},
+        {"method": "LoRA r=1", "lr": 0.03, "loss": [6.324, 0.007], "perplexity": [558.0, 4.0],
+         "adapter_params": 6144, "head_params": 0, "epoch_s": 60.0, "peak_mem_bytes": MiB, "seeds": 3}]},
+    "adapters_step.json": {
+        "size": {"hidden": 512, "layers": 8, "r": 16},
+        "results": {"peft-lora": {"trainable": 1_261_568, "step_s": 1.612, "peak_bytes": 1505 * MiB,
+                                  "saved_bytes": 521.9 * MiB},
+                    "memfit-mos": {"trainable": 315_392, "step_s": 1.503, "peak_bytes": 1536 * MiB,
+                                   "saved_bytes": 526.7 * MiB}},
+        "ratios": {"memfit_lora_vs_peft_step_s": 0.91, "memfit_lora_vs_peft_peak_bytes": 1.02,
+                   "memfit_lora_vs_peft_saved_bytes": 1.0, "mos_vs_lora_step_s": 1.02, "mos_vs_lora_peak_bytes": 1.0,
+                   "mos_vs_lora_saved_bytes": 1.01}},
+    "optim.json": {"bitsandbytes": "0.50.2", "results": {  # in the order main() writes them: bitsandbytes last
+        "torch AdamW fused": {"step_s": 0.0467, "state_bytes_per_param": 8.0, "moved_bytes_per_param": 28,
+                              "achieved_gbs": 30.0, "of_triad": 0.92, "vs_fused": 1.0},
+        "memfit AdamW8bit": {"step_s": 0.1028, "state_bytes_per_param": 2.03, "moved_bytes_per_param": 16,
+                             "achieved_gbs": 7.8, "of_triad": 0.24, "vs_fused": 2.2},
+        "offload-disk cold": {"step_s": 0.9916, "state_bytes_per_param": 0.0, "moved_bytes_per_param": 52,
+                              "achieved_gbs": 2.6, "of_triad": 0.08, "vs_fused": 21.2},
+        "bitsandbytes AdamW8bit": {"step_s": 0.7732, "state_bytes_per_param": 2.03, "moved_bytes_per_param": 16,
+                                   "achieved_gbs": 1.0, "of_triad": 0.03, "vs_fused": 16.56}}},
+    "optim_finetune.json": {"results": {
+        "adamw": {"eval_loss": 0.8316, "eval_accuracy": 0.755, "eval_macro_f1": 0.708},
+        "adamw8bit": {"eval_loss": 0.8310, "eval_accuracy": 0.755, "eval_macro_f1": 0.709}}},
+    "stream.json": {"budget_frac": 0.25, "results": {
+        "memory": {"step_s": 0.605, "peak_rss_bytes": 905e6, "disk_read_per_step": 0.0},
+        "stream": {"step_s": 1.650, "peak_rss_bytes": 249e6, "disk_read_per_step": 1163e6, "read_per_step": 1131e6}}},
+}
+
+EXPECTED = {  # README rows these payloads must reproduce, character for character
+    ("rps.json", "compression"): [
+        "| compression | RPS parameters | RPS acc / F1 | dense model of equal size | dense acc / F1 |",
+        "|---|---:|---:|---|---:|",
+        "| 1× | 788,750 | 0.802 / 0.789 | hidden 128 (the same model) | 0.802 / 0.789 |",
+        "| 4× | 199,598 | 0.800 / 0.781 | hidden 42, 197,414 parameters | 0.692 / 0.510 |"],
+    ("moe.json", "variants"): [
+        "| variant | budget | hit | late | miss | prefetch precision / recall | disk MB/token | decode tok/s "
+        "| vs accelerate |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| LRU on demand | 12.5% | 45.6% | 0.0% | 54.4% | - | 15.3 | 35.5 | 10.1x cold |",
+        "| predictive + routing path (warm) | 12.5% | 86.7% | 0.0% | 13.2% | 90% / 77% | 3.6 | 51.8 | 2.6x warm |",
+        "| accelerate disk offload (cold) | 12.5% | | | | | 202.6 | 3.5 | |",
+        "| accelerate disk offload (warm) | 12.5% | | | | | 7.4 | 20.1 | |",
+        "| fully in memory | 100% | | | | | 0.0 | 86.6 | |"],
+    ("moe.json", "layer-accuracy"): [
+        "| MoE layer | 1 | 2 |", "|---|---:|---:|",
+        "| cross-layer gate | 47.1% | 87.6% |", "| routing-path predictor | 98.2% | 97.2% |"],
+    ("quality.json", "methods"): [
+        "| method | adapter params | head params | lr | accuracy | macro-F1 | s/epoch | peak RSS |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| LoRA r=1 | 9,216 | 5,390 | 0.01 | 0.749 ± 0.007 | 0.731 ± 0.003 | 86 | 958 MiB |"],
+    ("quality-lm.json", "methods"): [
+        "| method | adapter params | lr | val loss |", "|---|---:|---:|---:|",
+        "| base model, no training | 0 | | 6.835 |", "| LoRA r=1 | 6,144 | 0.03 | 6.324 ± 0.007 |"],
+    ("adapters_step.json", "step"): [
+        "| variant | trainable | step ms | peak RSS MiB | saved for backward MiB |", "|---|---:|---:|---:|---:|",
+        "| PEFT LoRA r=16 | 1,261,568 | 1612 | 1505 | 521.9 |",
+        "| memfit MoS r=16 (r_eq=4, r_pri=1, l=4) | 315,392 | 1503 | 1536 | 526.7 |",
+        "| **memfit LoRA ÷ PEFT LoRA** | | **0.91×** | **1.02×** | **1.00×** |",
+        "| **MoS ÷ memfit LoRA** (same active rank) | | **1.02×** | **1.00×** | **1.01×** |"],
+    ("optim.json", "step"): [
+        "| optimizer | step ms | state B/param (RAM) | moved B/param | GB/s | ÷ triad | step ÷ fused AdamW |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        "| torch AdamW (fused) | 46.7 | 8.00 | 28 | 30.0 | 0.92 | 1.00 |",
+        "| **memfit AdamW8bit** | 102.8 | **2.03** | 16 | 7.8 | 0.24 | 2.20 |",
+        "| bitsandbytes AdamW8bit 0.50.2 | 773.2 | 2.03 | 16 | 1.0 | 0.03 | 16.56 |",
+        "| memfit offload-disk, cold (fsync + DONTNEED) | 991.6 | 0 (disk) | 52 | 2.6 | 0.08 | 21.20 |"],
+    ("optim_finetune.json", "finetune"): [
+        "| optimizer | val loss | accuracy | macro-F1 | val loss vs AdamW |", "|---|---:|---:|---:|---:|",
+        "| torch AdamW (fp32 states) | 0.8316 | 0.755 | 0.708 | |",
+        "| memfit AdamW8bit | 0.8310 | 0.755 | 0.709 | -0.07% |"],
+    ("stream.json", "step"): [
+        "| variant | s/step | ÷ memory | peak RSS MB | ÷ memory | read MB/step | disk MB/step |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        "| all weights in memory | 0.605 | 1.00 | 905 | 1.00 | 0 | 0 |",
+        "| **streamed, 25% budget** | 1.650 | 2.73 | **249** | **0.28** | 1131 | 1163 |"],
+}
+
+
+@pytest.mark.parametrize(("results_file", "table"), sorted(EXPECTED))
+def test_bench_renderer_reproduces_the_readme_format(results_file, table):
+    tables = readme_check.script_renderer(results_file)(json.loads(json.dumps(PAYLOADS[results_file])))
+    assert tables[table].splitlines() == EXPECTED[results_file, table]
+
+
+def test_every_readme_block_has_a_renderer_and_a_table():
+    for block in readme_check.blocks(README.read_text().splitlines()):
+        assert (block.file, block.table) in EXPECTED
+        assert block.table in readme_check.script_renderer(block.file)(PAYLOADS[block.file])
+
+
+def test_optim_payload_without_the_bitsandbytes_version():
+    payload = json.loads(json.dumps(PAYLOADS["optim.json"]))
+    del payload["bitsandbytes"]  # results written before the version was recorded
+    table = readme_check.script_renderer("optim.json")(payload)["step"]
+    assert "| bitsandbytes AdamW8bit | 773.2 |" in table
+
+
+def test_importing_the_bench_scripts_is_cheap():
+    """readme_check imports every script: none may pull in torch, transformers or memfit at import time."""
+    code = ("import sys; sys.path.insert(0, 'bench'); import readme_check as rc\n"
+            f"for f in {REFERENCED!r}: rc.script_renderer(f)\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'memfit', 'rich', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
