@@ -74,7 +74,7 @@ def test_final_loss_close_to_torch_adamw():
     first = mlp()
     start = train(first, torch.optim.AdamW(first.parameters(), lr=0.0), 1)
     assert ref < 0.2 * start  # the problem is learned
-    assert abs(ours - ref) <= 0.02 * ref, (ours, ref)
+    assert abs(ours - ref) <= 0.01 * ref, (ours, ref)  # the README's claim: within 1% (measured 0.44%)
 
 
 def _flatten(sd: dict) -> tuple[dict[str, torch.Tensor], list]:
@@ -134,6 +134,29 @@ def test_kernel_and_torch_op_paths_agree(monkeypatch):
         assert same > 0.999, (k, same)  # rare last-bit differences may flip a rounding at a midpoint
 
 
+def test_the_kernels_thread_split_gives_bitwise_the_one_thread_result(monkeypatch):
+    """The suite runs on one thread, so the split of the blocks over a thread pool needs its own test: 300,000
+    values are 1,172 blocks, enough for two threads (>= 2 x MIN_PARALLEL_BLOCKS)."""
+    if kernels.load() is None:
+        pytest.skip("no C compiler: only the torch-op path exists here")
+    calls = []
+    monkeypatch.setattr(kernels, "_pool", lambda n, pool=kernels._pool: calls.append(n) or pool(n))
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(300_000, generator=g)) for _ in range(2)]
+    params[1].data.copy_(params[0].data)
+    opts = [AdamW8bit([p], lr=1e-2, weight_decay=0.1) for p in params]
+    for _ in range(3):
+        grad = torch.randn(300_000, generator=g)
+        for threads, p, opt in zip((1, 2), params, opts, strict=True):
+            torch.set_num_threads(threads)
+            p.grad = grad.clone()
+            opt.step()
+    assert calls == [2, 2, 2]  # the two-thread optimizer really split its blocks, every step
+    assert torch.equal(params[0], params[1])
+    for k in Q_KEYS:
+        assert torch.equal(opts[0].state[params[0]][k], opts[1].state[params[1]][k]), k
+
+
 def test_tracks_torch_adamw_on_one_large_tensor():
     """Per-step parameter change close to fp32 AdamW's (quantisation error only)."""
     g = torch.Generator().manual_seed(0)
@@ -151,12 +174,14 @@ def test_tracks_torch_adamw_on_one_large_tensor():
 
 
 def _dist_worker(rank: int, world: int, root: str) -> None:
-    """One rank: FSDP2-style Shard(0) DTensor parameters, 6 steps with a DCP save after 3, a fresh optimizer
-    that loads it and redoes steps 4-6. Rank 0 reports the gathered parameters and states."""
+    """One rank: FSDP2-style Shard(0) DTensor parameters, 6 steps with a sharded checkpoint (memfit's safetensors
+    + JSON format) after 3, a fresh model and optimizer that load it and redo steps 4-6. Rank 0 reports the
+    gathered parameters and states."""
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
+
+    from memfit.train.distributed import load_checkpoint, save_checkpoint
 
     dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=world)
     try:
@@ -165,8 +190,9 @@ def _dist_worker(rank: int, world: int, root: str) -> None:
                 "narrow": torch.randn(96, 100, generator=torch.Generator().manual_seed(1))}  # 1 partial block per row
 
         def make():
-            params = {k: torch.nn.Parameter(distribute_tensor(v.clone(), mesh, [Shard(0)])) for k, v in full.items()}
-            return params, AdamW8bit(list(params.values()), lr=1e-2)
+            module = torch.nn.ParameterDict([(k, torch.nn.Parameter(distribute_tensor(v.clone(), mesh, [Shard(0)])))
+                                             for k, v in full.items()])  # a list keeps the order (a dict sorts)
+            return module, AdamW8bit(list(module.values()), lr=1e-2)
 
         def run(params, opt, steps):
             for i in steps:
@@ -177,27 +203,20 @@ def _dist_worker(rank: int, world: int, root: str) -> None:
 
         params, opt = make()
         run(params, opt, range(3))
-        dcp.save({"optim": opt.state_dict()}, checkpoint_id=f"{root}/ckpt")
+        save_checkpoint(f"{root}/ckpt", params, opt)
         run(params, opt, range(3, 6))
 
-        params2, opt2 = make()
-        for k, p in params2.items():
-            p.detach().to_local().copy_(params[k].detach().to_local())  # the trainer restores weights itself
-        run(params2, opt2, range(1))  # states exist, as get_state_dict would make them, before loading into them
-        sd = opt2.state_dict()
-        dcp.load({"optim": sd}, checkpoint_id=f"{root}/ckpt")
-        opt2.load_state_dict(sd)
-        # Rewind the weights to step 3 by replaying the uninterrupted run from the start (same seeds).
-        params3, opt3 = make()
-        run(params3, opt3, range(3))
-        for k, p in params2.items():
-            p.detach().to_local().copy_(params3[k].detach().to_local())
+        params2, opt2 = make()  # fresh weights and no state: the checkpoint restores both
+        load_checkpoint(f"{root}/ckpt", params2, opt2)
         run(params2, opt2, range(3, 6))
         out = {f"{k}.uninterrupted": p.detach().full_tensor() for k, p in params.items()}
         out |= {f"{k}.resumed": p.detach().full_tensor() for k, p in params2.items()}
         out |= {f"{k}.absmax": opt.state_dict()["state"][i]["exp_avg_absmax"].full_tensor() for i, k in enumerate(full)}
         if rank == 0:
             st_save_file(out, f"{root}/out.safetensors")
+        # gloo aborts a process ("terminate called without an active exception") whose peer tears the group
+        # down while it still has work in flight: leave together
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -209,9 +228,9 @@ def _spawn(world: int, root: str) -> dict[str, torch.Tensor]:
     return st_load_file(f"{root}/out.safetensors")
 
 
-def test_fsdp_shards_match_one_process_and_resume_through_dcp(tmp_path):
-    """2 ranks == 1 rank (blocks follow rows, so sharding does not change the maths), and a DCP round trip of
-    the DTensor states continues the trajectory exactly."""
+def test_fsdp_shards_match_one_process_and_resume_through_checkpoint(tmp_path):
+    """2 ranks == 1 rank (blocks follow rows, so sharding does not change the maths), and a sharded checkpoint
+    round trip (memfit.train.distributed, no pickle) of the DTensor states continues the trajectory exactly."""
     (tmp_path / "two").mkdir()
     (tmp_path / "one").mkdir()
     two, one = _spawn(2, str(tmp_path / "two")), _spawn(1, str(tmp_path / "one"))

@@ -40,3 +40,28 @@ def test_quantize_round_trip_error_is_small_relative_to_block_max():
     v_codes, v_absmax = quantize(x.abs(), tables(False))
     v_back = dequantize(v_codes, v_absmax, tables(False))
     assert torch.equal(v_back[:9728].view(-1, 256).amax(1), v_absmax[:38])  # 1.0 is in the map: block max is exact
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_map_values_written_independently(signed):
+    """The dynamic map from its definition, computed here by hand: decade i (0..6) spans [0.1, 1]·10^(i-6) and
+    holds the means of an even grid of 2^i (signed) or 2^(i+1) (unsigned) cells; plus 0 and 1."""
+    qmap = dynamic_map(signed).double()
+    positive = qmap[(qmap > 0) & (qmap < 1)]
+    smallest, largest = (0.55e-6, 1 - 0.9 / 64 / 2) if signed else (0.325e-6, 1 - 0.9 / 128 / 2)
+    assert positive.min().item() == pytest.approx(smallest, rel=1e-6)
+    assert positive.max().item() == pytest.approx(largest, rel=1e-6)
+    for i in range(7):
+        lo, hi = 0.1 * 10.0 ** (i - 6), 10.0 ** (i - 6)
+        assert int(((positive >= lo) & (positive < hi)).sum()) == (2**i if signed else 2 ** (i + 1)), i
+    if signed:
+        assert torch.equal(qmap[qmap < 0].flip(0), -qmap[(qmap > 0) & (qmap < 1)])  # mirrored, no -1 entry
+    assert (qmap == 0).sum() == 1 and (qmap == 1).sum() == 1
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_map_equals_bitsandbytes_dynamic_map(signed):
+    """A second independent reference: bitsandbytes' own map (its defaults: 7 exponent bits, 8 bits in all)."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    theirs = functional.create_dynamic_map(signed=signed).float().sort().values
+    assert torch.allclose(dynamic_map(signed), theirs, rtol=0, atol=1e-7)

@@ -34,16 +34,8 @@ T_INIT_SHARE, T_FINAL_SHARE = 0.1, 0.3  # defaults of t_init and t_final, as sha
 
 @dataclass
 class AdaLoRAConfig(AdapterConfig):
-    """AdaLoRA. Ranks, α, betas and the regulariser weight default to PEFT's AdaLoraConfig.
-
-    init_rank: triplets per module at the start (PEFT init_r); target_rank: the average rank at the end (PEFT
-        target_r): the budget is target_rank × the number of adapted modules.
-    t_init: updates at the full budget before pruning starts (PEFT tinit); None: 10% of the run.
-    t_final: updates at the final budget at the end, with the masks fixed (PEFT tfinal); None: 30% of the run.
-    interval: updates between mask events while the budget falls (ΔT, PEFT deltaT).
-    beta1, beta2: EMA factors of sensitivity and uncertainty. orth_reg_weight: weight of ‖PᵀP−I‖ + ‖QQᵀ−I‖.
-    alpha: ΔW is scaled by alpha / init_rank, a constant (masking does not rescale the survivors).
-    """
+    """AdaLoRA. Ranks, α, betas and the regulariser weight default to PEFT's AdaLoraConfig (PEFT's names: init_r,
+    target_r, tinit, tfinal, deltaT). α/init_rank is a constant: masking does not rescale the surviving triplets."""
 
     method = "adalora"
     init_rank: int = option(12, help="triplets per module at the start", flag=True)

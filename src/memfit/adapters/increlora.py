@@ -44,18 +44,8 @@ _CHUNK = re.compile(r"lora_A\.(\d+)$")
 
 @dataclass
 class IncreLoRAConfig(AdapterConfig):
-    """IncreLoRA. Defaults follow the paper's GLUE runs: init rank 1, target rank 2, α 16, top-h 2, β 0.85.
-
-    init_rank: components per module at the start; target_rank: the average rank at the end, so the budget is
-        target_rank × the number of adapted modules (it must not be below init_rank).
-    t_init: updates before the first growth (the author's init_warmup); None: 10% of the run.
-    interval: updates between growth events (incre_interval); None: spread the events so that the budget is
-        reached at 80% of the run.
-    top_h: modules that grow per event; rank_step: components each of them activates (incre_rank_num);
-        None: target_rank // 2 (at least 1), the author's table.
-    restart_warmup: warmup updates of each new parameter group; None: `interval`.
-    reserve_e: the frozen e of reserve components (advance learning).
-    """
+    """IncreLoRA. Defaults follow the paper's GLUE runs: init rank 1, target rank 2, α 16, top-h 2, β 0.85 (the
+    author's names: init_warmup = t_init, incre_interval = interval, incre_rank_num = rank_step)."""
 
     method = "increlora"
     init_rank: int = option(1, help="components per module at the start", flag=True)

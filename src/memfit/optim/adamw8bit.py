@@ -9,11 +9,11 @@ a rounding error of the memory and the most sensitive to quantisation.
 On CPU the update is one fused pass (`memfit.optim.kernels`); on CUDA, or without a C compiler, the same
 maths runs as torch ops in chunks of `chunk_size` values so temporaries stay small.
 
-FSDP2 (DTensor) parameters are updated through their local shards. So that torch.distributed.checkpoint can
-save and reshard the states like any optimizer's, blocks then run along rows (dim 0, the dimension FSDP2
-shards) and `state_dict()` returns the codes and absmax as DTensors with the parameter's placements: codes
-[*param shape], absmax [rows, ceil(row / 256)]. A 1-D sharded parameter, or one sharded on another dim,
-keeps fp32 states.
+FSDP2 (DTensor) parameters are updated through their local shards. So that the states shard like the
+parameters (and a checkpoint holds each rank's own part, as memfit.train.distributed writes it), blocks then run
+along rows (dim 0, the dimension FSDP2 shards) and `state_dict()` returns the codes and absmax as DTensors with
+the parameter's placements: codes [*param shape], absmax [rows, ceil(row / 256)]. A 1-D sharded parameter, or
+one sharded on another dim, keeps fp32 states.
 """
 
 from __future__ import annotations

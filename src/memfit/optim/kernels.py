@@ -7,18 +7,24 @@ a stack buffer between the update and the requantisation, is memory-bound like t
 
 The C source has no dependencies (no Python or torch headers), so it builds in well under a second; the
 shared object is cached under `$MEMFIT_CACHE` (default `~/.cache/memfit`), keyed by the source, the compiler
-flags and the CPU. Without a working compiler, `load()` returns None and the optimizer falls back to chunked
-torch ops (same maths, slower). `-ffp-contract=off` keeps the rounding of the torch fallback (no FMA).
+flags and the CPU. Loading a shared object runs its code, so the cache is trusted only as far as it is ours: the
+directory must be owned by this user and writable by nobody else (it is created 0700; one that is not private
+is not used, and the kernel is built in a fresh private temporary directory instead), and every build records
+the SHA-256 of its .so beside it, checked before each load (a mismatch or a missing record rebuilds). Without
+a working compiler, `load()` returns None and the optimizer falls back to chunked torch ops (same maths, slower).
+`-ffp-contract=off` keeps the rounding of the torch fallback (no FMA).
 Threads: ctypes releases the GIL, so a small thread pool splits the blocks across `torch.get_num_threads()`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -100,6 +106,32 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("MEMFIT_CACHE", Path.home() / ".cache" / "memfit")) / "kernels"
 
 
+def _private(path: Path) -> bool:
+    """Whether `path` is a real directory (no symlink) owned by this user that no one else can write."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _kernel_dir() -> Path:
+    """The kernel cache, created private (0700); a fresh private temporary directory if it is not ours alone."""
+    root = _cache_dir()
+    with contextlib.suppress(OSError):  # an unwritable location is handled like a foreign one, below
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if _private(root):
+        return root
+    warnings.warn(f"memfit: the kernel cache {root} is not a private directory of this user (owner, mode or "
+                  "symlink); building the 8-bit AdamW kernel in a temporary directory instead. Fix it with "
+                  f"`chmod 700 {root}` (and chown) to cache the build.", RuntimeWarning, stacklevel=3)
+    return Path(tempfile.mkdtemp(prefix="memfit-kernels-"))  # mkdtemp creates it 0700
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _cpu_id() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -110,17 +142,24 @@ def _cpu_id() -> str:
 
 def _build(compiler: str) -> Path:
     key = hashlib.sha256("\0".join([SOURCE, compiler, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"adamw8bit-{key}.so"
-    if target.is_file():
+    target = _kernel_dir() / f"adamw8bit-{key}.so"
+    record = target.with_name(target.name + ".sha256")
+    if target.is_file() and record.is_file() and record.read_text().strip() == _sha256(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src = Path(tmp) / "adamw8bit.c"
         src.write_text(SOURCE)
         out = Path(tmp) / "kernel.so"
         cmd = [compiler, *FLAGS, str(src), "-o", str(out), "-lm"]
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-        os.replace(out, target)  # atomic: concurrent builders race harmlessly
+        digest = _sha256(out)
+        (Path(tmp) / "kernel.sha256").write_text(digest + "\n")
+        # atomic, so concurrent builders race harmlessly; the record goes last, so a crash between the two
+        # renames leaves a .so without a matching record, which the next load rebuilds
+        os.replace(out, target)
+        os.replace(Path(tmp) / "kernel.sha256", record)
+    if _sha256(target) != digest:  # replaced by someone else between our rename and now
+        raise OSError(f"the kernel {target} changed right after it was built; refusing to load it")
     return target
 
 
