@@ -100,27 +100,28 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Load a PEFT LoRA adapter directory into `model` as memfit LoRA (same logits as PEFT)."""
+def peft_config(directory: str | os.PathLike) -> LoraConfig:
+    """The memfit LoraConfig equivalent to the PEFT LoRA adapter in `directory`."""
     directory = Path(directory)
     cfg = read_json(directory / PEFT_CONFIG)
-    if cfg.get("peft_type") != "LORA":
-        raise ConfigError(f"{directory} holds a {cfg.get('peft_type')!r} PEFT adapter; only LORA imports.")
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        raise ConfigError(f"{directory} holds a {cfg.get('peft_type') if isinstance(cfg, dict) else None!r} PEFT "
+                          "adapter; only LORA imports.")
     for flag in ("use_dora", "fan_in_fan_out", "use_rslora"):
         if cfg.get(flag):
             raise ConfigError(f"{directory}: PEFT option {flag}=True is not supported by memfit LoRA.")
-    rank_pattern = dict(cfg.get("rank_pattern") or {})
-    alpha_pattern = dict(cfg.get("alpha_pattern") or {})
-    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-    target = cfg["target_modules"]
-    config = LoraConfig(
-        target_modules=target, r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)),
-        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, modules_to_save=list(cfg.get("modules_to_save") or []),
+    return LoraConfig(
+        target_modules=cfg["target_modules"], r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
+        dropout=float(cfg.get("lora_dropout", 0.0)), rank_pattern=dict(cfg.get("rank_pattern") or {}),
+        alpha_pattern=dict(cfg.get("alpha_pattern") or {}), modules_to_save=list(cfg.get("modules_to_save") or []),
     )
-    inject(model, config)
-    tensors = load_tensors(directory / PEFT_WEIGHTS)
+
+
+def load_peft_tensors(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Copy a PEFT LoRA adapter's tensors into `model`, which carries the adapter of `peft_config(directory)`."""
+    directory = Path(directory)
     state = {}
-    for key, value in tensors.items():
+    for key, value in load_tensors(directory / PEFT_WEIGHTS).items():
         key = key.removeprefix(PREFIX)
         key = key.replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B")
         key = key.replace(".modules_to_save.default.", ".")
@@ -128,3 +129,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     load_adapter_tensors(model, state, source=str(directory))
     return model
 
+
+def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load a PEFT LoRA adapter directory into `model` as memfit LoRA (same logits as PEFT)."""
+    return load_peft_tensors(inject(model, peft_config(directory)), directory)

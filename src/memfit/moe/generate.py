@@ -225,7 +225,7 @@ def _left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
-def _cache_kwarg(model: nn.Module) -> str:
+def cache_kwarg(model: nn.Module) -> str:
     """transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns, then goes)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -240,7 +240,7 @@ def replay(model: nn.Module, input_ids: torch.Tensor, prefill: int,
     repeated tokens route the same way, which would flatter every cache."""
     from transformers import DynamicCache
 
-    cache = {_cache_kwarg(model): DynamicCache()}
+    cache = {cache_kwarg(model): DynamicCache()}
     t0 = time.perf_counter()
     model(input_ids=input_ids[:, :prefill], use_cache=True, **cache)
     t1 = time.perf_counter()

@@ -18,6 +18,7 @@ Threads: ctypes releases the GIL, so a small thread pool splits the blocks acros
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import hashlib
@@ -116,16 +117,20 @@ def _private(path: Path) -> bool:
 
 
 def _kernel_dir() -> Path:
-    """The kernel cache, created private (0700); a fresh private temporary directory if it is not ours alone."""
+    """The kernel cache, created private (0700); a fresh private temporary directory if it is not ours alone.
+    A cache that was open to others is bypassed, not chmod-ed: what they put there meanwhile would stay."""
     root = _cache_dir()
     with contextlib.suppress(OSError):  # an unwritable location is handled like a foreign one, below
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
     if _private(root):
         return root
     warnings.warn(f"memfit: the kernel cache {root} is not a private directory of this user (owner, mode or "
-                  "symlink); building the 8-bit AdamW kernel in a temporary directory instead. Fix it with "
-                  f"`chmod 700 {root}` (and chown) to cache the build.", RuntimeWarning, stacklevel=3)
-    return Path(tempfile.mkdtemp(prefix="memfit-kernels-"))  # mkdtemp creates it 0700
+                  "symlink); building the 8-bit AdamW kernel in a temporary directory instead. To cache the build, "
+                  "remove it (it is recreated 0700): a chmod would keep whatever others may have put in it.",
+                  RuntimeWarning, stacklevel=3)
+    tmp = tempfile.mkdtemp(prefix="memfit-kernels-")  # created 0700, by this user
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # one build per process: don't leave it behind
+    return Path(tmp)
 
 
 def _sha256(path: Path) -> str:

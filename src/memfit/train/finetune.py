@@ -11,10 +11,8 @@ and `memfit demo` are thin shells around `finetune()`; `load_finetuned()` loads 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ from memfit.adapters import AdapterConfig, inject, load_adapter, save_adapter, t
 from memfit.adapters.io import CONFIG_FILE, read_adapter_config
 from memfit.adapters.registry import config_from_dict, get_method
 from memfit.errors import CheckpointError, ConfigError
-from memfit.local import from_pretrained, load_config, load_tokenizer
+from memfit.local import from_pretrained, is_gguf, load_config, load_tokenizer
 from memfit.local import model_dir as local_dir
 from memfit.tiers.modules import checkpoint_key, empty_weights, move_model
 from memfit.tiers.st_reader import SafetensorsReader
@@ -50,20 +48,6 @@ def make_ranks(config: TrainConfig, device: str | None = None) -> Ranks:
         info = init_distributed()
         return Ranks(info.device, info.rank, info.world_size)
     return Ranks(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    from transformers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-        logging.enable_progress_bar()
 
 
 def _auto_class(task: Task) -> Any:
@@ -95,11 +79,13 @@ def load_base(directory: str | os.PathLike, task: Task, *, fresh: bool = False,
         return model, None, []
     root = local_dir(directory)
     if weights_budget is None:
-        with _quiet_transformers():  # its load report lists the new head, which memfit trains anyway
-            # An absolute path in config._name_or_path lets `memfit export` find the base model again.
-            model, info = from_pretrained(cls, root, dtype=torch.float32, output_loading_info=True,
-                                          **task.model_kwargs())
+        # An absolute path in config._name_or_path lets `memfit export` find the base model again.
+        model, info = from_pretrained(cls, root, dtype=torch.float32, output_loading_info=True,
+                                      **task.model_kwargs())
         return model, None, _new_modules(info["missing_keys"])
+    if is_gguf(root):
+        raise ConfigError(f"{root} is a GGUF file, which cannot be streamed (its tensors are quantized by llama.cpp's "
+                          f"layout); convert it once with `memfit convert --gguf {root} --out DIR` and stream DIR.")
     with empty_weights():
         model = cls.from_config(load_config(root, **task.model_kwargs()), dtype=torch.float32)
     model.config._name_or_path = str(root.resolve())

@@ -1,0 +1,240 @@
+"""`memfit generate`, `memfit serve`, `memfit merge`, `memfit convert`: run what was fine-tuned.
+
+generate and serve share one engine (`memfit.serve`), so a prompt gives the same text from either; their memory
+and adapter flags are generated from `ServeConfig`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from memfit.cli.app import app
+from memfit.cli.options import build_command, field_params
+from memfit.errors import ConfigError
+from memfit.serve.engine import Request, SamplingParams
+from memfit.serve.loading import ServeConfig, build_engine
+from memfit.serve.text import Decoder, chat_ids
+from memfit.tiers.files import atomic_write
+from memfit.train.data import read_jsonl
+
+_MEMORY = ["weights_budget", "expert_budget", "device"]
+_SERVING = ["adapter_dir", "max_loras", "max_cpu_loras", "max_lora_rank", "max_seqs", "kv_budget"]
+
+
+def _opt(name: str, annotation: Any, *decls: str, default: Any = None, **kw: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(default, *decls, **kw))
+
+
+def _prompts(prompt: str | None, prompts: Path | None) -> list[str]:
+    if (prompt is None) == (prompts is None):
+        raise ConfigError("give exactly one of --prompt TEXT or --prompts FILE.jsonl.")
+    if prompt is not None:
+        if not prompt.strip():
+            raise ConfigError("--prompt is empty; pass some text, e.g. --prompt 'The capital of France is'.")
+        return [prompt]
+    texts = []
+    for row in read_jsonl(prompts):
+        text = row.data.get("prompt", row.data.get("text"))
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f'{prompts}:{row.line}: each line needs a non-empty "prompt" (or "text") string.')
+        texts.append(text)
+    return texts
+
+
+def generate(**values: Any) -> None:
+    texts = _prompts(values.pop("prompt"), values.pop("prompts"))
+    out, chat, quiet = values.pop("out"), values.pop("chat"), values.pop("quiet")
+    params = SamplingParams(max_new_tokens=values.pop("max_new_tokens"), temperature=values.pop("temperature"),
+                            top_p=values.pop("top_p"), seed=values.pop("seed"))
+    adapter = values.pop("adapter")
+    model = values.pop("model")
+    config = ServeConfig(adapters={"adapter": str(adapter)} if adapter else None, serve_adapters=adapter is not None,
+                         max_loras=1, **values)
+    engine, tokenizer, _ = build_engine(model, config)
+    encode = (lambda t: chat_ids(tokenizer, [{"role": "user", "content": t}])) if chat else (  # noqa: E731
+        lambda t: list(tokenizer(t)["input_ids"]))
+    console = Console(stderr=True, quiet=quiet)
+    decoders = [Decoder(tokenizer) for _ in texts]
+    stream = len(texts) == 1 and out is None
+    requests = []
+    for text, decoder in zip(texts, decoders, strict=True):
+        def on_token(token: int, decoder: Decoder = decoder) -> None:
+            delta = decoder.push(token)
+            if stream and delta:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        requests.append(engine.submit(Request(encode(text), params, "adapter" if adapter else None, on_token)))
+    t0 = time.perf_counter()
+    with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, disable=stream or quiet, transient=True) as bar:
+        task = bar.add_task("generating", total=len(requests))
+        while engine.waiting or engine.running:
+            engine.step()
+            bar.update(task, completed=sum(r.finish_reason is not None for r in requests))
+    seconds = time.perf_counter() - t0
+    for r in requests:
+        if r.finish_reason.startswith("error"):
+            raise ConfigError(r.finish_reason.removeprefix("error: "))
+    if stream:
+        sys.stdout.write("\n")
+    else:
+        lines = [json.dumps({"prompt": t, "completion": d.text}) for t, d in zip(texts, decoders, strict=True)]
+        body = "\n".join(lines) + "\n"
+        if out is None:
+            sys.stdout.write(body)
+        else:
+            atomic_write(out, lambda f: f.write(body), mode="w")
+    tokens = sum(len(r.generated) for r in requests)
+    first = min(r.first_token_s for r in requests) - t0
+    console.print(f"{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s (first token after "
+                  f"{first:.2f} s)" + (f"; wrote {out}" if out else ""), highlight=False)
+
+
+_GENERATE = [
+    _opt("model", Path, "--model", default=..., help="Base model: an HF directory or a .gguf file (SmolLM2, ...)."),
+    _opt("adapter", Path | None, "--adapter", help="A run of memfit finetune (LoRA, MoS, AdaLoRA, IncreLoRA) or a "
+         "PEFT LoRA folder; other methods: `memfit merge` first."),
+    _opt("prompt", str | None, "--prompt", "-p", help="Text to continue (tokens stream to the terminal)."),
+    _opt("prompts", Path | None, "--prompts", help='JSONL of {"prompt": ...} (or "text"), generated as one '
+         "continuous batch."),
+    _opt("chat", bool, "--chat", default=False, help="Send each prompt as a user message through the chat template."),
+    _opt("max_new_tokens", int, "--max-new-tokens", "-n", default=64, min=1, help="Tokens to generate per prompt."),
+    _opt("temperature", float, "--temperature", default=0.0, min=0.0, help="0: greedy (the default); above 0: sample."),
+    _opt("top_p", float, "--top-p", default=1.0, min=0.0, max=1.0, help="Nucleus sampling: the smallest set of "
+         "tokens whose probability reaches top_p."),
+    _opt("seed", int | None, "--seed", help="Seed of sampling (a run is a function of it)."),
+    _opt("out", Path | None, "--out", help="Write one JSON line per prompt ({\"prompt\", \"completion\"}), in "
+         "input order."),
+    _opt("quiet", bool, "--quiet", "-q", default=False, help="Only the completions."),
+    *field_params(ServeConfig, names=_MEMORY + ["max_seqs", "kv_budget"]),
+]
+app.command("generate")(build_command(generate, _GENERATE, """Generate text with a base model and an adapter.
+
+    Greedy by default (--temperature 0); --chat applies the model's chat template. Dense models can stream their
+    layers under --weights-budget; MoE models run with experts offloaded under --expert-budget.
+
+    Example: memfit generate --model runs/smollm2 --adapter runs/lora --chat --prompt "Which section is vim in?"
+    """))
+
+
+def _adapter_pairs(items: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter {item!r}: write NAME=DIRECTORY, e.g. --adapter sections=runs/lora.")
+        if name in pairs:
+            raise ConfigError(f"--adapter {name} is given twice; each adapter needs its own name.")
+        pairs[name] = path
+    return pairs
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn re-raises a captured SIGTERM once its graceful shutdown is done, which ends the process with
+            # status 143; memfit finishes the requests in flight, stops its engine and exits normally.
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    return Server
+
+
+def serve(**values: Any) -> None:
+    import uvicorn
+
+    _Server = _server_class()
+
+    from memfit.serve.app import ServerState, build_app
+
+    host, port, allow = values.pop("host"), values.pop("port"), values.pop("allow_runtime_adapters")
+    model = values.pop("model")
+    config = ServeConfig(adapters=_adapter_pairs(values.pop("adapters")), **values)
+    if config.adapter_dir is not None and not Path(config.adapter_dir).is_dir():
+        raise ConfigError(f"--adapter-dir {config.adapter_dir} is not a directory.")
+    engine, tokenizer, name = build_engine(model, config)
+    state = ServerState(engine.start(), tokenizer, name, Path(config.adapter_dir) if config.adapter_dir else None,
+                        allow)
+    Console(stderr=True).print(f"serving {name} with {len(config.adapters)} adapter(s) on http://{host}:{port}/v1",
+                               highlight=False)
+    server = _Server(uvicorn.Config(build_app(state), host=host, port=port, log_level="warning",
+                                    timeout_graceful_shutdown=None))
+    try:  # SIGTERM: stop accepting, let the requests in flight finish, then return
+        server.run()
+    finally:
+        engine.stop()
+
+
+_SERVE = [
+    _opt("model", Path, "--model", default=..., help="Base model: an HF directory or a .gguf file."),
+    _opt("adapters", list[str], "--adapter", default=[], help="NAME=DIRECTORY, repeatable: an adapter served under "
+         "that model name (memfit runs and PEFT LoRA folders).", rich_help_panel="Adapters"),
+    _opt("allow_runtime_adapters", bool, "--allow-runtime-adapters", default=False, help="Enable "
+         "/v1/load_lora_adapter and /v1/unload_lora_adapter.", rich_help_panel="Adapters"),
+    _opt("host", str, "--host", default="127.0.0.1", help="Address to listen on."),
+    _opt("port", int, "--port", default=8000, help="Port to listen on."),
+    *field_params(ServeConfig, names=_SERVING + _MEMORY),
+]
+app.command("serve")(build_command(serve, _SERVE, """Serve a model and many adapters over the OpenAI HTTP API.
+
+    /v1/completions and /v1/chat/completions ("model" picks the base or an adapter, "stream": true for server-sent
+    events), /v1/models, /health and /metrics. Requests for different adapters share one continuous batch.
+
+    Example: memfit serve --model runs/smollm2 --adapter sections=runs/lora --adapter-dir runs/adapters
+    """))
+
+
+@app.command()
+def merge(
+    adapter: Path = typer.Option(..., "--adapter", help="The run to merge (memfit finetune or memfit train)."),
+    out: Path = typer.Option(..., "--out", help="Directory for the merged Hugging Face checkpoint."),
+    model: Path | None = typer.Option(None, "--model", help="Base model (default: the one the run recorded)."),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Shard the safetensors above this size."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what --out holds."),
+) -> None:
+    """Fold a run's adapter into the base weights and write a plain Hugging Face checkpoint.
+
+    AutoModelForCausalLM.from_pretrained(OUT) loads it with no missing or unexpected keys and gives memfit's logits.
+    DiffFit folds its scales, STABLE-RPS decompresses; Compacter cannot be merged (its bottleneck is nonlinear).
+    """
+    from memfit.train.merge import merge_run
+
+    merge_run(adapter, out, model, overwrite=overwrite, max_shard_size=max_shard_size)
+    typer.echo(f"wrote the merged model to {out}")
+
+
+@app.command()
+def convert(
+    gguf: Path = typer.Option(..., "--gguf", help="A .gguf model file (llama.cpp's format)."),
+    out: Path = typer.Option(..., "--out", help="Directory for the Hugging Face checkpoint (fp32 safetensors)."),
+) -> None:
+    """Write a GGUF model once as a Hugging Face directory (weights, config, tokenizer and chat template).
+
+    Every command also takes the .gguf file directly as --model, dequantizing it at each start; the converted
+    directory starts faster and can be streamed (--weights-budget).
+    """
+    from memfit.local import convert_gguf
+
+    convert_gguf(gguf, out)
+    typer.echo(f"wrote {out}")
+

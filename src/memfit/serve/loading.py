@@ -1,0 +1,120 @@
+"""Everything `memfit generate` and `memfit serve` run on: the model (in memory, streamed under a weights budget,
+or an MoE model with offloaded experts), its tokenizer, the adapter slots and the engine.
+
+Adapters are served side by side from stacked slots (`memfit.adapters.multi`), so the base weights stay untouched
+whatever the adapters; a model fine-tuned with a method that cannot run that way (Compacter, or a run that trained a
+head) is merged first (`memfit merge`) and served as a model of its own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from memfit.adapters.multi import lora_factors, wrap_for_slots
+from memfit.errors import ConfigError
+from memfit.fields import option
+from memfit.local import from_pretrained, is_gguf, load_config, load_tokenizer, model_dir
+from memfit.serve.adapters import AdapterCache
+from memfit.serve.engine import Engine
+from memfit.serve.metrics import Metrics
+from memfit.tiers.modules import empty_weights
+
+DEFAULT_RANK = 16  # slot rank when no adapter is given at start (vLLM's default --max-lora-rank)
+
+
+ADAPTERS, MEMORY, BATCHING = "Adapters", "Memory", "Batching"
+
+
+@dataclass
+class ServeConfig:
+    """How to run a model for `memfit generate` and `memfit serve` (the CLI's flags come from these fields)."""
+
+    adapters: dict[str, str] | None = option(None, help="adapters to serve: name -> directory (memfit runs or PEFT "
+                                             "LoRA folders)")
+    adapter_dir: str | None = option(None, help="A folder whose subfolders are adapters, each loaded on first use "
+                                     "by its name.", panel=ADAPTERS)
+    max_loras: int = option(4, help="Adapters held in device slots at once (the batch mixes them freely).",
+                            panel=ADAPTERS)
+    max_cpu_loras: int = option(16, help="More adapters kept in host memory; the rest are read from disk on demand "
+                                "(LRU at each tier).", panel=ADAPTERS)
+    max_lora_rank: int | None = option(None, help=f"Rank of the slots (default: the largest rank of the adapters given "
+                                       f"at start, at least {DEFAULT_RANK}).", panel=ADAPTERS)
+    max_seqs: int = option(16, help="Most requests in the running batch.", panel=BATCHING)
+    kv_budget: int = option(8192, help="KV-cache tokens of the running batch (rows x the longest prompt + max "
+                            "tokens); requests beyond it wait.", panel=BATCHING)
+    weights_budget: str | None = option(None, help="Dense models: keep at most this much of the weights in memory "
+                                        "('2GB', '25%'), streaming the other layers from disk each step.",
+                                        panel=MEMORY)
+    expert_budget: str | None = option(None, help="MoE models: run through memfit.moe with this expert cache "
+                                       "('25%', '3GB').", panel=MEMORY)
+    device: str | None = option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+    serve_adapters: bool = option(True, help="wrap the model for adapter slots (False: the base model alone)")
+
+
+def _load_model(path: Path, config: ServeConfig, device: torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if config.expert_budget is not None:
+        import memfit.moe as moe
+
+        if is_gguf(path):
+            raise ConfigError("offloaded MoE reads experts from safetensors; convert the GGUF file first "
+                              "(memfit convert --gguf FILE --out DIR).")
+        return moe.load(path, config.expert_budget)
+    if config.weights_budget is None:
+        return from_pretrained(AutoModelForCausalLM, path, dtype=torch.float32).to(device)
+    if is_gguf(path):
+        raise ConfigError(f"{path} is a GGUF file, which cannot be streamed; convert it once with `memfit convert "
+                          f"--gguf {path} --out DIR` and stream DIR.")
+    from memfit.tiers.stream import stream_weights
+
+    with empty_weights():
+        model = AutoModelForCausalLM.from_config(load_config(path), dtype=torch.float32)
+    stream_weights(model, path, config.weights_budget, device=device)
+    return model
+
+
+def _skeleton(path: Path) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with empty_weights():
+        return AutoModelForCausalLM.from_config(load_config(path), dtype=torch.float32)
+
+
+def eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def build_engine(model_path: str | os.PathLike, config: ServeConfig) -> tuple[Engine, Any, str]:
+    """(engine, tokenizer, the base model's name) for `model_path` under `config`; adapters given are read now, so
+    a bad one fails at start with its name and the reason."""
+    path = model_dir(model_path)
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = load_tokenizer(path)
+    skeleton = _skeleton(path) if config.serve_adapters else None
+    given = dict(config.adapters or {})
+    rank = config.max_lora_rank
+    if rank is None:
+        ranks = [a.shape[0] for d in given.values() for a, _, _ in lora_factors(d, skeleton).values()]
+        rank = max([DEFAULT_RANK, *ranks])
+    model = _load_model(path, config, device)
+    metrics = Metrics()
+    adapters = rows = None
+    if config.serve_adapters:
+        rows, wrapped = wrap_for_slots(model, config.max_loras, rank)
+        adapters = AdapterCache(wrapped, skeleton, config.max_loras, config.max_cpu_loras, metrics)
+        for name, directory in given.items():
+            adapters.add(name, directory)
+    engine = Engine(model, eos_ids(model, tokenizer), adapters, rows, config.max_seqs, config.kv_budget, metrics)
+    name = path.stem if is_gguf(path) else path.name
+    return engine, tokenizer, name
