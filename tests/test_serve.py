@@ -191,7 +191,7 @@ class Server:
 
         engine, tokenizer, name = build_engine(model_dir, ServeConfig(
             adapters={k: str(v) for k, v in adapters.items()}, adapter_dir=str(adapter_dir) if adapter_dir else None,
-            **{"max_loras": 2, "max_seqs": 8, **config}))
+            **{"max_loras": 2, "max_seqs": 8, "any_module": allow, **config}))
         self.engine, self.tokenizer, self.name = engine.start(), tokenizer, name
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"

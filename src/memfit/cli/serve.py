@@ -169,7 +169,7 @@ def serve(**values: Any) -> None:
 
     host, port, allow = values.pop("host"), values.pop("port"), values.pop("allow_runtime_adapters")
     model = values.pop("model")
-    config = ServeConfig(adapters=_adapter_pairs(values.pop("adapters")), **values)
+    config = ServeConfig(adapters=_adapter_pairs(values.pop("adapters")), any_module=allow, **values)
     if config.adapter_dir is not None and not Path(config.adapter_dir).is_dir():
         raise ConfigError(f"--adapter-dir {config.adapter_dir} is not a directory.")
     engine, tokenizer, name = build_engine(model, config)

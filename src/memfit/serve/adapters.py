@@ -34,16 +34,16 @@ class AdapterCache:
         self._lock = threading.Lock()
 
     # -- registry ------------------------------------------------------------------------------------------------
-    def add(self, name: str, directory: str | os.PathLike, check: bool = True) -> None:
-        """Register adapter `name`; check=True reads it now, so a bad directory fails before anyone asks for it."""
+    def add(self, name: str, directory: str | os.PathLike, factors: Factors | None = None) -> None:
+        """Register adapter `name`, read now (or given as `factors`), so a bad directory fails before anyone asks
+        for it."""
         if not name or name in self.sources:
             raise ConfigError(f"an adapter named {name!r} is already served; choose another name."
                               if name else "an adapter needs a non-empty name.")
         directory = Path(directory)
-        if check:
-            factors = self._read(name, directory)
-            with self._lock:
-                self._keep_in_host(name, factors)
+        factors = self._check(name, factors) if factors is not None else self._read(name, directory)
+        with self._lock:
+            self._keep_in_host(name, factors)
         self.sources[name] = directory
 
     def remove(self, name: str) -> None:
@@ -119,6 +119,9 @@ class AdapterCache:
             factors = lora_factors(directory, self.skeleton)
         except MemfitError as e:
             raise ConfigError(f"adapter {name!r} cannot be loaded from {directory}: {e}") from e
+        return self._check(name, factors)
+
+    def _check(self, name: str, factors: Factors) -> Factors:
         unknown = sorted(set(factors) - set(self.wrapped))
         if unknown:
             raise ConfigError(f"adapter {name!r} adapts modules this server does not serve adapters on ({unknown[:3]})"

@@ -55,6 +55,8 @@ class ServeConfig:
                                        "('25%', '3GB').", panel=MEMORY)
     device: str | None = option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
     serve_adapters: bool = option(True, help="wrap the model for adapter slots (False: the base model alone)")
+    any_module: bool = option(False, help="give every Linear an adapter slot (adapters may arrive at run time); else "
+                              "only the modules the adapters given at start adapt")
 
 
 def _load_model(path: Path, config: ServeConfig, device: torch.device) -> nn.Module:
@@ -102,19 +104,20 @@ def build_engine(model_path: str | os.PathLike, config: ServeConfig) -> tuple[En
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(path)
     skeleton = _skeleton(path) if config.serve_adapters else None
-    given = dict(config.adapters or {})
-    rank = config.max_lora_rank
-    if rank is None:
-        ranks = [a.shape[0] for d in given.values() for a, _, _ in lora_factors(d, skeleton).values()]
-        rank = max([DEFAULT_RANK, *ranks])
+    factors = {name: lora_factors(d, skeleton) for name, d in (config.adapters or {}).items()}
+    rank = config.max_lora_rank or max([DEFAULT_RANK, *(a.shape[0] for f in factors.values()
+                                                         for a, _, _ in f.values())])
     model = _load_model(path, config, device)
     metrics = Metrics()
     adapters = rows = None
     if config.serve_adapters:
-        rows, wrapped = wrap_for_slots(model, config.max_loras, rank)
+        # Slots only where the adapters act, unless others may come later: a slot costs memory and a check per step.
+        modules = None if config.any_module or config.adapter_dir or not factors else sorted(
+            {m for f in factors.values() for m in f})
+        rows, wrapped = wrap_for_slots(model, config.max_loras, rank, modules)
         adapters = AdapterCache(wrapped, skeleton, config.max_loras, config.max_cpu_loras, metrics)
-        for name, directory in given.items():
-            adapters.add(name, directory)
+        for name, directory in (config.adapters or {}).items():
+            adapters.add(name, directory, factors=factors[name])
     engine = Engine(model, eos_ids(model, tokenizer), adapters, rows, config.max_seqs, config.kv_budget, metrics)
     name = path.stem if is_gguf(path) else path.name
     return engine, tokenizer, name
