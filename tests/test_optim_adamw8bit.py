@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import sys
 
 import pytest
 import torch
@@ -214,11 +216,17 @@ def _dist_worker(rank: int, world: int, root: str) -> None:
         out |= {f"{k}.absmax": opt.state_dict()["state"][i]["exp_avg_absmax"].full_tensor() for i, k in enumerate(full)}
         if rank == 0:
             st_save_file(out, f"{root}/out.safetensors")
-        # gloo aborts a process ("terminate called without an active exception") whose peer tears the group
-        # down while it still has work in flight: leave together
-        dist.barrier()
+        dist.barrier()  # leave together, and give the gloo workers time to drop the last collective's tensors
     finally:
         dist.destroy_process_group()
+    # The flake ("terminate called without an active exception", SIGABRT, seen under gdb): destroy_process_group
+    # does not stop gloo's worker threads while a DeviceMesh still holds the group, and one of them may free a
+    # finished all-gather's tensors only after this interpreter began finalizing; freeing their Python objects
+    # needs the GIL, a thread asking for it then is ended by pthread_exit, whose unwinding through a noexcept
+    # destructor calls std::terminate. A spawn child finalizes; skip that, as fork children do (os._exit).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _spawn(world: int, root: str) -> dict[str, torch.Tensor]:

@@ -7,8 +7,9 @@ nothing). One forward serves a batch whose rows use different adapters:
     y = x·W0ᵀ + b                                   (the base matmul, once for the whole batch)
     for i in rows: if slot(i) >= 0: y[i] += scale[slot(i)] · (x[i]·A[slot(i)]ᵀ)·B[slot(i)]ᵀ
 
-The fast path groups the rows by slot and runs two batched matmuls per group (shrink, then expand), which on a CPU
-is what SGMV does on a GPU; `reference_forward` is the plain loop above, and a test holds one against the other.
+The fast path is BGMV (Punica): each adapted row's A and B are gathered from the stacks and two batched matmuls
+(shrink, then expand) serve every row at once, however many adapters the batch mixes; `reference_forward` is the
+plain loop above, and a test holds one against the other.
 The slot of each row lives in a `SlotRows` object shared by all wrapped layers of a model.
 
 `lora_factors(directory, skeleton)` reads any LoRA-family adapter (LoRA, MoS from its pools, AdaLoRA, IncreLoRA,
@@ -39,13 +40,15 @@ class SlotRows:
     """Which adapter slot each row of the current batch uses (-1: the base model alone)."""
 
     def __init__(self) -> None:
-        self.rows: torch.Tensor | None = None
-        self.groups: list[tuple[int, torch.Tensor]] = []
+        self.rows: torch.Tensor | None = None  # [B] slot per row
+        self.active: torch.Tensor | None = None  # rows that use some adapter
+        self.slots: torch.Tensor | None = None  # their slots
 
     def set(self, rows: list[int], device: torch.device | str = "cpu") -> None:
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
-        self.groups = [(s, torch.tensor([i for i, r in enumerate(rows) if r == s], device=device))
-                       for s in sorted(set(rows)) if s >= 0]
+        active = [i for i, s in enumerate(rows) if s >= 0]
+        self.active = torch.tensor(active, dtype=torch.long, device=device) if active else None
+        self.slots = self.rows[self.active] if active else None
 
 
 class MultiLoraLinear(nn.Linear):
@@ -61,7 +64,7 @@ class MultiLoraLinear(nn.Linear):
         self.register_buffer("lora_B", torch.zeros(slots, self.out_features, r_max, dtype=dtype, device=device),
                              persistent=False)
         self.register_buffer("scale", torch.zeros(slots, dtype=dtype, device=device), persistent=False)
-        self.present = [False] * slots  # whether slot s adapts this module at all (skip its rows if not)
+        self.present = [False] * slots  # whether slot s adapts this module at all
         self._rows = (rows,)  # a tuple: the shared object is not a child module
 
     def set_slot(self, slot: int, factors: tuple[torch.Tensor, torch.Tensor, float] | None) -> None:
@@ -82,16 +85,21 @@ class MultiLoraLinear(nn.Linear):
         self.scale[slot] = float(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """BGMV: gather each adapted row's A and B, then two batched matmuls for all of them at once (a slot that
+        does not adapt this module holds zeros, so its rows add nothing)."""
         y = F.linear(x, self.weight, self.bias)
-        for slot, idx in self._rows[0].groups:
-            if self.present[slot]:
-                h = x.index_select(0, idx).to(self.lora_A.dtype)  # [n, T, in]: the rows of this adapter
-                delta = (h @ self.lora_A[slot].T) @ self.lora_B[slot].T  # shrink [n, T, r], expand [n, T, out]
-                y = y.index_add(0, idx, (delta * self.scale[slot]).to(y.dtype))
-        return y
+        rows = self._rows[0]
+        if rows.active is None or not any(self.present):
+            return y
+        h = x.index_select(0, rows.active).to(self.lora_A.dtype)  # [n, T, in]: the adapted rows
+        a = self.lora_A.index_select(0, rows.slots)  # [n, r, in]
+        b = self.lora_B.index_select(0, rows.slots)  # [n, out, r]
+        delta = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2))  # shrink [n, T, r], expand [n, T, out]
+        delta = delta * self.scale.index_select(0, rows.slots)[:, None, None]
+        return y.index_add(0, rows.active, delta.to(y.dtype))
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The plain per-row loop the grouped forward replaces (for tests)."""
+        """The plain per-row loop the batched forward replaces (for tests)."""
         y = F.linear(x, self.weight, self.bias)
         rows = self._rows[0].rows
         out = []

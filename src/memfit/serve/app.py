@@ -34,6 +34,7 @@ from memfit.serve.engine import Request as Generation
 from memfit.serve.text import Decoder, chat_ids
 
 MAX_TOKENS_DEFAULT = 16  # OpenAI's default for completions
+CHAT_MAX_TOKENS = 256
 IGNORED = {"user", "stream_options"}  # accepted and without effect on the result
 
 
@@ -73,8 +74,8 @@ def _number(body: dict, key: str, default: float, low: float | None = None, high
     return value
 
 
-def _sampling(body: dict, max_key: str) -> SamplingParams:
-    max_tokens = _number(body, max_key, MAX_TOKENS_DEFAULT, low=1, integer=True)
+def _sampling(body: dict, max_key: str, default: int) -> SamplingParams:
+    max_tokens = _number(body, max_key, default, low=1, integer=True)
     temperature = _number(body, "temperature", 1.0, low=0, high=2)
     top_p = _number(body, "top_p", 1.0, low=0, high=1)
     if top_p == 0:
@@ -161,7 +162,9 @@ def build_app(state: ServerState) -> FastAPI:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadRequest(f"the request body is not valid JSON ({e}).") from None
 
-    def resolve_model(name: Any) -> str | None:
+    first_use = asyncio.Lock()  # two first requests for one --adapter-dir adapter load it once
+
+    async def resolve_model(name: Any) -> str | None:
         """The adapter a request names (None: the base model); loads --adapter-dir subfolders on first use."""
         if not isinstance(name, str):
             raise BadRequest("'model' must be the name of the base model or of an adapter.", "model")
@@ -173,10 +176,12 @@ def build_app(state: ServerState) -> FastAPI:
         folder = state.adapter_dir / name if state.adapter_dir is not None else None
         if adapters is not None and folder is not None and "/" not in name and name not in (".", "..") \
                 and folder.is_dir():
-            try:
-                adapters.add(name, folder)
-            except MemfitError as e:
-                raise BadRequest(str(e), "model") from None
+            async with first_use:
+                if name not in adapters.sources:
+                    try:  # reading the adapter is file work: off the event loop
+                        await asyncio.to_thread(adapters.add, name, folder)
+                    except MemfitError as e:
+                        raise BadRequest(str(e), "model") from None
             return name
         raise BadRequest(f"the model {name!r} does not exist; GET /v1/models lists what this server runs.", "model",
                          status=404, kind="not_found_error")
@@ -193,8 +198,10 @@ def build_app(state: ServerState) -> FastAPI:
         return generation, queue
 
     async def respond(body: dict, ids: list[int], chat: bool, max_key: str) -> Response:
-        adapter = resolve_model(body.get("model"))
-        params = _sampling(body, max_key)
+        adapter = await resolve_model(body.get("model"))
+        room = min(x for x in (engine.context, engine.kv_budget) if x is not None) - len(ids)
+        # completions default to OpenAI's 16 tokens; a chat answer may run to what the context leaves (at most 256)
+        params = _sampling(body, max_key, MAX_TOKENS_DEFAULT if not chat else max(1, min(CHAT_MAX_TOKENS, room)))
         generation, queue = await run(ids, adapter, params)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created, model = int(time.time()), body["model"]

@@ -1,9 +1,9 @@
 """Continuous batching over one model with many adapters (Orca's iteration-level scheduling, vLLM's loop).
 
 Each step: finished and cancelled requests leave the batch (their KV rows and adapter slots are freed at once);
-waiting requests join while the KV-cache budget and a free adapter slot allow, each prefilled on its own (so a
-prompt's first token does not depend on who else is running); then one decode step runs for the whole batch: the
-base model's matmuls once, each row adding its own adapter's delta (`memfit.adapters.multi`).
+waiting requests join while the KV-cache budget and a free adapter slot allow, those of one step prefilled together
+(left-padded); then one decode step runs for the whole batch: the base model's matmuls once, each row adding its
+own adapter's delta (`memfit.adapters.multi`).
 
 The batch shares one KV cache, left-padded to its longest row: a joining request's cache is padded on the left to
 the batch length (or the batch to it), and columns that only padding uses are trimmed when rows leave. Positions
@@ -164,8 +164,11 @@ class Engine:
     @torch.no_grad()
     def step(self) -> None:
         self._retire([r for r in self.running if r.cancelled], "cancelled")
-        for request in [r for r in self.waiting if r.cancelled]:
-            self.waiting.remove(request)
+        with self._work:  # other threads append to the queue
+            gone = [r for r in self.waiting if r.cancelled]
+            for request in gone:
+                self.waiting.remove(request)
+        for request in gone:
             self._finish(request, "cancelled")
         self._admit()
         if self.running:
@@ -174,24 +177,34 @@ class Engine:
         self.metrics.waiting.set(len(self.waiting))
 
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_seqs:
-            request = self.waiting[0]
-            longest = max([request.reserve, *(r.reserve for r in self.running)])
-            if (len(self.running) + 1) * longest > self.kv_budget:
-                return  # it waits for rows to leave
-            slot = -1
+        """Prefill waiting requests, first come first served, while the batch, the KV budget and a slot allow; the
+        requests admitted in one step are prefilled together, as one left-padded batch."""
+        admitted: list[Request] = []
+        while len(self.running) + len(admitted) < self.max_seqs:
+            with self._work:
+                if not self.waiting:
+                    break
+                request = self.waiting[0]
+            rows = [*self.running, *admitted, request]
+            if len(rows) * max(r.reserve for r in rows) > self.kv_budget:
+                break  # it waits for rows to leave
+            slot, error = -1, None
             if request.adapter is not None:
                 try:
                     slot = self.adapters.acquire(request.adapter)
                 except ConfigError as e:  # e.g. its directory went bad after it was registered
-                    self.waiting.popleft()
-                    self._finish(request, f"error: {e}")
-                    continue
+                    error = f"error: {e}"
                 if slot is None:
-                    return  # every slot is pinned by running requests: wait
-            self.waiting.popleft()
+                    break  # every slot is pinned: wait
+            with self._work:
+                self.waiting.popleft()
+            if error is not None:
+                self._finish(request, error)
+                continue
             request.slot = slot
-            self._prefill(request)
+            admitted.append(request)
+        if admitted:
+            self._prefill(admitted)
 
     def _set_rows(self, slots: list[int]) -> None:
         if self.rows is not None:
@@ -204,29 +217,35 @@ class Engine:
                          logits_to_keep=1, **{self._cache_kwarg: cache})
         return out.logits[:, -1].float()
 
-    def _prefill(self, request: Request) -> None:
+    def _prefill(self, requests: list[Request]) -> None:
+        """One forward over the prompts of `requests`, left-padded to the longest; their first tokens, and their
+        cache rows joined to the batch's."""
         from transformers import DynamicCache
 
+        length = max(len(r.prompt) for r in requests)
+        ids = torch.tensor([[0] * (length - len(r.prompt)) + r.prompt for r in requests])
+        mask = torch.tensor([[0] * (length - len(r.prompt)) + [1] * len(r.prompt) for r in requests])
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each row counts its own tokens from 0
         cache = DynamicCache()
-        self._set_rows([request.slot])
-        logits = self._forward(torch.tensor([request.prompt]), None, None, cache)
-        self.metrics.prompt_tokens.inc(len(request.prompt))
-        self._join(request, cache)
-        self._emit(request, self._sample(logits[0], request))
+        self._set_rows([r.slot for r in requests])
+        logits = self._forward(ids, mask if len(requests) > 1 else None, positions if len(requests) > 1 else None,
+                               cache)
+        self.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in requests))
+        self._join(requests, cache, mask)
+        for request, row in zip(requests, logits, strict=True):
+            self._emit(request, self._sample(row, request))
 
-    def _join(self, request: Request, cache: Any) -> None:
-        """Add a prefilled single-row cache to the batch's, left-padding whichever is shorter."""
-        n = len(request.prompt)
-        row_mask = torch.ones(1, n, dtype=torch.long)
+    def _join(self, requests: list[Request], cache: Any, mask: torch.Tensor) -> None:
+        """Add prefilled rows (their cache and mask) to the batch's, left-padding whichever is shorter."""
         if self._cache is None:
-            self._cache, self._mask = cache, row_mask
+            self._cache, self._mask = cache, mask
         else:
-            length = max(self._mask.shape[1], n)
+            length = max(self._mask.shape[1], mask.shape[1])
             for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
                 mine.keys = torch.cat([_left_pad(mine.keys, length), _left_pad(theirs.keys, length)])
                 mine.values = torch.cat([_left_pad(mine.values, length), _left_pad(theirs.values, length)])
-            self._mask = torch.cat([_left_pad(self._mask, length, dim=1), _left_pad(row_mask, length, dim=1)])
-        self.running.append(request)
+            self._mask = torch.cat([_left_pad(self._mask, length, dim=1), _left_pad(mask, length, dim=1)])
+        self.running.extend(requests)
 
     def _decode(self) -> None:
         ready = [r for r in self.running if r.finish_reason is None]

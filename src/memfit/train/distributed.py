@@ -70,6 +70,14 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> Di
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
+def teardown_distributed() -> None:
+    """Leave the process group together: every rank waits for the others, then the group is destroyed, so no rank
+    exits while a peer's collectives are still being torn down (gloo aborts the process then)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

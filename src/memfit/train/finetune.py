@@ -219,6 +219,10 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
                    notes=list(model.memfit_notes), **(method.report(model) if method.report else {}))
     if stream is not None:
         summary["stream"] = {**stream.memory(), "bytes_read": stream.stats.bytes_read}
+    if train.shard is not None:
+        from memfit.train.distributed import teardown_distributed
+
+        teardown_distributed()
     return summary
 
 
