@@ -16,7 +16,7 @@ spread round-robin over 1, 8 and 32 distinct adapters. Variants, in one process,
 Then the HTTP server itself: 64 requests from 16 concurrent `openai` clients over 8 adapters, time to first token
 p50/p95 and tokens/s. Throughput is generated tokens / wall time. Writes results/serve.json.
 
-    .venv/bin/python bench/serve.py           # ~25 min on 2 CPU cores (fine-tuning the 32 adapters: ~10 of it)
+    .venv/bin/python bench/serve.py           # ~13 min on 2 CPU cores (fine-tuning the 32 adapters: ~6 of it)
     .venv/bin/python bench/serve.py --quick   # 16 requests, 1 and 4 adapters, 8 tokens
 """
 

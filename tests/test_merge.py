@@ -18,7 +18,8 @@ from memfit.train.merge import merge_run
 
 TEXT = [{"text": t} for t in ["apache traffic server software developers kit", "puppet module for monit",
                               "awesome party music player", "print plugin for the gimp"] * 8]
-CONFIGS = {"mos": memfit.MoSConfig(r=4, r_eq=2, r_pri=1, shards=2), "compacter": memfit.CompacterConfig(n=2, reduction=8),
+CONFIGS = {"mos": memfit.MoSConfig(r=4, r_eq=2, r_pri=1, shards=2),
+           "compacter": memfit.CompacterConfig(n=2, reduction=8),
            "adalora": memfit.AdaLoRAConfig(init_rank=4, target_rank=2)}
 
 

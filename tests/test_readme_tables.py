@@ -43,7 +43,7 @@ def test_readme_tables_match_committed_results():
 
 def test_readme_marks_the_benchmark_tables():
     assert REFERENCED == ["adapters_step.json", "moe.json", "optim.json", "optim_finetune.json", "quality-lm.json",
-                          "quality.json", "rps.json", "stream.json"]
+                          "quality.json", "rps.json", "serve.json", "stream.json"]
 
 
 # --- the mechanism, on a README and results of its own ---------------------------------------------------------
@@ -160,6 +160,10 @@ PAYLOADS = {
     "stream.json": {"budget_frac": 0.25, "results": {
         "memory": {"step_s": 0.605, "peak_rss_bytes": 905e6, "disk_read_per_step": 0.0},
         "stream": {"step_s": 1.650, "peak_rss_bytes": 249e6, "disk_read_per_step": 1163e6, "read_per_step": 1131e6}}},
+    "serve.json": {"runs": [{"adapters": 8, "memfit": {"tokens_per_s": 80.0}, "base": {"tokens_per_s": 90.0},
+                             "peft_switch": {"tokens_per_s": 20.0}, "peft_mixed": {"tokens_per_s": 64.0}}],
+                   "http": {"clients": 16, "adapters": 8, "requests": 64, "ttft_p50_s": 1.234, "ttft_p95_s": 2.5,
+                            "tokens_per_s": 55.55}},
 }
 
 EXPECTED = {  # README rows these payloads must reproduce, character for character
@@ -204,6 +208,14 @@ EXPECTED = {  # README rows these payloads must reproduce, character for charact
         "| optimizer | val loss | accuracy | macro-F1 | val loss vs AdamW |", "|---|---:|---:|---:|---:|",
         "| torch AdamW (fp32 states) | 0.8316 | 0.755 | 0.708 | |",
         "| memfit AdamW8bit | 0.8310 | 0.755 | 0.709 | -0.07% |"],
+    ("serve.json", "throughput"): [
+        "| adapters | memfit tok/s | base alone tok/s | memfit ÷ base | PEFT set_adapter tok/s | memfit ÷ PEFT "
+        "set_adapter | PEFT mixed batch tok/s | memfit ÷ PEFT mixed |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| 8 | 80.0 | 90.0 | 0.89 | 20.0 | 4.0x | 64.0 | 1.25x |"],
+    ("serve.json", "http"): [
+        "| clients | adapters | requests | TTFT p50 | TTFT p95 | tokens/s |", "|---:|---:|---:|---:|---:|---:|",
+        "| 16 | 8 | 64 | 1.23 s | 2.50 s | 55.5 |"],
     ("stream.json", "step"): [
         "| variant | s/step | ÷ memory | peak RSS MB | ÷ memory | read MB/step | disk MB/step |",
         "|---|---:|---:|---:|---:|---:|---:|",

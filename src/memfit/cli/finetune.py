@@ -18,7 +18,7 @@ from rich.table import Table
 
 from memfit.adapters import AdapterConfig, get_method, methods
 from memfit.cli.app import app
-from memfit.cli.options import build_command, field_params, flag_name, parse_sets, parse_targets
+from memfit.cli.options import build_command, field_params, flag_name, option_param, parse_sets, parse_targets
 from memfit.errors import ConfigError
 from memfit.fields import field_types
 from memfit.tiers.budget import format_size
@@ -94,12 +94,7 @@ def method_config(method: str, flags: dict[str, Any], targets: str | None, modul
 
 
 def _common_params(scratch: bool) -> list:
-    import inspect
-
-    def opt(name: str, annotation: Any, *decls: str, default: Any = None, **kw: Any) -> inspect.Parameter:
-        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                 default=typer.Option(default, *decls, **kw))
-
+    opt = option_param
     model_help = ("Directory with the architecture (config.json) and a tokenizer; weights, if present, are not "
                   "read." if scratch else "Local HF model directory (config.json, safetensors, tokenizer).")
     names = [n for n, m in methods().items() if m.from_scratch == scratch]  # registry order: lora first

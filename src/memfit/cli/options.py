@@ -65,6 +65,12 @@ def field_params(cls: type, *, names: list[str] | None = None, unset: bool = Fal
     return params
 
 
+def option_param(name: str, annotation: Any, *decls: str, default: Any = None, **kw: Any) -> inspect.Parameter:
+    """A keyword parameter declared as a typer option, for commands whose signature is assembled here."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(default, *decls, **kw))
+
+
 def build_command(fn: Callable[..., Any], params: list[inspect.Parameter], doc: str) -> Callable[..., Any]:
     """A function typer can register: `params` as its signature, calling `fn(**values)`."""
 

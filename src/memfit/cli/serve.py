@@ -7,7 +7,6 @@ and adapter flags are generated from `ServeConfig`.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import signal
 import sys
@@ -22,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from memfit.cli.app import app
 from memfit.cli.options import build_command, field_params
+from memfit.cli.options import option_param as _opt
 from memfit.errors import ConfigError
 from memfit.serve.engine import Request, SamplingParams
 from memfit.serve.loading import ServeConfig, build_engine
@@ -31,11 +31,6 @@ from memfit.train.data import read_jsonl
 
 _MEMORY = ["weights_budget", "expert_budget", "device"]
 _SERVING = ["adapter_dir", "max_loras", "max_cpu_loras", "max_lora_rank", "max_seqs", "kv_budget"]
-
-
-def _opt(name: str, annotation: Any, *decls: str, default: Any = None, **kw: Any) -> inspect.Parameter:
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                             default=typer.Option(default, *decls, **kw))
 
 
 def _prompts(prompt: str | None, prompts: Path | None) -> list[str]:
