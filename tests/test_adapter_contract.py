@@ -189,8 +189,18 @@ def _rps(model, c) -> int:  # z of compression × the compressed weights (the ti
     return round(c.compression * (dense + config.num_hidden_layers * per_layer)) + _norms(model)
 
 
+def _full(model, c) -> int:  # every weight of the model (the tied head counts once)
+    config = model.config
+    per_layer = (2 * config.hidden_size * config.hidden_size
+                 + 2 * config.hidden_size * (config.hidden_size * config.num_key_value_heads
+                                             // config.num_attention_heads)
+                 + 3 * config.hidden_size * config.intermediate_size + 2 * config.hidden_size)  # + 2 norms
+    head = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    return config.vocab_size * config.hidden_size + head + config.num_hidden_layers * per_layer + config.hidden_size
+
+
 FORMULAS = {"lora": _lora, "mos": _mos, "increlora": _increlora, "adalora": _adalora, "difffit": _difffit,
-            "compacter": _compacter, "rps": _rps}
+            "compacter": _compacter, "rps": _rps, "full": _full}
 
 
 def test_trainable_parameters_equal_the_methods_formula(method):

@@ -5,6 +5,7 @@ from memfit.adapters import (
     AdapterConfig,
     CompacterConfig,
     DiffFitConfig,
+    FullConfig,
     IncreLoRAConfig,
     LoraConfig,
     MoSConfig,
@@ -23,6 +24,7 @@ from memfit.adapters import (
     unmerge,
 )
 from memfit.errors import MemfitError
+from memfit.optim.mezo import MeZO
 from memfit.tiers.stream import stream_weights
 
 __version__ = "0.1.0"
@@ -32,8 +34,10 @@ __all__ = [
     "AdapterConfig",
     "CompacterConfig",
     "DiffFitConfig",
+    "FullConfig",
     "IncreLoRAConfig",
     "LoraConfig",
+    "MeZO",
     "MemfitError",
     "MoSConfig",
     "RPSConfig",

@@ -5,6 +5,7 @@ from memfit.adapters.adaptive import RankAllocator, rank_allocator
 from memfit.adapters.compacter import CompacterConfig
 from memfit.adapters.config import AdapterConfig
 from memfit.adapters.difffit import DiffFitConfig
+from memfit.adapters.full import FullConfig
 from memfit.adapters.increlora import IncreLoRAConfig
 from memfit.adapters.io import load_adapter, save_adapter
 from memfit.adapters.lora import LoraConfig
@@ -19,6 +20,7 @@ __all__ = [
     "AdapterConfig",
     "CompacterConfig",
     "DiffFitConfig",
+    "FullConfig",
     "IncreLoRAConfig",
     "LoraConfig",
     "MoSConfig",

@@ -23,6 +23,7 @@ BUILTIN = (
     "difffit",
     "compacter",
     "rps",
+    "full",
 )
 _EXTRA: dict[str, Method] = {}
 

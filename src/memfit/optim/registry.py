@@ -9,6 +9,7 @@ import torch
 
 from memfit.errors import ConfigError
 from memfit.optim.adamw8bit import AdamW8bit
+from memfit.optim.mezo import MeZO
 from memfit.optim.offload import OffloadAdamW
 
 NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
@@ -27,11 +28,16 @@ def _offload(offload: str, named_params: NamedParams, lr: float, weight_decay: f
     return OffloadAdamW(list(named_params), lr=lr, weight_decay=weight_decay, offload=offload, **kw)
 
 
+def _mezo(named_params: NamedParams, lr: float, weight_decay: float, **kw) -> torch.optim.Optimizer:
+    return MeZO([p for _, p in named_params], lr=lr, weight_decay=weight_decay, **kw)
+
+
 OPTIMIZERS: dict[str, Factory] = {
     "adamw": _torch_adamw,
     "adamw8bit": _adamw8bit,
     "offload-cpu": partial(_offload, "cpu"),
     "offload-disk": partial(_offload, "disk"),  # needs path=<swap directory>
+    "mezo": _mezo,  # zeroth order: step(closure) with forward passes only; eps, perturbations, sparsity, seed
 }
 
 

@@ -70,7 +70,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
     """Atomically write `tensors` as safetensors (contiguous CPU copies; shared storage is fine)."""
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    # None, not {}: safetensors writes an unreadable header for no tensors with an empty metadata dict.
+    meta = {k: str(v) for k, v in (metadata or {}).items()} or None
     return atomic_write_bytes(path, st_save(flat, metadata=meta))
 
 

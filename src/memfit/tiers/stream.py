@@ -121,8 +121,9 @@ class StreamHandle:
         self._ready: dict[int, _Loaded] = {}
         self._pending: dict[int, Future] = {}
         self._next: int | None = None
+        self._inner = {i: self.layers[i].forward for i in self.streamed}  # each layer's own forward
         for i in self.streamed:
-            self.layers[i].forward = functools.partial(self._forward, i, self.layers[i].forward)
+            self.layers[i].forward = functools.partial(self._forward, i)
 
     # -- accounting -------------------------------------------------------------------------------
     @property
@@ -140,8 +141,14 @@ class StreamHandle:
         return {"budget": self.budget, "resident": self.resident_bytes, "window": self.window_bytes,
                 "streamed": self.streamed_bytes}
 
+    def wrap_forward(self, i: int, wrap) -> None:
+        """Replace streamed layer i's own forward by `wrap(forward)`, which runs while the layer's weights are
+        resident (between its read and its release): MeZO's paired passes run both halves of a batch in one visit."""
+        self._inner[i] = wrap(self._inner[i])
+
     # -- the layer call ---------------------------------------------------------------------------
-    def _forward(self, i: int, forward, *args, **kwargs):
+    def _forward(self, i: int, *args, **kwargs):
+        forward = self._inner[i]
         if not torch.is_grad_enabled():
             return self._run(i, forward, None, *args, **kwargs)
         # The recompute in backward must see the same inputs: a KV cache would be appended to twice.
@@ -256,7 +263,7 @@ class StreamHandle:
             self.layers[i].__dict__.pop("forward", None)
             if materialize:
                 self._install(i, self._read_layer(i))
-        self._ready, self._pending = {}, {}
+        self._ready, self._pending, self._inner = {}, {}, {}
         self.reader.close()
         if getattr(self.model, "memfit_stream", None) is self:
             del self.model.memfit_stream

@@ -13,7 +13,7 @@ from typing import Any
 from memfit.errors import ConfigError
 from memfit.fields import check_types, option
 
-TRAINING, MEMORY = "Training", "Memory"
+TRAINING, MEMORY, ZO = "Training", "Memory", "Zeroth order (--optim mezo)"
 
 
 @dataclass
@@ -31,7 +31,8 @@ class TrainConfig:
                                  panel=TRAINING)
     grad_accum: int = option(1, help="Micro-batches per update (the effective batch is batch size x grad accum x "
                              "ranks).", panel=TRAINING)
-    max_grad_norm: float = option(1.0, help="Clip the gradient norm to this (0 disables clipping).", panel=TRAINING)
+    max_grad_norm: float = option(1.0, help="Clip the gradient norm to this (0 disables clipping; MeZO has no gradient "
+                                  "to clip).", panel=TRAINING)
     max_length: int = option(128, help="Tokens per example (longer ones are cut).", panel=TRAINING)
     seed: int = option(0, help="Seeds initialisation, dropout and the order of batches: a run is a function of it.",
                        panel=TRAINING)
@@ -39,12 +40,21 @@ class TrainConfig:
     eval_every: int = option(0, help="Evaluate every N updates (0: once per epoch).", panel=TRAINING)
     checkpoint_every: int = option(0, help="Checkpoint every N updates (0: once per epoch).", panel=TRAINING)
     optim: str = option("adamw", help="Optimizer: adamw, adamw8bit (2 B/param of state), offload-cpu (states in host "
-                        "RAM), offload-disk (states in swap files under --out).", panel=MEMORY)
+                        "RAM), offload-disk (states in swap files under --out), mezo (zeroth order: two forward "
+                        "passes per update, no gradients or states, the memory of inference; needs a far lower --lr, "
+                        "about 1e-4 for adapters, 1e-6 for --method full).", panel=MEMORY)
     weights_budget: int | str | None = option(None, help="Keep at most this much of the frozen weights in memory, e.g. "
                                         "'2GB' or '25%'; stream the other layers from disk.", panel=MEMORY)
     shard: str | None = option(None, help="Under torchrun: FSDP2 'grad' (ZeRO-2) or 'full' (ZeRO-3).", panel=MEMORY)
     cpu_offload: bool = option(False, help="With --shard: FSDP2 CPUOffloadPolicy (shards and the step in host RAM).",
                                panel=MEMORY)
+
+    zo_eps: float = option(1e-3, help="MeZO's perturbation scale ε: the weights move by ±ε·z to estimate the slope.",
+                           panel=ZO)
+    zo_perturbations: int = option(1, help="MeZO estimates averaged per update (each costs two forward passes).",
+                                   panel=ZO)
+    zo_sparsity: float | None = option(None, help="Sparse MeZO: the share of each weight's entries left unperturbed "
+                                       "(the small-magnitude rest is perturbed and trained), e.g. 0.75.", panel=ZO)
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -60,6 +70,16 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if not self.zo_eps > 0:
+            raise ConfigError(f"TrainConfig.zo_eps (--zo-eps) must be > 0, got {self.zo_eps}.")
+        if self.zo_perturbations < 1:
+            raise ConfigError(f"TrainConfig.zo_perturbations must be >= 1, got {self.zo_perturbations}.")
+        if self.zo_sparsity is not None and not 0.0 <= self.zo_sparsity < 1.0:
+            raise ConfigError(f"TrainConfig.zo_sparsity must be in [0, 1) (the share of entries left unperturbed), "
+                              f"got {self.zo_sparsity}.")
+        if self.optim == "mezo" and self.shard is not None:
+            raise ConfigError("--optim mezo keeps no gradients or optimizer states to shard; drop --shard and run "
+                              "it in one process.")
         if self.shard not in (None, "grad", "full"):
             raise ConfigError(f"TrainConfig.shard must be 'grad' (ZeRO-2), 'full' (ZeRO-3) or None, "
                               f"got {self.shard!r}.")

@@ -160,6 +160,9 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     if fresh and (train.shard is not None or train.weights_budget is not None):
         raise ConfigError(f"{adapter.method} trains every weight of a model from scratch, in memory: it does not "
                           "shard or stream (drop --shard / --weights-budget).")
+    if train.optim == "mezo" and method.allocator is not None:
+        raise ConfigError(f"{adapter.method} allocates rank from gradient-based importance, which --optim mezo never "
+                          "computes (forward passes only); use lora, mos, difffit, compacter or full with mezo.")
     out = Path(out)
     local_dir(model_dir, weights=not fresh)  # a missing or incomplete directory fails before anything else
     ranks = make_ranks(train, device)
@@ -215,7 +218,7 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     measured = {**trainer.memory, "peak": summary["peak_mem_bytes"]}
     print_memory_table("memory used", memory_rows(model, trainer.optimizer, train.optim, stream, measured), console)
     trainable, total = trainable_parameters(model)
-    summary.update(trainable_params=trainable, total_params=total, task=task, method=adapter.method,
+    summary.update(trainable_params=trainable, total_params=total, task=task, method=adapter.method, memory=measured,
                    notes=list(model.memfit_notes), **(method.report(model) if method.report else {}))
     if stream is not None:
         summary["stream"] = {**stream.memory(), "bytes_read": stream.stats.bytes_read}

@@ -21,7 +21,7 @@ from memfit.tiers.budget import format_size
 
 # Bytes of optimizer state per trainable parameter before the first step allocates it, and where it lives.
 PLANNED_STATE = {"adamw": (8.0, "memory"), "adamw8bit": (2.03, "memory"), "offload-cpu": (12.0, "host RAM"),
-                 "offload-disk": (12.0, "disk")}
+                 "offload-disk": (12.0, "disk"), "mezo": (0.0, "memory")}
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -63,7 +63,10 @@ def memory_rows(model: nn.Module, optimizer: torch.optim.Optimizer, optim_name: 
         rows.append(("weights resident", format_size(frozen + buffers), "frozen base weights and buffers"))
         rows.append(("weights streamed", format_size(0), "--weights-budget streams layers from disk"))
     rows.append(("trainable weights", format_size(trainable), f"{n_trainable:,} parameters"))
-    rows.append(("gradients", format_size(trainable), "one per trainable weight"))
+    if getattr(optimizer, "zeroth_order", False):
+        rows.append(("gradients", format_size(0), "none: MeZO runs forward passes only"))
+    else:
+        rows.append(("gradients", format_size(trainable), "one per trainable weight"))
     if measured is None:
         per_param, where = PLANNED_STATE.get(optim_name, (8.0, "memory"))
         size = format_size(per_param * n_trainable)

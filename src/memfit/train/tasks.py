@@ -70,6 +70,10 @@ class Task(ABC):
                  ) -> torch.Tensor:
         """The summed loss over the batch's targets; with `state`, also accumulate what metrics need."""
 
+    @abstractmethod
+    def example_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The summed loss of each example, [batch]: MeZO's paired passes split one forward into two losses."""
+
     def metrics(self, state: EvalState) -> dict[str, float]:
         return {"loss": state.loss_sum / max(1, state.count)}
 
@@ -100,12 +104,19 @@ class CausalLM(Task):
     def targets(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
 
+    def _token_losses(self, model: nn.Module, batch: dict[str, torch.Tensor], reduction: str) -> torch.Tensor:
+        # No KV cache: nothing is generated, and MeZO's paired passes call each layer twice per forward.
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        shifted = logits[:, :-1].float()  # position t predicts token t+1
+        return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                               ignore_index=IGNORE, reduction=reduction)
+
+    def example_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._token_losses(model, batch, "none").view(batch["input_ids"].shape[0], -1).sum(1)
+
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor], state: EvalState | None = None
                  ) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        shifted = logits[:, :-1].float()  # position t predicts token t+1
-        loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), batch["labels"][:, 1:].reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
+        loss = self._token_losses(model, batch, "sum")
         if state is not None:
             state.loss_sum += loss.item()
             state.count += self.targets(batch)
@@ -139,9 +150,15 @@ class Classify(Task):
     def targets(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["labels"].numel())
 
+    def _logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+    def example_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(self._logits(model, batch), batch["labels"], reduction="none")
+
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor], state: EvalState | None = None
                  ) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = self._logits(model, batch)
         loss = F.cross_entropy(logits, batch["labels"], reduction="sum")
         if state is not None:
             state.loss_sum += loss.item()

@@ -32,6 +32,7 @@ from memfit.train.config import TrainConfig
 from memfit.train.metrics import MetricsLog
 from memfit.train.progress import TrainProgress
 from memfit.train.tasks import EvalState, Task
+from memfit.train.zo import PairedForward
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.json"
@@ -120,6 +121,9 @@ class Trainer:
         if not self.params:
             raise ConfigError("the model has no trainable parameters; inject an adapter or unfreeze a module.")
         self.optimizer = self._build_optimizer()
+        self.zeroth_order = getattr(self.optimizer, "zeroth_order", False)
+        stream = getattr(model, "memfit_stream", None)
+        self.paired = PairedForward(model, self.optimizer.params, stream) if self.zeroth_order and stream else None
         warmup = math.ceil(config.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(self.total_steps, warmup))
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.ranks.main)
@@ -127,9 +131,12 @@ class Trainer:
 
     # -- setup ----------------------------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        kwargs = {"path": self.out_dir / "optimizer-swap"} if self.config.optim == "offload-disk" else {}
-        return build_optimizer(self.config.optim, list(self.params.items()), lr=self.config.lr,
-                               weight_decay=self.config.weight_decay, **kwargs)
+        cfg = self.config
+        extra = {"offload-disk": {"path": self.out_dir / "optimizer-swap"},
+                 "mezo": {"eps": cfg.zo_eps, "perturbations": cfg.zo_perturbations, "sparsity": cfg.zo_sparsity,
+                          "seed": cfg.seed}}
+        return build_optimizer(cfg.optim, list(self.params.items()), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               **extra.get(cfg.optim, {}))
 
     def _epoch_groups(self, epoch: int) -> list[list[list[int]]]:
         """This rank's micro-batches of `epoch` (example indices), grouped into updates."""
@@ -226,6 +233,8 @@ class Trainer:
         total, checked = 0.0, 0.0
         if self.global_step == 0:  # the first update's peak above what was held before it: its activations
             self.memory["before_step"] = current_bytes(self.ranks.device)
+        if self.zeroth_order:
+            return self._zeroth_order_update(batches, n_targets), sum(len(idx) for idx in micro)
         for batch in batches:
             loss_sum = self.task.loss_sum(self.model, batch)
             total += loss_sum.item()
@@ -250,6 +259,23 @@ class Trainer:
         if self.global_step == 1:
             self.memory["step_peak"] = peak_bytes(self.ranks.device)
         return mean, sum(len(idx) for idx in micro) * self.ranks.world_size
+
+    def _zeroth_order_update(self, batches: list[dict[str, torch.Tensor]], n_targets: float) -> float:
+        """One MeZO update: forward passes only (no graph, no `.grad`), in eval mode so that both perturbed passes
+        compute the same function (no dropout), as MeZO does. Returns the mean of the perturbed losses."""
+        self.model.eval()
+        if self.paired is not None:  # streamed layers: both passes in one visit of each layer (ZO2)
+            loss = self.optimizer.step(paired=lambda z: self.paired.losses(z, self.task, batches, n_targets))
+        else:
+            loss = self.optimizer.step(lambda: sum(float(self.task.loss_sum(self.model, b)) for b in batches)
+                                       / n_targets)
+        self.scheduler.step()
+        self.global_step += 1
+        for cb in self.callbacks:
+            cb.on_step_end(self, self.global_step)
+        if self.global_step == 1:
+            self.memory["step_peak"] = peak_bytes(self.ranks.device)
+        return float(loss)
 
     def _check_finite(self, value: float, what: str) -> None:
         """Stop before a non-finite value reaches the weights: the optimizer step would spread it everywhere."""
