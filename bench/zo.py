@@ -114,8 +114,9 @@ def _head_only(model_dir: Path, train: Path, val: Path, out: Path, cfg) -> dict:
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("classifier."))
     encode = lambda rs: [task.encode(r, tokenizer, cfg.max_length) for r in rs]  # noqa: E731
-    trainer = Trainer(model, task, encode(rows), encode(load_rows(val, "classify")[0]), cfg, out,
-                      tokenizer.pad_token_id, lambda m, d: None, quiet=True)
+    evals = encode(load_rows(val, "classify")[0]) if val is not None else None
+    trainer = Trainer(model, task, encode(rows), evals, cfg, out, tokenizer.pad_token_id, lambda m, d: None,
+                      quiet=True)
     return trainer.fit()
 
 
@@ -219,7 +220,7 @@ def main() -> None:
     for task in args.tasks.split(","):
         done = payload["results"].setdefault(task, {})
         for row, spec in ROWS[task].items():
-            if row in done:
+            if row in done and "error" not in done[row]:
                 continue
             steps = 0
             try:

@@ -381,3 +381,14 @@ def test_cli_mezo_flags_and_errors(tmp_path, llama_dir):
     bad = memfit_cli("finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "bad", "--optim", "mezo",
                      "--method", "adalora")
     one_error_line(bad, "adalora allocates rank from gradient-based importance")
+
+
+def test_mezo_without_trainable_parameters_is_a_clear_error(tmp_path, llama_dir):
+    from memfit.train.trainer import Trainer
+
+    model = memfit.train.finetune.load_base(llama_dir, CausalLM())[0]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    examples = [{"input_ids": list(range(5, 25)), "n_prompt": [0]}] * 8
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        Trainer(model, CausalLM(), examples, None, TrainConfig(optim="mezo"), tmp_path, 0, lambda m, d: None)

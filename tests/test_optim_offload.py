@@ -162,8 +162,8 @@ def test_full_disk_aborts_the_step_and_keeps_the_committed_state(tmp_path, monke
 
 
 def test_registry_builds_every_optimizer(tmp_path):
-    assert set(OPTIMIZERS) == {"adamw", "adamw8bit", "offload-cpu", "offload-disk"}
-    for name in OPTIMIZERS:
+    assert set(OPTIMIZERS) == {"adamw", "adamw8bit", "offload-cpu", "offload-disk", "mezo"}
+    for name in set(OPTIMIZERS) - {"mezo"}:  # MeZO steps with a closure (tests/test_mezo.py)
         m = model()
         kw = {"path": tmp_path / name} if name == "offload-disk" else {}
         opt = build_optimizer(name, m.named_parameters(), lr=1e-2, weight_decay=0.1, **kw)

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as st_save
 
 from memfit.errors import CheckpointError
 
@@ -67,12 +66,41 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda f: f.write(text), mode="w")
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+              torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
-    """Atomically write `tensors` as safetensors (contiguous CPU copies; shared storage is fine)."""
-    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    # None, not {}: safetensors writes an unreadable header for no tensors with an empty metadata dict.
-    meta = {k: str(v) for k, v in (metadata or {}).items()} or None
-    return atomic_write_bytes(path, st_save(flat, metadata=meta))
+    """Atomically write `tensors` as safetensors, streamed tensor by tensor.
+
+    No image of the file is built in memory and a tensor is copied only when it is not a contiguous CPU tensor
+    (one at a time): saving a full fine-tune adds no second copy of the model to the run's peak. Tensors that share
+    storage (tied weights) are written as separate entries, as safetensors requires.
+    """
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"cannot save {name!r}: safetensors has no dtype {t.dtype}.")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+
+    def write(f) -> None:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for t in tensors.values():
+            t = t.detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+    return atomic_write(path, write)
 
 
 def read_json(path: str | os.PathLike) -> Any:
