@@ -66,7 +66,8 @@ def _worker(method: str) -> None:
     memfit.inject(model, config)
     gen = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(1000, 20000, (32, 64), generator=gen),
-             "attention_mask": torch.ones(32, 64, dtype=torch.long), "labels": torch.randint(0, 14, (32,), generator=gen)}
+             "attention_mask": torch.ones(32, 64, dtype=torch.long),
+             "labels": torch.randint(0, 14, (32,), generator=gen)}
     params = [p for p in model.parameters() if p.requires_grad]
     opt = MeZO(params, lr=1e-6, sparsity=0.5 if method == "full" else None)
     with torch.no_grad():
