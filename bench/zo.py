@@ -8,8 +8,9 @@ Tasks (the shipped debian-sections data):
 
 Rows: the untrained model (zero-shot, for the LM) or Adam on the head only (MiniLM); MeZO on LoRA r=8 (query and
 value, plus the new head on MiniLM); MeZO on every weight (`--method full`); Adam on LoRA r=8 (the backprop
-reference). Every trained row gets the same wall-clock budget: a short calibration run (a fresh process) measures
-its seconds per update, and the row then runs budget / that many updates (so the LR schedule is the row's own).
+reference). Every trained row gets the same wall-clock budget: two short calibration runs (fresh processes, c and 2c
+updates) measure its marginal seconds per update, and the row then runs as many updates as fill the budget (so the
+LR schedule is the row's own).
 Each row runs in a fresh process, so its peak RSS (VmHWM since training started: weights, activations, gradients,
 states) is its own. "forward passes" counts model forwards in training (MeZO: 2 per update; Adam: 1, plus a
 backward). Learning rates are the MeZO paper's ranges, picked once on MiniLM (see the README), not tuned per row.
@@ -47,15 +48,25 @@ ROWS: dict[str, dict[str, dict]] = {
         "MeZO LoRA": {"method": "lora", "optim": "mezo", "lr": 1e-2},
         "MeZO full": {"method": "full", "optim": "mezo", "lr": 3e-5},
         "Adam LoRA": {"method": "lora", "optim": "adamw", "lr": 1e-3},
+        "MeZO LoRA, 4x budget": {"method": "lora", "optim": "mezo", "lr": 1e-2, "budget_x": 4},
     },
     "smollm2": {
         "zero-shot": {"method": None},
         "MeZO LoRA": {"method": "lora", "optim": "mezo", "lr": 1e-3},
         "MeZO full": {"method": "full", "optim": "mezo", "lr": 1e-6},
         "Adam LoRA": {"method": "lora", "optim": "adamw", "lr": 1e-3},
+        "zero-shot, chat prompt": {"method": None, "prompt": "chat"},
+        "MeZO LoRA, chat prompt": {"method": "lora", "optim": "mezo", "lr": 1e-3, "prompt": "chat"},
     },
 }
-BATCH = {"minilm": 16, "smollm2": 8}
+BATCH = {"minilm": 16, "smollm2": 8, "memory": 16}
+# Peak memory where activations matter: SmolLM2 at batch 16 x 256 tokens (synopses joined into long texts), a few
+# updates each; memory only, no evaluation.
+MEMORY_ROWS = {"MeZO LoRA": ("lora", "mezo"), "Adam LoRA": ("lora", "adamw"), "MeZO full": ("full", "mezo"),
+               "Adam full": ("full", "adamw")}
+MEMORY_STEPS, MEMORY_LENGTH = 3, 256
+ROWS["memory"] = {name: {"method": m, "optim": o, "lr": 1e-6 if o == "mezo" else 1e-5}
+                  for name, (m, o) in MEMORY_ROWS.items()}
 CALIBRATION_STEPS = {"minilm": 12, "smollm2": 3}
 
 
@@ -63,21 +74,45 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _data(task: str, quick: bool) -> tuple[Path, Path, Path]:
+SECTIONS = ["admin", "database", "editors", "fonts", "games", "graphics", "mail", "math", "net", "science",
+            "sound", "text", "video", "web"]
+SYSTEM = "Answer with one word: the Debian archive section of the package, one of: " + ", ".join(SECTIONS) + "."
+
+
+def _prompt(text: str, style: str, tokenizer) -> str:
+    """The question as a raw completion prompt, or in the model's chat template with the sections listed."""
+    if style == "plain":
+        return QUESTION.format(text)
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION.format(text)}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _data(task: str, quick: bool, style: str = "plain") -> tuple[Path, Path, Path]:
     """(model dir, train file, validation file) of a task, written once under runs/zo-bench."""
     from memfit.cli.demo import DATA, minilm_dir
+    from memfit.local import load_tokenizer
 
     if task == "minilm":
         return minilm_dir(), DATA / "debian-sections-train.jsonl", DATA / "debian-sections-val.jsonl"
     WORK.mkdir(parents=True, exist_ok=True)
-    train, val = WORK / "lm-train.jsonl", WORK / f"lm-val{'-quick' if quick else ''}.jsonl"
+    model_dir = smollm2_dir(WORK)
+    if task == "memory":
+        long = WORK / "lm-long.jsonl"
+        if not long.is_file():
+            texts = [r["text"] for r in _rows(DATA / "debian-sections-train.jsonl")[:2000]]
+            long.write_text("".join(json.dumps({"text": ". ".join(texts[i:i + 40])}) + "\n"
+                                    for i in range(0, len(texts), 40)))
+        return model_dir, long, long
+    tokenizer = load_tokenizer(model_dir)
+    suffix = "" if style == "plain" else f"-{style}"
+    train, val = WORK / f"lm-train{suffix}.jsonl", WORK / f"lm-val{suffix}{'-quick' if quick else ''}.jsonl"
     for src, dst, n in ((DATA / "debian-sections-train.jsonl", train, None),
                         (DATA / "debian-sections-val.jsonl", val, 50 if quick else 200)):
         if not dst.is_file():
             rows = _rows(src)[:n]
-            dst.write_text("".join(json.dumps({"prompt": QUESTION.format(r["text"]), "completion": r["label"]}) + "\n"
-                                   for r in rows))
-    return smollm2_dir(WORK), train, val
+            dst.write_text("".join(json.dumps({"prompt": _prompt(r["text"], style, tokenizer),
+                                               "completion": r["label"]}) + "\n" for r in rows))
+    return model_dir, train, val
 
 
 def exact_match(model, tokenizer, val: Path, batch: int = 25) -> float:
@@ -96,6 +131,24 @@ def exact_match(model, tokenizer, val: Path, batch: int = 25) -> float:
             answer = tokenizer.decode(ids, skip_special_tokens=True).strip().splitlines()
             hits += bool(answer) and answer[0].strip() == r["completion"]
     return hits / len(rows)
+
+
+def completion_loss(model, tokenizer, val: Path, batch: int = 8) -> float:
+    """Mean loss per completion token on the validation prompts (what a trained row's evaluation reports)."""
+    import torch
+
+    from memfit.train.data import load_rows
+    from memfit.train.tasks import CausalLM
+
+    task = CausalLM()
+    examples = [task.encode(r, tokenizer, 64) for r in load_rows(val, "causal-lm")[0]]
+    total = targets = 0.0
+    with torch.no_grad():
+        for s in range(0, len(examples), batch):
+            b = task.collate(examples[s:s + batch], tokenizer.pad_token_id)
+            total += float(task.loss_sum(model, b))
+            targets += task.targets(b)
+    return total / targets
 
 
 def _head_only(model_dir: Path, train: Path, val: Path, out: Path, cfg) -> dict:
@@ -120,7 +173,7 @@ def _head_only(model_dir: Path, train: Path, val: Path, out: Path, cfg) -> dict:
     return trainer.fit()
 
 
-def run_row(task: str, row: str, steps: int, quick: bool) -> dict:
+def run_row(task: str, row: str, steps: int, quick: bool, lr: float | None = None, evaluate: bool = True) -> dict:
     """One row in this process: `steps` updates (a calibration run when asked for few), then the evaluation."""
     import torch
 
@@ -132,26 +185,27 @@ def run_row(task: str, row: str, steps: int, quick: bool) -> dict:
     from memfit.train.tasks import CausalLM
 
     torch.set_num_threads(2)
-    spec = ROWS[task][row]
-    model_dir, train, val = _data(task, quick)
-    out = WORK / task / row.replace(" ", "-").replace("(", "").replace(")", "") / str(steps)
+    spec = {**ROWS[task][row], **({"lr": lr} if lr else {})}
+    model_dir, train, val = _data(task, quick, spec.get("prompt", "plain"))
+    slug = "".join(c for c in row.replace(" ", "-") if c.isalnum() or c == "-")
+    out = WORK / task / slug / f"{steps}-{spec.get('lr')}"
     if spec["method"] is None:  # zero-shot: the model as it is
         reset_peak_rss()
         model = load_base(model_dir, CausalLM())[0].eval()
         tokenizer = load_tokenizer(model_dir)
         return {"steps": 0, "exact_match": exact_match(model, tokenizer, val), "peak_rss": peak_rss_bytes(),
-                "train_time_s": 0.0, "forward_passes": 0}
+                "loss": completion_loss(model, tokenizer, val), "train_time_s": 0.0, "forward_passes": 0}
     batch = BATCH[task]
     cfg = TrainConfig(max_steps=steps, batch_size=batch, eval_batch_size=batch, lr=spec["lr"], optim=spec["optim"],
-                      warmup_ratio=0.0 if spec["optim"] == "mezo" else 0.06, max_length=64, log_every=10**9,
+                      warmup_ratio=0.0 if spec["optim"] == "mezo" else 0.06,
+                      max_length=MEMORY_LENGTH if task == "memory" else 64, log_every=10**9,
                       checkpoint_every=10**9, eval_every=10**9, seed=0)
-    evaluate = steps > CALIBRATION_STEPS[task]
     if spec["method"] == "head":
         summary = _head_only(model_dir, train, val if evaluate else None, out, cfg)
     else:
         config = {"lora": memfit.LoraConfig(r=8, alpha=16), "full": memfit.FullConfig()}[spec["method"]]
-        summary = finetune(model_dir, train, out, config, cfg, eval_data=val if evaluate else None, quiet=True,
-                           overwrite=True)
+        summary = finetune(model_dir, train, out, config, cfg, eval_data=val if evaluate and task != "memory" else None,
+                           quiet=True, overwrite=True)
     held = summary.get("memory", {}).get("before_step")  # RSS when the first update started: process + weights
     result = {"steps": steps, "train_time_s": summary["train_time_s"], "peak_rss": summary["peak_mem_bytes"],
               "rss_before_training": held,
@@ -162,12 +216,24 @@ def run_row(task: str, row: str, steps: int, quick: bool) -> dict:
     return result
 
 
-def _subprocess(task: str, row: str, steps: int, quick: bool) -> dict:
+def _subprocess(task: str, row: str, steps: int, quick: bool, lr: float | None = None, evaluate: bool = True
+                ) -> dict:
     cmd = [sys.executable, __file__, "--row", f"{task}:{row}", "--steps", str(steps)] + (["--quick"] if quick else [])
+    cmd += (["--lr", str(lr)] if lr else []) + ([] if evaluate else ["--calibrate"])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{task}:{row} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def calibrated_steps(task: str, row: str, budget: float, quick: bool) -> int:
+    """Updates that fill `budget` seconds: the marginal time of an update, from two short runs (c and 2c updates;
+    their difference leaves out what only the first updates cost: allocation, kernel warm-up)."""
+    c = CALIBRATION_STEPS[task]
+    short, long = (_subprocess(task, row, n, quick, evaluate=False)["train_time_s"] for n in (c, 2 * c))
+    per_step = max(long - short, 1e-3) / c
+    first = max(0.0, short - c * per_step)
+    return max(2 * c, int((budget - first) / per_step))
 
 
 def _failed(error: Exception) -> dict:
@@ -179,6 +245,8 @@ def readme_tables(payload: dict) -> dict[str, str]:
     """README.md's table, from results/zo.json alone (bench/readme_check.py compares the two)."""
     rows = []
     for task, results in payload["results"].items():
+        if task == "memory":
+            continue
         model = {"minilm": "MiniLM-L6", "smollm2": "SmolLM2-135M"}[task]
         metric = "accuracy" if task == "minilm" else "exact_match"
         for name in ROWS[task]:
@@ -194,7 +262,16 @@ def readme_tables(payload: dict) -> dict[str, str]:
                          f"{r['forward_passes']:,}"])
     header = ["model", "row", "accuracy / exact match", "val loss", "peak RSS GiB", "train min", "updates",
               "forward passes"]
-    return {"zo": md_table(header, "llrrrrrr", rows)}
+    tables = {"zo": md_table(header, "llrrrrrr", rows)}
+    memory = payload["results"].get("memory", {})
+    ref = memory.get("Adam LoRA", {}).get("peak_rss")
+    if ref:
+        mem_rows = [[name, f"{r['peak_rss'] / GiB:.2f}", f"{r['peak_rss'] / ref:.2f}",
+                     f"{(r['peak_rss'] - r['rss_before_training']) / GiB:.2f}", f"{r['train_time_s'] / r['steps']:.1f}"]
+                    for name, r in memory.items() if "error" not in r]
+        tables["memory"] = md_table(["SmolLM2, batch 16 x 256", "peak RSS GiB", "÷ Adam LoRA",
+                                     "above the loaded model GiB", "s/update"], "lrrrr", mem_rows)
+    return tables
 
 
 def main() -> None:
@@ -203,34 +280,51 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="start over instead of skipping finished rows")
     ap.add_argument("--budget-minilm", type=float, default=150.0, help="seconds of training per MiniLM row")
     ap.add_argument("--budget-smollm2", type=float, default=480.0, help="seconds of training per SmolLM2 row")
-    ap.add_argument("--tasks", default="minilm,smollm2")
+    ap.add_argument("--tasks", default="minilm,smollm2,memory")
     ap.add_argument("--row", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--lr", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--calibrate", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--sweep", help="TASK:ROW: try --sweep-lrs for --sweep-steps updates each, record them, and stop")
+    ap.add_argument("--sweep-lrs", default="1e-4,1e-5")
+    ap.add_argument("--sweep-steps", type=int, default=60)
     args = ap.parse_args()
     if args.row:  # the child process of one row
         task, row = args.row.split(":", 1)
-        print(json.dumps(run_row(task, row, args.steps, args.quick)))
+        print(json.dumps(run_row(task, row, args.steps, args.quick, args.lr, not args.calibrate)))
         return
     budgets = {"minilm": 20.0, "smollm2": 40.0} if args.quick else {"minilm": args.budget_minilm,
                                                                      "smollm2": args.budget_smollm2}
+    budgets["memory"] = 0.0
     path = RESULTS / ("zo-quick.json" if args.quick else "zo.json")
     payload = json.loads(path.read_text()) if path.is_file() and not args.fresh else {"results": {}}
     payload.update(machine=machine(), budgets_s=budgets, quick=args.quick)
     start = time.perf_counter()
+    if args.sweep:
+        task, row = args.sweep.split(":", 1)
+        sweep = payload.setdefault("sweeps", {}).setdefault(args.sweep, {})
+        for lr in map(float, args.sweep_lrs.split(",")):
+            try:
+                sweep[str(lr)] = _subprocess(task, row, args.sweep_steps, args.quick, lr)
+            except RuntimeError as e:
+                sweep[str(lr)] = _failed(e)
+            path.write_text(json.dumps(payload, indent=2) + "\n")
+            print(f"sweep {args.sweep} lr {lr}: {json.dumps(sweep[str(lr)])}", flush=True)
+        return
     for task in args.tasks.split(","):
         done = payload["results"].setdefault(task, {})
         for row, spec in ROWS[task].items():
             if row in done and "error" not in done[row]:
                 continue
-            steps = 0
+            steps, budget = 0, budgets[task] * spec.get("budget_x", 1)
             try:
-                if spec["method"] is not None:
-                    cal = _subprocess(task, row, CALIBRATION_STEPS[task], args.quick)
-                    per_step = cal["train_time_s"] / cal["steps"]
-                    steps = max(CALIBRATION_STEPS[task] + 1, int(budgets[task] / per_step))
-                done[row] = {**_subprocess(task, row, steps, args.quick), "budget_s": budgets[task], **spec}
+                if task == "memory":
+                    steps = MEMORY_STEPS
+                elif spec["method"] is not None:
+                    steps = calibrated_steps(task, row, budget, args.quick)
+                done[row] = {**_subprocess(task, row, steps, args.quick), "budget_s": budget, **spec}
             except RuntimeError as e:
-                done[row] = {**_failed(e), "budget_s": budgets[task], **spec}
+                done[row] = {**_failed(e), "budget_s": budget, **spec}
             RESULTS.mkdir(exist_ok=True)
             path.write_text(json.dumps(payload, indent=2) + "\n")
             print(f"{task} {row}: {json.dumps(done[row])}  [{(time.perf_counter() - start) / 60:.1f} min]", flush=True)

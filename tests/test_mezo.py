@@ -97,7 +97,7 @@ def test_the_mean_update_direction_is_the_gradient():
 def test_update_is_theta_minus_lr_g_z_and_state_is_restored(perturbations):
     params, loss = _regression(2, torch.float32)
     start = [p.detach().clone() for p in params]
-    lr, eps, wd = 1e-2, 1e-3, 0.1
+    lr, eps, wd = 5e-2, 1e-3, 2.0  # lr·λ = 0.1: the decay is large enough to see if it were applied wrong
     opt = MeZO(params, lr=lr, eps=eps, weight_decay=wd, perturbations=perturbations)
     rec = _Recorder(params, loss)
     opt.step(rec)

@@ -3,8 +3,9 @@
 One estimate of one step, with a fresh seed s: θ ← θ + εz(s); L₊ = loss; θ ← θ − 2εz(s); L₋ = loss;
 θ ← θ + εz(s) (θ back, to float rounding); g = (L₊ − L₋) / (2ε), the derivative of the loss along z. With q
 estimates the update is θ ← θ − lr·(λθ + (1/q)·Σⱼ gⱼ·z(sⱼ)). z ~ N(0, I) is never stored: it is regenerated from its
-seed, parameter by parameter and chunk by chunk (`CHUNK` values at a time), for each of the four uses (+ε, −2ε,
-+ε, update), so no tensor of the parameters' size exists beside them and no `.grad` is ever allocated.
+seed, parameter by parameter and chunk by chunk (`CHUNK` values at a time), for each use (+ε, −2ε, then the last
++ε fused with the update: three passes over z per step), so no tensor of the parameters' size exists beside them
+and no `.grad` is ever allocated.
 
 Sparse MeZO (Liu et al., 2024): with `sparsity` s, only the (1 − s) share of each tensor's entries with the
 smallest magnitude is perturbed and updated. The mask is derived from the weights at the start of each step (a
@@ -196,20 +197,25 @@ class MeZO(torch.optim.Optimizer):
         if (closure is None) == (paired is None):
             raise ConfigError("MeZO.step needs a closure that returns the loss (forward only, no backward), or a "
                               "paired estimate; exactly one of them.")
+        pending: list[int] = []  # the seed whose last +ε is left to the update (fused into it)
         if paired is None:
             params = self.params
+            last_seed = self._seed(self.perturbations - 1)
 
             def paired(z: Perturbation) -> tuple[float, float]:
                 z.plus(params)
                 at, minus = 1.0, math.nan
-                try:  # +ε, −2ε, +ε: three passes over z; on any error (a NaN, an exception) θ is put back first
-                    plus = float(closure())
+                try:  # +ε, −2ε, then +ε (the last estimate's is fused into the update: 3 passes over z, not 4);
+                    plus = float(closure())  # on any error (a NaN, an exception) θ is put back first
                     if math.isfinite(plus):
                         z.minus(params)
                         at = -1.0
                         minus = float(closure())
                 finally:
-                    z.apply(params, -at)
+                    if z.seed == last_seed and at == -1.0 and math.isfinite(minus):
+                        pending.append(z.seed)
+                    else:
+                        z.apply(params, -at)
                 return plus, minus
 
         self._build_masks()
@@ -223,23 +229,31 @@ class MeZO(torch.optim.Optimizer):
                 seeds.append(seed)
                 grads.append((plus - minus) / (2.0 * self.param_groups[0]["eps"]))
                 losses.extend((plus, minus))
-            self._update(seeds, grads)
+            self._update(seeds, grads, pending)
+        except BaseException:
+            for seed in pending:  # θ − εz was left for the update, which did not happen
+                Perturbation(self, seed).restore(self.params)
+            raise
         finally:
             self._masks = {}
         self.last_estimates = grads
         return torch.tensor(sum(losses) / len(losses))
 
-    def _update(self, seeds: list[int], grads: list[float]) -> None:
+    def _update(self, seeds: list[int], grads: list[float], pending: list[int]) -> None:
+        """θ ← θ(1 − lr·λ) − lr·(1/q)·Σ gⱼ·z(sⱼ); a seed in `pending` finds θ − εz and adds its +ε in the same pass."""
         q = len(seeds)
         for group in self.param_groups:
             eps_ratio = group["eps"] / self.param_groups[0]["eps"]  # g was divided by group 0's ε
+            decay = 1.0 - group["lr"] * group["weight_decay"]
             for p in group["params"]:
                 index = self._place[id(p)][0]
-                if group["weight_decay"]:
-                    p.data.mul_(1.0 - group["lr"] * group["weight_decay"])
+                if decay != 1.0:
+                    p.data.mul_(decay)
                 for seed, g in zip(seeds, grads, strict=True):
-                    self.add_z(p, index, seed, -group["lr"] * g * eps_ratio / q)
+                    restore = decay * group["eps"] if seed in pending else 0.0
+                    self.add_z(p, index, seed, restore - group["lr"] * g * eps_ratio / q)
             group["step"] += 1
+        pending.clear()
 
     def _check(self, loss: float, sign: str) -> None:
         if not math.isfinite(loss):

@@ -230,11 +230,23 @@ class Trainer:
         if n_targets == 0:
             raise TrainingError(f"update {self.global_step + 1} has no loss targets (every completion was cut by "
                                 f"--max-length {self.config.max_length}?); raise --max-length.")
-        total, checked = 0.0, 0.0
         if self.global_step == 0:  # the first update's peak above what was held before it: its activations
             self.memory["before_step"] = current_bytes(self.ranks.device)
         if self.zeroth_order:
-            return self._zeroth_order_update(batches, n_targets), sum(len(idx) for idx in micro)
+            mean = self._zeroth_order_step(batches, n_targets)
+        else:
+            mean = self._backprop_step(batches, n_targets)
+        self.scheduler.step()
+        self.global_step += 1
+        for cb in self.callbacks:
+            cb.on_step_end(self, self.global_step)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.global_step == 1:
+            self.memory["step_peak"] = peak_bytes(self.ranks.device)
+        return mean, sum(len(idx) for idx in micro) * self.ranks.world_size
+
+    def _backprop_step(self, batches: list[dict[str, torch.Tensor]], n_targets: float) -> float:
+        total, checked = 0.0, 0.0
         for batch in batches:
             loss_sum = self.task.loss_sum(self.model, batch)
             total += loss_sum.item()
@@ -245,23 +257,15 @@ class Trainer:
             loss.backward()
         # Checked on the sum over ranks, so every rank stops together; NaN gradients never reach the weights.
         self._check_finite(self.ranks.sum(checked), "loss")
-        mean = self.ranks.sum(total) / n_targets
         if self.config.max_grad_norm:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]  # callbacks may add some
             norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
             self._check_finite(float(norm), "gradient norm")
         self.optimizer.step()
-        self.scheduler.step()
-        self.global_step += 1
-        for cb in self.callbacks:
-            cb.on_step_end(self, self.global_step)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.global_step == 1:
-            self.memory["step_peak"] = peak_bytes(self.ranks.device)
-        return mean, sum(len(idx) for idx in micro) * self.ranks.world_size
+        return self.ranks.sum(total) / n_targets
 
-    def _zeroth_order_update(self, batches: list[dict[str, torch.Tensor]], n_targets: float) -> float:
-        """One MeZO update: forward passes only (no graph, no `.grad`), in eval mode so that both perturbed passes
+    def _zeroth_order_step(self, batches: list[dict[str, torch.Tensor]], n_targets: float) -> float:
+        """One MeZO step: forward passes only (no graph, no `.grad`), in eval mode so that both perturbed passes
         compute the same function (no dropout), as MeZO does. Returns the mean of the perturbed losses."""
         self.model.eval()
         if self.paired is not None:  # streamed layers: both passes in one visit of each layer (ZO2)
@@ -269,12 +273,6 @@ class Trainer:
         else:
             loss = self.optimizer.step(lambda: sum(float(self.task.loss_sum(self.model, b)) for b in batches)
                                        / n_targets)
-        self.scheduler.step()
-        self.global_step += 1
-        for cb in self.callbacks:
-            cb.on_step_end(self, self.global_step)
-        if self.global_step == 1:
-            self.memory["step_peak"] = peak_bytes(self.ranks.device)
         return float(loss)
 
     def _check_finite(self, value: float, what: str) -> None:
