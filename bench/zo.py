@@ -52,11 +52,11 @@ ROWS: dict[str, dict[str, dict]] = {
     },
     "smollm2": {
         "zero-shot": {"method": None},
-        "MeZO LoRA": {"method": "lora", "optim": "mezo", "lr": 1e-3},
+        "MeZO LoRA": {"method": "lora", "optim": "mezo", "lr": 1e-4},  # 1e-3 diverged (see the sweep)
         "MeZO full": {"method": "full", "optim": "mezo", "lr": 1e-6},
         "Adam LoRA": {"method": "lora", "optim": "adamw", "lr": 1e-3},
         "zero-shot, chat prompt": {"method": None, "prompt": "chat"},
-        "MeZO LoRA, chat prompt": {"method": "lora", "optim": "mezo", "lr": 1e-3, "prompt": "chat"},
+        "MeZO LoRA, chat prompt": {"method": "lora", "optim": "mezo", "lr": 1e-4, "prompt": "chat"},
     },
 }
 BATCH = {"minilm": 16, "smollm2": 8, "memory": 16}
