@@ -270,7 +270,7 @@ def readme_tables(payload: dict) -> dict[str, str]:
                      f"{(r['peak_rss'] - r['rss_before_training']) / GiB:.2f}", f"{r['train_time_s'] / r['steps']:.1f}"]
                     for name, r in memory.items() if "error" not in r]
         tables["memory"] = md_table(["SmolLM2, batch 16 x 256", "peak RSS GiB", "÷ Adam LoRA",
-                                     "above the loaded model GiB", "s/update"], "lrrrr", mem_rows)
+                                     "above RSS at update 1, GiB", "s/update"], "lrrrr", mem_rows)
     return tables
 
 

@@ -392,3 +392,11 @@ def test_mezo_without_trainable_parameters_is_a_clear_error(tmp_path, llama_dir)
     examples = [{"input_ids": list(range(5, 25)), "n_prompt": [0]}] * 8
     with pytest.raises(ConfigError, match="no trainable parameters"):
         Trainer(model, CausalLM(), examples, None, TrainConfig(optim="mezo"), tmp_path, 0, lambda m, d: None)
+
+
+def test_full_method_trains_every_weight_or_only_the_named_modules():
+    everything = memfit.inject(_llama(), memfit.FullConfig())
+    assert all(p.requires_grad for p in everything.parameters())
+    some = memfit.inject(_llama(), memfit.FullConfig(target_modules=["q_proj"]))
+    trained = {n for n, p in some.named_parameters() if p.requires_grad}
+    assert trained == {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(3)}

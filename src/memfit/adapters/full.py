@@ -15,6 +15,7 @@ from torch import nn
 
 from memfit.adapters.config import AdapterConfig
 from memfit.adapters.method import Method, Target
+from memfit.fields import option
 
 
 @dataclass
@@ -22,6 +23,9 @@ class FullConfig(AdapterConfig):
     """Full fine-tuning; `target_modules` (None: the whole model) names the modules whose weights train."""
 
     method = "full"
+    target_modules: list[str] | str | None = option(
+        None, help="modules whose weights train (names matched as a suffix of the dotted path, a regex, or "
+        "'all-linear'); None: every parameter of the model, embeddings, norms and head included")
 
     def default_targets(self, model: Any) -> str:
         return "all-linear"  # only resolves the spec: with target_modules None, `_prepare` unfreezes everything
