@@ -43,7 +43,7 @@ def test_readme_tables_match_committed_results():
 
 def test_readme_marks_the_benchmark_tables():
     assert REFERENCED == ["adapters_step.json", "moe.json", "optim.json", "optim_finetune.json", "quality-lm.json",
-                          "quality.json", "rps.json", "serve.json", "stream.json"]
+                          "quality.json", "rps.json", "serve.json", "stream.json", "zo.json"]
 
 
 # --- the mechanism, on a README and results of its own ---------------------------------------------------------
@@ -164,6 +164,15 @@ PAYLOADS = {
                              "peft_switch": {"tokens_per_s": 20.0}, "peft_mixed": {"tokens_per_s": 64.0}}],
                    "http": {"clients": 16, "adapters": 8, "requests": 64, "ttft_p50_s": 1.234, "ttft_p95_s": 2.5,
                             "tokens_per_s": 55.55}},
+    "zo.json": {"results": {
+        "minilm": {"Adam LoRA": {"accuracy": 0.7469, "loss": 0.84144, "peak_rss": 0.69 * 2**30, "train_time_s": 144.0,
+                                 "steps": 1154, "forward_passes": 1154},
+                   "MeZO full": {"error": "TrainingError: the loss is nan"}},
+        "smollm2": {"zero-shot": {"exact_match": 0.0, "loss": 13.7127, "peak_rss": 1.63 * 2**30, "train_time_s": 0.0,
+                                  "steps": 0, "forward_passes": 0}},
+        "memory": {"Adam LoRA": {"peak_rss": 8 * 2**30, "rss_before_training": 2**30, "train_time_s": 48.0, "steps": 3},
+                   "MeZO LoRA": {"peak_rss": 3 * 2**30, "rss_before_training": 2**30, "train_time_s": 39.9,
+                                 "steps": 3}}}},
 }
 
 EXPECTED = {  # README rows these payloads must reproduce, character for character
@@ -216,6 +225,16 @@ EXPECTED = {  # README rows these payloads must reproduce, character for charact
     ("serve.json", "http"): [
         "| clients | adapters | requests | TTFT p50 | TTFT p95 | tokens/s |", "|---:|---:|---:|---:|---:|---:|",
         "| 16 | 8 | 64 | 1.23 s | 2.50 s | 55.5 |"],
+    ("zo.json", "zo"): [
+        "| model | row | accuracy / exact match | val loss | peak RSS GiB | train min | updates | forward passes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| MiniLM-L6 | MeZO full | failed | | | | | TrainingError: the loss is nan |",
+        "| MiniLM-L6 | Adam LoRA | 0.747 | 0.841 | 0.69 | 2.4 | 1154 | 1,154 |",
+        "| SmolLM2-135M | zero-shot | 0.000 | 13.713 | 1.63 | 0.0 | 0 | 0 |"],
+    ("zo.json", "memory"): [
+        "| SmolLM2, batch 16 x 256 | peak RSS GiB | ÷ Adam LoRA | above RSS at update 1, GiB | s/update |",
+        "|---|---:|---:|---:|---:|",
+        "| Adam LoRA | 8.00 | 1.00 | 7.00 | 16.0 |", "| MeZO LoRA | 3.00 | 0.38 | 2.00 | 13.3 |"],
     ("stream.json", "step"): [
         "| variant | s/step | ÷ memory | peak RSS MB | ÷ memory | read MB/step | disk MB/step |",
         "|---|---:|---:|---:|---:|---:|---:|",
