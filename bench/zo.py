@@ -18,7 +18,8 @@ backward). Learning rates are the MeZO paper's ranges, picked once on MiniLM (se
 Rows are appended to results/zo.json as they finish and a rerun skips them (`--fresh` starts over), so the run can
 be stopped and continued.
 
-    .venv/bin/python bench/zo.py            # ~45 min on 2 CPU cores: 2.5 min per MiniLM row, 8 per SmolLM2 row
+    .venv/bin/python bench/zo.py            # ~90 min on 2 CPU cores: 2.5 min per MiniLM row, 8 per SmolLM2 row,
+                                            # calibrations, evaluations, sweeps and the memory rows
     .venv/bin/python bench/zo.py --quick    # 20 s / 40 s budgets, 50 validation prompts: a smoke run
 """
 

@@ -108,6 +108,19 @@ def bert_dir(tmp_path_factory) -> Path:
     return save_model_dir(BertModel(config), tmp_path_factory.mktemp("bert"))
 
 
+def cli_ok(*args) -> str:
+    """Run `memfit ARGS...` in-process and return its output; the run must succeed (an exception is re-raised)."""
+    from typer.testing import CliRunner
+
+    from memfit.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

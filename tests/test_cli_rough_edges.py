@@ -11,12 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_model_dir, write_jsonl
-from typer.testing import CliRunner
+from conftest import cli_ok, save_model_dir, write_jsonl
 
-from memfit.cli import app
-
-runner = CliRunner()
 TEXT = [{"text": t} for t in ["apache traffic server software developers kit", "puppet module for monit",
                               "awesome party music player", "print plugin for the gimp"] * 8]
 
@@ -33,14 +29,6 @@ def one_error_line(proc: subprocess.CompletedProcess, pattern: str) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
     assert re.search(pattern, lines[0]), lines[0]
     return lines[0]
-
-
-def ok(*args) -> str:
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 @pytest.fixture
@@ -79,7 +67,7 @@ def test_set_values_are_parsed_by_the_fields_type(tmp_path, data, llama_dir, set
 
 def test_set_parses_booleans_and_lists(tmp_path, data, llama_dir):
     out = tmp_path / "run"
-    ok("finetune", "--model", llama_dir, "--data", data, "--out", out, "--method", "mos", "--max-steps", "1", "-q",
+    cli_ok("finetune", "--model", llama_dir, "--data", data, "--out", out, "--method", "mos", "--max-steps", "1", "-q",
        "--set", "dissociation=no", "--set", "r_eq=2", "--set", "target_modules=q_proj,k_proj")
     config = json.loads((out / "adapter_config.json").read_text())["config"]
     assert config["dissociation"] is False and config["r_eq"] == 2 and config["target_modules"] == ["q_proj", "k_proj"]
@@ -88,11 +76,11 @@ def test_set_parses_booleans_and_lists(tmp_path, data, llama_dir):
 def test_a_finished_run_is_never_overwritten_silently(tmp_path, data, llama_dir):
     out = tmp_path / "run"
     common = ["finetune", "--model", llama_dir, "--data", data, "--out", out, "--max-steps", "2", "-q"]
-    ok(*common)
+    cli_ok(*common)
     before = (out / "adapter.safetensors").read_bytes()
     one_error_line(memfit_cli(*common), r"holds a finished run .*pass --overwrite to replace it")
     assert (out / "adapter.safetensors").read_bytes() == before
-    ok(*common, "--overwrite", "--seed", "1")
+    cli_ok(*common, "--overwrite", "--seed", "1")
     assert (out / "adapter.safetensors").read_bytes() != before
 
 
@@ -108,14 +96,14 @@ def test_quiet_still_says_where_the_outputs_went_and_resume_says_from_where(tmp_
     out = tmp_path / "run"
     common = ["finetune", "--model", llama_dir, "--data", data, "--out", out, "--max-steps", "4",
               "--checkpoint-every", "2"]
-    printed = ok(*common, "-q")
+    printed = cli_ok(*common, "-q")
     assert printed.strip() == f"wrote the run to {out}"
-    resumed = ok(*common, "--resume")  # the last checkpoint is at update 2 (the end of a run saves no checkpoint)
+    resumed = cli_ok(*common, "--resume")  # the last checkpoint is at update 2 (the end of a run saves no checkpoint)
     assert "resuming from update 2 of 4" in resumed
 
 
 def test_one_peak_memory_figure(tmp_path, data, llama_dir):
-    printed = ok("finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "run", "--max-steps", "2")
+    printed = cli_ok("finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "run", "--max-steps", "2")
     table_peak = re.search(r"│ peak\s+│\s+([\d.]+ [KMG]?B)", printed).group(1)
     summary_peak = re.search(r"peak memory\s+│\s+([\d.]+ [KMG]?B) \(since training started\)", printed).group(1)
     assert table_peak == summary_peak
@@ -125,7 +113,7 @@ def test_one_peak_memory_figure(tmp_path, data, llama_dir):
 
 def test_mos_defaults_work_on_a_shallow_model_and_say_what_was_chosen(tmp_path, bert_dir, sections):
     train, _ = sections
-    printed = ok("finetune", "--model", bert_dir, "--data", train, "--out", tmp_path / "run", "--method", "mos",
+    printed = cli_ok("finetune", "--model", bert_dir, "--data", train, "--out", tmp_path / "run", "--method", "mos",
                  "--max-steps", "1")
     assert "MoS: active rank r=14, not the paper's 16: with 6 layer(s)" in " ".join(printed.split())
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["config"]
@@ -142,7 +130,7 @@ def test_a_model_type_no_table_lists_trains_with_default_targets(tmp_path, data)
                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
     torch.manual_seed(0)
     model_dir = save_model_dir(AutoModelForCausalLM.from_config(config), tmp_path / "phi3")
-    ok("finetune", "--model", model_dir, "--data", data, "--out", tmp_path / "run", "--max-steps", "1", "-q")
+    cli_ok("finetune", "--model", model_dir, "--data", data, "--out", tmp_path / "run", "--max-steps", "1", "-q")
     targets = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["target_modules"]
     assert targets == ["model.layers.0.self_attn.qkv_proj", "model.layers.1.self_attn.qkv_proj"]
 

