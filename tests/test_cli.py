@@ -9,28 +9,17 @@ import sys
 
 import pytest
 import torch
-from conftest import write_jsonl
-from typer.testing import CliRunner
+from conftest import cli_ok, write_jsonl
 
-from memfit.cli import app
 from memfit.errors import ConfigError, TargetNotFoundError
 from memfit.train.finetune import load_finetuned
 
-runner = CliRunner()
 TEXT = [{"text": t} for t in ["apache traffic server software developers kit", "puppet module for monit",
                               "awesome party music player", "print plugin for the gimp"] * 8]
 
 
 def _events(out, kind="train"):
     return [e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
-
-
-def _run(*args: str):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.mark.parametrize("method, extra", [("lora", ["-r", "4"]),
@@ -41,10 +30,10 @@ def test_finetune_then_export_loads_in_peft_with_the_same_logits(tmp_path, bert_
 
     train, val = sections
     out = tmp_path / "run"
-    _run("finetune", "--model", bert_dir, "--data", train, "--eval-data", val, "--out", out, "--method", method,
+    cli_ok("finetune", "--model", bert_dir, "--data", train, "--eval-data", val, "--out", out, "--method", method,
          "--epochs", "2", "--batch-size", "32", "--lr", "1e-2", "--targets", "query,value", "-q", *extra)
     assert (out / "adapter.safetensors").is_file() and (out / "loss.png").is_file()
-    _run("export", "--adapter", out, "--to", "peft", "--out", tmp_path / "peft")
+    cli_ok("export", "--adapter", out, "--to", "peft", "--out", tmp_path / "peft")
 
     ours = load_finetuned(out)
     labels = json.loads((out / "adapter_config.json").read_text())["labels"]
@@ -60,13 +49,13 @@ def test_bad_flags_are_clear_errors(tmp_path, llama_dir):
     data = write_jsonl(tmp_path / "d.jsonl", TEXT)
     common = ["finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "o", "-q"]
     with pytest.raises(ConfigError, match="unknown adapter method 'lorax'; choose one of"):
-        _run(*common, "--method", "lorax")
+        cli_ok(*common, "--method", "lorax")
     with pytest.raises(ConfigError, match=r"--set rq: not an option of MoSConfig"):
-        _run(*common, "--method", "mos", "--set", "rq=2")
+        cli_ok(*common, "--method", "mos", "--set", "rq=2")
     with pytest.raises(TargetNotFoundError, match="matched no Linear"):
-        _run(*common, "--targets", "qq_proj")
+        cli_ok(*common, "--targets", "qq_proj")
     with pytest.raises(ConfigError, match="unknown optimizer 'sgd'"):
-        _run(*common, "--optim", "sgd")
+        cli_ok(*common, "--optim", "sgd")
 
 
 def test_errors_print_one_line_and_exit_2(tmp_path, llama_dir):
@@ -94,7 +83,7 @@ def test_torchrun_fsdp2_matches_one_process_and_resumes(tmp_path, llama_dir, sha
     data = write_jsonl(tmp_path / "d.jsonl", TEXT)
     common = ["finetune", "--model", llama_dir, "--data", data, "--method", "lora", "-r", "4", "--dropout", "0",
               "--max-steps", "4", "--checkpoint-every", "2", "--log-every", "1", "--lr", "1e-2", "-q"]
-    _run(*common, "--out", tmp_path / "one", "--batch-size", "16")
+    cli_ok(*common, "--out", tmp_path / "one", "--batch-size", "16")
     _torchrun([*common, "--out", tmp_path / "two", "--batch-size", "8", "--shard", shard])
     one, two = [e["loss"] for e in _events(tmp_path / "one")], [e["loss"] for e in _events(tmp_path / "two")]
     assert two == pytest.approx(one, rel=1e-5)
@@ -113,7 +102,7 @@ def test_demo_runs_on_a_small_encoder(tmp_path, bert_dir, sections):
     (tmp_path / "data").mkdir()
     for src, name in ((train, "debian-sections-train.jsonl"), (val, "debian-sections-val.jsonl")):
         (tmp_path / "data" / name).write_text(src.read_text())
-    result = _run("demo", "--model", bert_dir, "--data", tmp_path / "data", "--out", tmp_path / "demo",
-                  "--max-steps", "3")
-    assert "validation accuracy" in result.output and "LoRA r=8 on the same modules" in result.output
+    output = cli_ok("demo", "--model", bert_dir, "--data", tmp_path / "data", "--out", tmp_path / "demo",
+                    "--max-steps", "3")
+    assert "validation accuracy" in output and "LoRA r=8 on the same modules" in output
     assert (tmp_path / "demo" / "adapter.safetensors").is_file()
