@@ -7,11 +7,15 @@ moment m) or [0, 1] (unsigned, for the second moment v). The map spends its code
 10^-7..10^0, each holding twice as many evenly spaced values as the decade below, so small and large
 magnitudes both keep a few significant digits.
 
-Quantisation is exact nearest-value rounding without a binary search: the top 16 bits of an fp32 value (sign,
-exponent, 7 mantissa bits) index a 65,536-entry table that gives the map entry just below the lowest value
-with those bits; one comparison with the next midpoint finishes the job (within one bf16 interval there is at
-most one midpoint, because the map's spacing is wider than a bf16 ulp everywhere; `tests/test_optim_quant.py`
-checks the result against `torch.bucketize` on a dense sweep of fp32 values).
+Quantisation is exact nearest-value rounding without a search (Cannizzo's direct search): the top 16 bits of
+an fp32 value (sign, exponent, 7 mantissa bits) pick one bin of fp32 values; a table gives, per bin, the number
+j of midpoints below the bin and, if one midpoint lies inside it (never more: the map's spacing is wider than a
+bf16 ulp everywhere), that midpoint's low 16 bits. The code is j plus one comparison of the value's low 16
+bits with them (for a negative bin the order of the low bits is reversed, so both sides are flipped). Values
+are normalised into [-1, 1], so only 26 exponents matter (below 2^-24 no midpoint lies; larger exponents are
+clamped to the top one): the table has 2 x 26 x 128 int32 entries (26 KB, cache-resident), an index computed
+from the value's bits with integer operations, and one gather per value, so the CPU kernel vectorises
+(`tests/test_optim_quant.py` checks the result against `torch.bucketize` on a dense sweep of fp32 values).
 """
 
 from __future__ import annotations
@@ -39,27 +43,43 @@ def dynamic_map(signed: bool) -> torch.Tensor:
     return qmap
 
 
+E_LO = 102  # the lowest exponent with its own table rows: |x| < 2^(E_LO - 126) = 2^-24 lies below every midpoint
+EXPONENTS = 26  # exponents E_LO .. 127 (values up to [1, 2)); smaller ones share row 0, larger ones the top row
+
+
+def direct_index(bits: torch.Tensor) -> torch.Tensor:
+    """Row of the direct table for int32 fp32 bit patterns: sign, clamped exponent, top 7 mantissa bits."""
+    sign = (bits >> 31) & 1
+    exponent = (((bits >> 23) & 0xFF) - E_LO).clamp(0, EXPONENTS - 1)
+    return ((sign * EXPONENTS + exponent) << 7) | ((bits >> 16) & 0x7F)
+
+
 @dataclass(frozen=True)
 class QuantTables:
-    """A map with its rounding tables, on one device."""
+    """A map with its rounding table, on one device."""
 
     qmap: torch.Tensor  # [256] fp32 sorted values
-    mids: torch.Tensor  # [256] fp32 midpoints qmap[j]..qmap[j+1], last = +inf
-    lut: torch.Tensor  # [65536] uint8: index of the map entry below the lowest value with these top 16 bits
+    direct: torch.Tensor  # [2 * EXPONENTS * 128] int32: j | threshold << 8 (see the module docstring)
 
     @staticmethod
     def build(signed: bool) -> QuantTables:
         qmap = dynamic_map(signed)
         mids = ((qmap[:-1].double() + qmap[1:].double()) / 2).float()
-        codes = torch.arange(65536, dtype=torch.int32) << 16
-        # Truncating the low 16 bits rounds toward zero; for negative values the lowest value is bits | 0xFFFF.
-        lowest = torch.where(codes < 0, codes | 0xFFFF, codes).view(torch.float32)
-        lowest = lowest.nan_to_num(0.0, posinf=1.0, neginf=-1.0).clamp(qmap[0].item(), 1.0)
-        lut = torch.bucketize(lowest, mids).to(torch.uint8)
-        return QuantTables(qmap, torch.cat([mids, torch.tensor([float("inf")])]), lut)
+        assert mids.abs().min() >= 2.0 ** (E_LO - 126)  # row 0 holds no midpoint, whatever the exponent below
+        row = torch.arange(2 * EXPONENTS * 128, dtype=torch.int32)
+        sign, exponent, mantissa = row >> 7 >= EXPONENTS, (row >> 7) % EXPONENTS + E_LO, row & 0x7F
+        top = (sign.int() << 15) | (exponent << 7) | mantissa  # the bin's top 16 bits
+        # The bin's lowest value: low bits 0 for a positive bin, 0xFFFF (the most negative) for a negative one.
+        lowest = torch.where(sign, (top << 16) | 0xFFFF, top << 16).view(torch.float32)
+        j = torch.bucketize(lowest, mids, right=False)  # midpoints strictly below the bin (a tie is not below)
+        mid_bits = mids.view(torch.int32)[j.clamp(max=mids.numel() - 1)]
+        inside = (j < mids.numel()) & (((mid_bits >> 16) & 0xFFFF) == top)
+        flip = torch.where(sign, 0xFFFF, 0)
+        threshold = torch.where(inside, (mid_bits & 0xFFFF) ^ flip, 0xFFFF)  # 0xFFFF: no midpoint, never above
+        return QuantTables(qmap, (j.int() | (threshold << 8)).to(torch.int32))
 
     def to(self, device: torch.device) -> QuantTables:
-        return QuantTables(self.qmap.to(device), self.mids.to(device), self.lut.to(device))
+        return QuantTables(self.qmap.to(device), self.direct.to(device))
 
 
 @cache
@@ -70,9 +90,10 @@ def tables(signed: bool, device: torch.device = torch.device("cpu")) -> QuantTab
 
 def quantize_normalized(x: torch.Tensor, t: QuantTables) -> torch.Tensor:
     """uint8 index of the nearest map entry for each value of x (already scaled into the map's range)."""
-    top = (x.contiguous().view(torch.int32) >> 16) & 0xFFFF
-    j = t.lut[top].long()
-    return (j + (x > t.mids[j]).long()).to(torch.uint8)
+    bits = x.contiguous().view(torch.int32)
+    entry = t.direct[direct_index(bits)]
+    key = (bits & 0xFFFF) ^ torch.where(bits < 0, 0xFFFF, 0)
+    return ((entry & 0xFF) + (key > (entry >> 8)).int()).to(torch.uint8)
 
 
 def blocks_per_row(row: int) -> int:
