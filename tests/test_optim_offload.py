@@ -162,10 +162,12 @@ def test_full_disk_aborts_the_step_and_keeps_the_committed_state(tmp_path, monke
 
 
 def test_registry_builds_every_optimizer(tmp_path):
-    assert set(OPTIMIZERS) == {"adamw", "adamw8bit", "offload-cpu", "offload-disk", "mezo"}
+    assert set(OPTIMIZERS) == {"adamw", "adamw8bit", "offload-cpu", "offload-disk", "galore", "apollo", "apollo-mini",
+                               "mezo"}
     for name in set(OPTIMIZERS) - {"mezo"}:  # MeZO steps with a closure (tests/test_mezo.py)
         m = model()
         kw = {"path": tmp_path / name} if name == "offload-disk" else {}
+        kw = {"rank": 4} if name in ("galore", "apollo") else kw
         opt = build_optimizer(name, m.named_parameters(), lr=1e-2, weight_decay=0.1, **kw)
         train(m, opt, 0, 2)
         assert isinstance(opt, torch.optim.Optimizer)

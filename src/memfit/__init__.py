@@ -24,6 +24,8 @@ from memfit.adapters import (
     unmerge,
 )
 from memfit.errors import MemfitError
+from memfit.optim.apollo import Apollo, ApolloMini
+from memfit.optim.galore import GaLore
 from memfit.optim.mezo import MeZO
 from memfit.tiers.stream import stream_weights
 
@@ -32,9 +34,12 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaLoRAConfig",
     "AdapterConfig",
+    "Apollo",
+    "ApolloMini",
     "CompacterConfig",
     "DiffFitConfig",
     "FullConfig",
+    "GaLore",
     "IncreLoRAConfig",
     "LoraConfig",
     "MeZO",

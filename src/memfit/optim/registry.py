@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from functools import partial
 
@@ -9,9 +10,12 @@ import torch
 
 from memfit.errors import ConfigError
 from memfit.optim.adamw8bit import AdamW8bit
+from memfit.optim.apollo import Apollo, ApolloMini
+from memfit.optim.galore import GaLore
 from memfit.optim.mezo import MeZO
 from memfit.optim.offload import OffloadAdamW
 
+UNPROJECTED = ("embed", "wte", "wpe", "lm_head")  # embeddings and output heads keep plain Adam
 NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
 Factory = Callable[..., torch.optim.Optimizer]
 
@@ -28,6 +32,24 @@ def _offload(offload: str, named_params: NamedParams, lr: float, weight_decay: f
     return OffloadAdamW(list(named_params), lr=lr, weight_decay=weight_decay, offload=offload, **kw)
 
 
+def _projected(cls: Factory, named_params: NamedParams, lr: float, weight_decay: float, rank: int | None = None,
+               **kw) -> torch.optim.Optimizer:
+    """GaLore/APOLLO over a model's named parameters: 2-D weights are projected, except embeddings and the output
+    head (as in the papers) and weights smaller than the rank; the rest, 1-D included, get plain Adam."""
+    named = list(named_params)
+    rank = rank if rank is not None else inspect.signature(cls).parameters["rank"].default
+    fits = [(n, p) for n, p in named if p.dim() == 2 and not any(s in n for s in UNPROJECTED) and min(p.shape) >= rank]
+    if not fits:
+        sizes = sorted({min(p.shape) for _, p in named if p.dim() == 2}, reverse=True)
+        raise ConfigError(f"no weight can take a rank-{rank} projection (the largest smaller dimension among the "
+                          f"2-D weights is {sizes[0] if sizes else 'none: there are no 2-D weights'}); lower "
+                          "--proj-rank, or use --optim adamw.")
+    chosen = {id(p) for _, p in fits}
+    rest = [p for _, p in named if id(p) not in chosen]
+    groups = [{"params": [p for _, p in fits]}] + ([{"params": rest, "rank": None}] if rest else [])
+    return cls(groups, lr=lr, weight_decay=weight_decay, rank=rank, names={p: n for n, p in named}, **kw)
+
+
 def _mezo(named_params: NamedParams, lr: float, weight_decay: float, **kw) -> torch.optim.Optimizer:
     return MeZO([p for _, p in named_params], lr=lr, weight_decay=weight_decay, **kw)
 
@@ -37,6 +59,9 @@ OPTIMIZERS: dict[str, Factory] = {
     "adamw8bit": _adamw8bit,
     "offload-cpu": partial(_offload, "cpu"),
     "offload-disk": partial(_offload, "disk"),  # needs path=<swap directory>
+    "galore": partial(_projected, GaLore),  # rank, update_proj_gap, scale, states ("fp32" | "8bit")
+    "apollo": partial(_projected, Apollo),  # the same, and scale_type, limiter
+    "apollo-mini": partial(_projected, ApolloMini),
     "mezo": _mezo,  # zeroth order: step(closure) with forward passes only; eps, perturbations, sparsity, seed
 }
 

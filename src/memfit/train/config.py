@@ -14,6 +14,8 @@ from memfit.errors import ConfigError
 from memfit.fields import check_types, option
 
 TRAINING, MEMORY, ZO = "Training", "Memory", "Zeroth order (--optim mezo)"
+PROJECTED = ("galore", "apollo", "apollo-mini")
+PROJ = "Low-rank states (--optim galore, apollo, apollo-mini)"
 
 
 @dataclass
@@ -40,7 +42,9 @@ class TrainConfig:
     eval_every: int = option(0, help="Evaluate every N updates (0: once per epoch).", panel=TRAINING)
     checkpoint_every: int = option(0, help="Checkpoint every N updates (0: once per epoch).", panel=TRAINING)
     optim: str = option("adamw", help="Optimizer: adamw, adamw8bit (2 B/param of state), offload-cpu (states in host "
-                        "RAM), offload-disk (states in swap files under --out), mezo (zeroth order: two forward "
+                        "RAM), offload-disk (states in swap files under --out), galore / apollo / apollo-mini "
+                        "(for --method full: Adam's moments in a low-rank projection of each weight's gradient, a "
+                        "few percent of Adam's state; APOLLO-Mini about none), mezo (zeroth order: two forward "
                         "passes per update, no gradients or states, the memory of inference; needs a far lower --lr, "
                         "about 1e-4 for adapters, 1e-6 for --method full).", panel=MEMORY)
     weights_budget: int | str | None = option(None, help="Keep at most this much of the frozen weights in memory, e.g. "
@@ -55,6 +59,15 @@ class TrainConfig:
                                    panel=ZO)
     zo_sparsity: float | None = option(None, help="Sparse MeZO: the share of each weight's entries left unperturbed "
                                        "(the small-magnitude rest is perturbed and trained), e.g. 0.75.", panel=ZO)
+
+    proj_rank: int | None = option(None, help="Rank of the gradient projection (default: GaLore 128, APOLLO 256, "
+                                   "APOLLO-Mini 1); weights smaller than it, embeddings and the head keep plain "
+                                   "Adam.", panel=PROJ)
+    proj_gap: int | None = option(None, help="Rebuild each projection every N updates (GaLore: an SVD of the "
+                                  "gradient; APOLLO: a new random matrix; default 200).", panel=PROJ)
+    proj_scale: float | None = option(None, help="Scale of the projected update (default: GaLore 0.25, APOLLO 1, "
+                                      "APOLLO-Mini 128).", panel=PROJ)
+    proj_states: str = option("fp32", help="The subspace moments in 'fp32' or block-wise '8bit'.", panel=PROJ)
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -80,6 +93,17 @@ class TrainConfig:
         if self.optim == "mezo" and self.shard is not None:
             raise ConfigError("--optim mezo keeps no gradients or optimizer states to shard; drop --shard and run "
                               "it in one process.")
+        if self.optim in PROJECTED and self.shard is not None:
+            raise ConfigError(f"--optim {self.optim} projects whole gradient matrices, which FSDP2 shards split; drop "
+                              "--shard (the states are already a few percent of Adam's), or use --optim adamw8bit "
+                              "with --shard.")
+        if self.proj_rank is not None and self.proj_rank < 1:
+            raise ConfigError(f"TrainConfig.proj_rank (--proj-rank) must be >= 1, got {self.proj_rank}.")
+        if self.proj_gap is not None and self.proj_gap < 1:
+            raise ConfigError(f"TrainConfig.proj_gap (--proj-gap) must be >= 1, got {self.proj_gap}.")
+        if self.proj_states not in ("fp32", "8bit"):
+            raise ConfigError(f"TrainConfig.proj_states (--proj-states) must be 'fp32' or '8bit', "
+                              f"got {self.proj_states!r}.")
         if self.shard not in (None, "grad", "full"):
             raise ConfigError(f"TrainConfig.shard must be 'grad' (ZeRO-2), 'full' (ZeRO-3) or None, "
                               f"got {self.shard!r}.")

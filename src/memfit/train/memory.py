@@ -69,9 +69,11 @@ def memory_rows(model: nn.Module, optimizer: torch.optim.Optimizer, optim_name: 
         rows.append(("gradients", format_size(trainable), "one per trainable weight"))
     if measured is None:
         per_param, where = PLANNED_STATE.get(optim_name, (8.0, "memory"))
+        if hasattr(optimizer, "planned_state_bytes"):  # low-rank states: from the shapes and the rank
+            per_param = optimizer.planned_state_bytes() / max(1, n_trainable)
         size = format_size(per_param * n_trainable)
         rows.append(("optimizer states", size if where == "memory" else f"0 B (+{size} in {where})",
-                     f"{optim_name}: ~{per_param:g} B/param"))
+                     f"{optim_name}: ~{per_param:.3g} B/param"))
         rows.append(("activations", "-", "measured during the first update"))
         return rows
     memory, disk = optimizer_state_bytes(optimizer)

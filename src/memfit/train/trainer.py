@@ -28,7 +28,7 @@ from memfit.optim.checkpoint import load_optimizer, save_optimizer
 from memfit.tiers.files import atomic_write_json, load_tensors, read_json, recover_dir, replace_dir, save_tensors
 from memfit.tiers.memory import current_bytes, peak_bytes, reset_peak
 from memfit.train.callbacks import Callback
-from memfit.train.config import TrainConfig
+from memfit.train.config import PROJECTED, TrainConfig
 from memfit.train.metrics import MetricsLog
 from memfit.train.progress import TrainProgress
 from memfit.train.tasks import EvalState, Task
@@ -135,6 +135,9 @@ class Trainer:
         extra = {"offload-disk": {"path": self.out_dir / "optimizer-swap"},
                  "mezo": {"eps": cfg.zo_eps, "perturbations": cfg.zo_perturbations, "sparsity": cfg.zo_sparsity,
                           "seed": cfg.seed}}
+        chosen = {"rank": cfg.proj_rank, "update_proj_gap": cfg.proj_gap, "scale": cfg.proj_scale}
+        projected = {"states": cfg.proj_states, **{k: v for k, v in chosen.items() if v is not None}}
+        extra.update({name: projected for name in PROJECTED})
         return build_optimizer(cfg.optim, list(self.params.items()), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                **extra.get(cfg.optim, {}))
 

@@ -1,0 +1,209 @@
+"""GaLore, APOLLO and APOLLO-Mini: the authors' packages as references (bitwise), 8-bit subspace moments, exact
+checkpoint round trips, the trainer and CLI (full-parameter fine-tune, accumulation, resume) and bad input."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import cli_ok, write_jsonl
+from test_cli_rough_edges import memfit_cli, one_error_line
+from test_train import TEXT, _Crash, _events
+
+import memfit
+from memfit.errors import ConfigError, TrainingError
+from memfit.optim import Apollo, ApolloMini, GaLore, build_optimizer
+from memfit.optim.checkpoint import load_optimizer, save_optimizer
+from memfit.tiers.files import load_tensors
+from memfit.train.config import TrainConfig
+from memfit.train.finetune import finetune
+from memfit.train.memory import optimizer_state_bytes
+
+FULL = memfit.FullConfig()
+
+
+def _params() -> list[torch.nn.Parameter]:
+    """A tall and a wide weight (right and left projections) and a bias (plain Adam)."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(64, 32, generator=g)), torch.nn.Parameter(torch.randn(24, 80, generator=g)),
+            torch.nn.Parameter(torch.randn(32, generator=g))]
+
+
+def _run(make_ref, ours, steps: int = 7) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    a, b = _params(), _params()
+    ref = make_ref(a)
+    mine = ours(b)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p, q in zip(a, b, strict=True):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        ref.step()
+        mine.step()
+    return a, b
+
+
+def _groups(params: list[torch.nn.Parameter], **projected) -> list[dict]:
+    return [{"params": params[:2], **projected}, {"params": params[2:], "rank": None}]
+
+
+def test_galore_is_bitwise_galore_torch():
+    """Seven steps with the SVD projector rebuilt every 3: the same weights, bit for bit, as the authors' code."""
+    galore_torch = pytest.importorskip("galore_torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, b = _run(lambda ps: galore_torch.GaLoreAdamW(
+            [{"params": ps[:2], "rank": 4, "update_proj_gap": 3, "scale": 0.25, "proj_type": "std"},
+             {"params": ps[2:]}], lr=1e-2, weight_decay=0.1),
+            lambda ps: GaLore(_groups(ps), lr=1e-2, weight_decay=0.1, rank=4, update_proj_gap=3))
+    for p, q in zip(a, b, strict=True):
+        assert torch.equal(p, q)
+    assert not torch.equal(a[0], _params()[0])
+
+
+@pytest.mark.parametrize(("scale_type", "rank", "scale"), [("channel", 4, 1.0), ("tensor", 1, 128.0)])
+def test_apollo_and_apollo_mini_are_bitwise_apollo_torch(scale_type, rank, scale):
+    """The same seeded random projections (per-parameter seeds, advanced at each refresh), channel or tensor
+    scaling and norm-growth limiter as the authors' APOLLO; APOLLO-Mini is its rank-1 tensor-scaled case."""
+    apollo_torch = pytest.importorskip("apollo_torch")
+    ours = (lambda ps: ApolloMini(_groups(ps), lr=1e-2, weight_decay=0.1, update_proj_gap=3)) if rank == 1 else \
+        (lambda ps: Apollo(_groups(ps), lr=1e-2, weight_decay=0.1, rank=rank, update_proj_gap=3))
+    a, b = _run(lambda ps: apollo_torch.APOLLOAdamW(
+        [{"params": ps[:2], "rank": rank, "update_proj_gap": 3, "scale": scale, "proj_type": "std", "proj": "random",
+          "scale_type": scale_type}, {"params": ps[2:]}], lr=1e-2, weight_decay=0.1), ours)
+    for p, q in zip(a, b, strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls", [GaLore, Apollo])
+def test_8bit_subspace_moments_track_fp32_and_take_a_quarter_of_the_bytes(cls):
+    start = torch.randn(256, 128, generator=torch.Generator().manual_seed(0))
+    weights = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    opts = [cls([w], lr=1e-3, rank=64, states=s) for w, s in zip(weights, ("fp32", "8bit"), strict=True)]
+    g = torch.Generator().manual_seed(2)
+    for _ in range(10):
+        grad = torch.randn(256, 128, generator=g)
+        for w, opt in zip(weights, opts, strict=True):
+            w.grad = grad.clone()
+            opt.step()
+    moved = (weights[0] - start).norm()
+    assert (weights[1] - weights[0]).norm() < 0.05 * moved
+    state = opts[1].state[weights[1]]
+    assert state["exp_avg_q"].dtype == torch.uint8 and "exp_avg" not in state
+    moments = [optimizer_state_bytes(o)[0] - o.state[w]["projector"].numel() * 4 for o, w in zip(opts, weights,
+                                                                                               strict=True)]
+    assert moments[1] < 0.26 * moments[0]
+    for o in opts:  # the plan printed before the first step is the state held after it
+        assert o.planned_state_bytes() == optimizer_state_bytes(o)[0]
+
+
+@pytest.mark.parametrize(("cls", "states"), [(GaLore, "fp32"), (Apollo, "fp32"), (ApolloMini, "8bit")])
+def test_checkpoint_round_trip_continues_bitwise(tmp_path, cls, states):
+    """Saved mid-run through memfit's pickle-free checkpoint (projector, seeds, limiter, moments), loaded into a
+    fresh optimizer: the next steps, across a projector refresh, give the same weights as the uninterrupted run."""
+    a, b = _params(), _params()
+    opt_a = cls(_groups(a), lr=1e-2, rank=4 if cls is not ApolloMini else 1, update_proj_gap=3, states=states)
+    g = torch.Generator().manual_seed(3)
+    grads = [[torch.randn(p.shape, generator=g) for p in a] for _ in range(8)]
+    for step, gs in enumerate(grads):
+        for p, gr in zip(a, gs, strict=True):
+            p.grad = gr.clone()
+        opt_a.step()
+        if step == 3:
+            save_optimizer(opt_a, tmp_path)
+            for p, q in zip(a, b, strict=True):
+                q.data.copy_(p.data)
+    opt_b = cls(_groups(b), lr=1e-2, rank=4 if cls is not ApolloMini else 1, update_proj_gap=3, states=states)
+    load_optimizer(opt_b, tmp_path)
+    for gs in grads[4:]:
+        for p, gr in zip(b, gs, strict=True):
+            p.grad = gr.clone()
+        opt_b.step()
+    for p, q in zip(a, b, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_one_dimensional_parameters_get_plain_adam_and_no_projector():
+    params = _params()
+    opt = GaLore(params, lr=1e-2, rank=4)  # one group: the bias is in it too
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert "projector" in opt.state[params[0]] and "projector" not in opt.state[params[2]]
+    assert opt.state[params[2]]["exp_avg"].shape == params[2].shape
+    assert opt.state[params[0]]["exp_avg"].shape == (64, 4) and opt.state[params[1]]["exp_avg"].shape == (4, 80)
+
+
+def test_bad_input_is_a_clear_error():
+    params = _params()
+    with pytest.raises(ConfigError, match=r"rank 30 does not fit w \[24, 80\].*smaller dimension, 24"):
+        GaLore(params, rank=30, names={params[1]: "w"})
+    with pytest.raises(ConfigError, match="scale_type"):
+        Apollo(params, rank=4, scale_type="row")
+    with pytest.raises(ConfigError, match="states"):
+        GaLore(params, rank=4, states="4bit")
+    opt = Apollo(params, lr=1e-2, rank=4, names={p: f"layer.{i}" for i, p in enumerate(params)})
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[2].grad[5] = float("nan")
+    with pytest.raises(TrainingError, match="gradient of layer.2 holds NaN"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before, strict=True))  # nothing moved
+
+
+def test_registry_projects_body_weights_and_keeps_embeddings_head_and_small_ones_in_adam(llama):
+    named = list(memfit.inject(llama, FULL).named_parameters())
+    opt = build_optimizer("galore", named, lr=1e-3, rank=32)
+    projected = {opt.names[id(p)] for g in opt.param_groups if g["rank"] for p in g["params"]}
+    assert projected == {n for n, p in named if p.dim() == 2 and "embed" not in n and "lm_head" not in n
+                         and min(p.shape) >= 32}
+    assert "model.layers.0.self_attn.k_proj.weight" not in projected  # [16, 32]: smaller than the rank
+    assert "model.layers.0.mlp.up_proj.weight" in projected
+    with pytest.raises(ConfigError, match="no weight can take a rank-64 projection.*is 32"):
+        build_optimizer("apollo", named, lr=1e-3, rank=64)
+
+
+def test_finetune_full_with_each_projected_optimizer_and_grad_accum(tmp_path, llama_dir):
+    data = write_jsonl(tmp_path / "train.jsonl", TEXT)
+    for optim in ("galore", "apollo", "apollo-mini"):
+        rank = None if optim == "apollo-mini" else 8
+        cfg = TrainConfig(max_steps=3, batch_size=4, grad_accum=2, lr=1e-3, optim=optim, proj_rank=rank, proj_gap=2,
+                          log_every=1)
+        summary = finetune(llama_dir, data, tmp_path / optim, FULL, cfg, quiet=True)
+        losses = [e["loss"] for e in _events(tmp_path / optim, "train")]
+        assert summary["step"] == 3 and len(losses) == 3 and all(map(math.isfinite, losses)), optim
+    with pytest.raises(ConfigError, match="FSDP2 shards split"):
+        TrainConfig(optim="galore", shard="grad")
+
+
+def test_finetune_resume_with_galore_is_bitwise(tmp_path, llama_dir):
+    data = write_jsonl(tmp_path / "train.jsonl", TEXT)
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-3, log_every=1, checkpoint_every=3, optim="galore", proj_rank=8,
+                      proj_gap=4, proj_states="8bit", warmup_ratio=0.0)
+    full = finetune(llama_dir, data, tmp_path / "full", FULL, cfg, quiet=True)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        finetune(llama_dir, data, tmp_path / "cut", FULL, cfg, callbacks=[_Crash(at=8)], quiet=True)
+    resumed = finetune(llama_dir, data, tmp_path / "cut", FULL, cfg, resume=True, quiet=True)
+    assert resumed["step"] == full["step"] == 12
+    assert [e["loss"] for e in _events(tmp_path / "cut", "train")] == [e["loss"] for e in _events(tmp_path / "full",
+                                                                                                   "train")]
+    a, b = (load_tensors(tmp_path / run / "adapter.safetensors") for run in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_projected_flags_and_errors(tmp_path, llama_dir):
+    data = write_jsonl(tmp_path / "train.jsonl", TEXT)
+    out = tmp_path / "run"
+    text = cli_ok("finetune", "--model", llama_dir, "--data", data, "--out", out, "--method", "full", "--optim",
+                  "apollo", "--proj-rank", "8", "--proj-gap", "5", "--proj-scale", "2", "--proj-states", "8bit",
+                  "--max-steps", "2")
+    assert "optimizer states" in text
+    bad = memfit_cli("finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "bad", "--method", "full",
+                     "--optim", "galore", "--proj-rank", "100")
+    one_error_line(bad, "no weight can take a rank-100 projection")
+    bad = memfit_cli("finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "bad", "--method", "full",
+                     "--optim", "galore", "--proj-states", "4bit")
+    one_error_line(bad, r"proj_states \(--proj-states\) must be 'fp32' or '8bit'")
