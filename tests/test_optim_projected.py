@@ -99,12 +99,19 @@ def test_8bit_subspace_moments_track_fp32_and_take_a_quarter_of_the_bytes(cls):
         assert o.planned_state_bytes() == optimizer_state_bytes(o)[0]
 
 
-@pytest.mark.parametrize(("cls", "states"), [(GaLore, "fp32"), (Apollo, "fp32"), (ApolloMini, "8bit")])
+@pytest.mark.parametrize(("cls", "states"), [(GaLore, "fp32"), (Apollo, "fp32"), (ApolloMini, "fp32"),
+                                             (GaLore, "8bit"), (Apollo, "8bit")])
 def test_checkpoint_round_trip_continues_bitwise(tmp_path, cls, states):
     """Saved mid-run through memfit's pickle-free checkpoint (projector, seeds, limiter, moments), loaded into a
-    fresh optimizer: the next steps, across a projector refresh, give the same weights as the uninterrupted run."""
-    a, b = _params(), _params()
-    opt_a = cls(_groups(a), lr=1e-2, rank=4 if cls is not ApolloMini else 1, update_proj_gap=3, states=states)
+    fresh optimizer: the next steps, across a projector refresh, give the same weights as the uninterrupted run.
+    The 8-bit cases add a weight whose moments are large enough to be quantised (512 x 16 values)."""
+    extra = [torch.nn.Parameter(torch.randn(512, 64, generator=torch.Generator().manual_seed(5)))]
+    a, b = _params() + extra, _params() + [torch.nn.Parameter(extra[0].detach().clone())]
+    a, b = [a[0], a[1], a[3], a[2]], [b[0], b[1], b[3], b[2]]  # the bias last: the plain group
+    rank = 1 if cls is ApolloMini else 16
+    a[0].data, b[0].data = a[0].data[:, :16].clone(), b[0].data[:, :16].clone()  # [64, 16]: fits rank 16
+    opt_a = cls([{"params": a[:3]}, {"params": a[3:], "rank": None}], lr=1e-2, rank=rank, update_proj_gap=3,
+                states=states)
     g = torch.Generator().manual_seed(3)
     grads = [[torch.randn(p.shape, generator=g) for p in a] for _ in range(8)]
     for step, gs in enumerate(grads):
@@ -115,8 +122,11 @@ def test_checkpoint_round_trip_continues_bitwise(tmp_path, cls, states):
             save_optimizer(opt_a, tmp_path)
             for p, q in zip(a, b, strict=True):
                 q.data.copy_(p.data)
-    opt_b = cls(_groups(b), lr=1e-2, rank=4 if cls is not ApolloMini else 1, update_proj_gap=3, states=states)
+    opt_b = cls([{"params": b[:3]}, {"params": b[3:], "rank": None}], lr=1e-2, rank=rank, update_proj_gap=3,
+                states=states)
     load_optimizer(opt_b, tmp_path)
+    assert ("exp_avg_q" in opt_b.state[b[2]]) == (states == "8bit")
+    assert all(opt_b.state[b[2]][k].dtype == v.dtype for k, v in opt_a.state[a[2]].items() if torch.is_tensor(v))
     for gs in grads[4:]:
         for p, gr in zip(b, gs, strict=True):
             p.grad = gr.clone()

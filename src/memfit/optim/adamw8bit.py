@@ -110,21 +110,8 @@ class AdamW8bit(torch.optim.Optimizer):
             raise ConfigError(f"AdamW8bit needs contiguous fp32 parameters and gradients, got {w.dtype}/{g.dtype}. "
                               "Keep trainable weights in fp32 (master weights) and cast in the forward.")
         hp = _hyper(group, state["step"].item(), w.device)
-        tm, tv = tables(True, w.device), tables(False, w.device)
-        flat_p, flat_g = w.view(-1), g.contiguous().view(-1)
-        mq, ma, vq, va = (state[k] for k in Q_KEYS)
-        row = _row_length(p)
-        if w.device.type == "cpu" and kernels.load() is not None:
-            kernels.adamw8bit_step(flat_p, flat_g, mq, ma, vq, va, hp, tm, tv, row)
-            return
-        # Chunks start on block boundaries: multiples of 256 within one flat run, or whole rows.
-        unit = BLOCK if row % BLOCK == 0 or row == flat_p.numel() else row
-        step = max(1, self.chunk_size // unit) * unit
-        for s in range(0, flat_p.numel(), step):
-            e = min(s + step, flat_p.numel())
-            ids = block_ids(s, e, row, w.device)
-            b0, b1 = int(ids[0]), int(ids[-1]) + 1
-            update_chunk(flat_p[s:e], flat_g[s:e], mq[s:e], ma[b0:b1], vq[s:e], va[b0:b1], hp, tm, tv, ids - b0)
+        step_8bit(w.view(-1), g.contiguous().view(-1), *(state[k] for k in Q_KEYS), hp, _row_length(p),
+                  self.chunk_size)
 
     @staticmethod
     def _update_fp32(w: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
@@ -153,6 +140,25 @@ class AdamW8bit(torch.optim.Optimizer):
             p = params[int(key)]
             dev = local(p).device
             self.state[p] = {k: v.clone() if k == "step" else _from_saved(v, k, dev) for k, v in s.items()}
+
+
+def step_8bit(p: torch.Tensor, g: torch.Tensor, mq: torch.Tensor, ma: torch.Tensor, vq: torch.Tensor,
+              va: torch.Tensor, hp: torch.Tensor, row: int, chunk_size: int = 1 << 20) -> None:
+    """One update of flat fp32 p with gradient g and 8-bit states (codes mq, vq; absmax ma, va; blocks along rows
+    of `row` values): p = p * hp[3] + hp[4] * m / (sqrt(v) / hp[5] + hp[6]). The fused CPU kernel where it is
+    built, else torch ops in chunks of whole blocks (any device)."""
+    tm, tv = tables(True, p.device), tables(False, p.device)
+    if p.device.type == "cpu" and kernels.load() is not None:
+        kernels.adamw8bit_step(p, g, mq, ma, vq, va, hp, tm, tv, row)
+        return
+    # Chunks start on block boundaries: multiples of 256 within one flat run, or whole rows.
+    unit = BLOCK if row % BLOCK == 0 or row == p.numel() else row
+    step = max(1, chunk_size // unit) * unit
+    for s in range(0, p.numel(), step):
+        e = min(s + step, p.numel())
+        ids = block_ids(s, e, row, p.device)
+        b0, b1 = int(ids[0]), int(ids[-1]) + 1
+        update_chunk(p[s:e], g[s:e], mq[s:e], ma[b0:b1], vq[s:e], va[b0:b1], hp, tm, tv, ids - b0)
 
 
 def _as_dtensor(v: torch.Tensor, p: torch.Tensor, key: str) -> torch.Tensor:

@@ -9,7 +9,8 @@ A subclass says how the projector is built and how the subspace's Adam direction
 The update follows the authors' packages (galore-torch, apollo-torch), which the tests hold it to bitwise:
 Adam with eps added to sqrt(v), both bias corrections folded into the step size, and decoupled weight decay
 applied after the update. Parameters that are not 2-D (biases, norms), and groups with `rank=None`, get that
-same Adam unprojected. The projector, the moments (fp32, or block-wise 8-bit with `states="8bit"`) and every
+same Adam unprojected. With `states="8bit"` the moments are block-wise 8-bit and the subspace update runs
+through AdamW8bit's fused kernel (its rounding, not the packages'). The projector, the moments and every
 counter are tensors or numbers in the state, so `memfit.optim.checkpoint` saves them without pickle and a
 resumed run continues bitwise.
 """
@@ -23,7 +24,8 @@ from typing import Any
 import torch
 
 from memfit.errors import ConfigError, TrainingError
-from memfit.optim.quant import dequantize, quantize, tables
+from memfit.optim.adamw8bit import Q_KEYS, step_8bit
+from memfit.optim.quant import blocks_per_row, quantize_normalized, tables
 
 STATES = ("fp32", "8bit")
 MIN_8BIT = 4096  # smaller moments stay fp32, as in AdamW8bit: a rounding error of the memory
@@ -92,25 +94,39 @@ class ProjectedAdam(torch.optim.Optimizer):
                     total += 8 * p.numel()
         return total
 
-    # -- moments ------------------------------------------------------------------------------------------
-    def _moments(self, state: dict[str, Any], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if "exp_avg" in state:
-            return state["exp_avg"], state["exp_avg_sq"]
-        if "exp_avg_q" in state:
-            m = dequantize(state["exp_avg_q"], state["exp_avg_absmax"], tables(True, like.device))
-            v = dequantize(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], tables(False, like.device))
-            return m.view_as(like), v.view_as(like)
-        if self.states == "8bit" and like.numel() >= MIN_8BIT:
-            return torch.zeros_like(like), torch.zeros_like(like)  # quantised when stored
-        state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(like), torch.zeros_like(like)
-        return state["exp_avg"], state["exp_avg_sq"]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Like torch's, but every state tensor keeps its dtype (torch would cast the 8-bit codes to the
+        parameter's float dtype)."""
+        states = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        params = [p for g in self.param_groups for p in g["params"]]
+        for key, s in states.items():
+            p = params[int(key)]
+            self.state[p] = {k: v.to(p.device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
 
-    @staticmethod
-    def _store(state: dict[str, Any], m: torch.Tensor, v: torch.Tensor) -> None:
-        if "exp_avg" in state:
-            return  # updated in place
-        state["exp_avg_q"], state["exp_avg_absmax"] = quantize(m.reshape(-1), tables(True, m.device))
-        state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize(v.reshape(-1), tables(False, v.device))
+    # -- moments ----------------------------------------------------------------------------------------------
+    def _quantized(self, state: dict[str, Any], low: torch.Tensor) -> bool:
+        """Whether this parameter's moments are 8-bit (creating them, zero, at its first step)."""
+        if "exp_avg_q" in state:
+            return True
+        if self.states != "8bit" or low.numel() < MIN_8BIT or "exp_avg" in state:
+            return False
+        n, nb, dev = low.numel(), blocks_per_row(low.numel()), low.device
+        zero_m = quantize_normalized(torch.zeros(1, device=dev), tables(True, dev)).item()
+        state["exp_avg_q"] = torch.full((n,), zero_m, dtype=torch.uint8, device=dev)
+        state["exp_avg_absmax"] = torch.zeros(nb, device=dev)
+        state["exp_avg_sq_q"] = torch.zeros(n, dtype=torch.uint8, device=dev)  # code 0 is the value 0
+        state["exp_avg_sq_absmax"] = torch.zeros(nb, device=dev)
+        return True
+
+    def _adam_8bit(self, state: dict[str, Any], low: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """m / (sqrt(v) + eps) with 8-bit moments, by the fused AdamW8bit update run on a zero buffer (decay 1,
+        step 1, bias corrections 1), so the same kernel (or its torch-op fallback) serves both optimizers."""
+        beta1, beta2 = group["betas"]
+        hp = torch.tensor([1 - beta1, beta2, 1 - beta2, 1.0, 1.0, 1.0, group["eps"]], device=low.device)
+        direction = torch.zeros_like(low, memory_format=torch.contiguous_format)
+        step_8bit(direction.view(-1), low.contiguous().view(-1), *(state[k] for k in Q_KEYS), hp, low.numel())
+        return direction
 
     # -- the step -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -142,15 +158,18 @@ class ProjectedAdam(torch.optim.Optimizer):
             low = grad @ proj.t() if self.right(p.shape) else proj.t() @ grad
         else:
             low = grad
-        m, v = self._moments(state, low)
         beta1, beta2 = group["betas"]
         state["step"] += 1
-        m.mul_(beta1).add_(low, alpha=1.0 - beta1)
-        v.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
-        denom = v.sqrt().add_(group["eps"])
         step_size = group["lr"] * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
-        direction = m / denom
-        self._store(state, m, v)
+        if self._quantized(state, low):
+            direction = self._adam_8bit(state, low, group)
+        else:
+            if "exp_avg" not in state:
+                state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(low), torch.zeros_like(low)
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            m.mul_(beta1).add_(low, alpha=1.0 - beta1)
+            v.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+            direction = m / v.sqrt().add_(group["eps"])
         if projected:
             direction = self._direction(p, low, direction, state, group)
         p.add_(direction, alpha=-step_size)

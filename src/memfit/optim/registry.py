@@ -33,12 +33,14 @@ def _offload(offload: str, named_params: NamedParams, lr: float, weight_decay: f
 
 
 def _projected(cls: Factory, named_params: NamedParams, lr: float, weight_decay: float, rank: int | None = None,
-               **kw) -> torch.optim.Optimizer:
-    """GaLore/APOLLO over a model's named parameters: 2-D weights are projected, except embeddings and the output
-    head (as in the papers) and weights smaller than the rank; the rest, 1-D included, get plain Adam."""
+               embeddings: bool = False, **kw) -> torch.optim.Optimizer:
+    """GaLore/APOLLO over a model's named parameters: 2-D weights are projected, except weights smaller than the
+    rank and (unless `embeddings`) the embeddings and the output head, as in the papers; the rest, 1-D included,
+    get plain Adam."""
     named = list(named_params)
     rank = rank if rank is not None else inspect.signature(cls).parameters["rank"].default
-    fits = [(n, p) for n, p in named if p.dim() == 2 and not any(s in n for s in UNPROJECTED) and min(p.shape) >= rank]
+    skip = () if embeddings else UNPROJECTED
+    fits = [(n, p) for n, p in named if p.dim() == 2 and not any(s in n for s in skip) and min(p.shape) >= rank]
     if not fits:
         sizes = sorted({min(p.shape) for _, p in named if p.dim() == 2}, reverse=True)
         raise ConfigError(f"no weight can take a rank-{rank} projection (the largest smaller dimension among the "

@@ -68,6 +68,9 @@ class TrainConfig:
     proj_scale: float | None = option(None, help="Scale of the projected update (default: GaLore 0.25, APOLLO 1, "
                                       "APOLLO-Mini 128).", panel=PROJ)
     proj_states: str = option("fp32", help="The subspace moments in 'fp32' or block-wise '8bit'.", panel=PROJ)
+    proj_embeddings: bool = option(False, help="Project the embeddings and the output head too (the papers keep "
+                                   "them in plain Adam; with a large vocabulary they are then most of the state).",
+                                   panel=PROJ)
 
     def __post_init__(self) -> None:
         check_types(self)

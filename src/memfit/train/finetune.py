@@ -34,7 +34,7 @@ from memfit.train.allocation import AllocatorCallback
 from memfit.train.callbacks import Callback
 from memfit.train.config import TrainConfig
 from memfit.train.data import check_labels, label_names, load_rows
-from memfit.train.memory import memory_rows, print_memory_table
+from memfit.train.memory import memory_rows, optimizer_state_bytes, print_memory_table
 from memfit.train.tasks import TASKS, Task
 from memfit.train.trainer import CHECKPOINT, Ranks, Trainer, checkpoint_dir
 
@@ -219,6 +219,7 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     print_memory_table("memory used", memory_rows(model, trainer.optimizer, train.optim, stream, measured), console)
     trainable, total = trainable_parameters(model)
     summary.update(trainable_params=trainable, total_params=total, task=task, method=adapter.method, memory=measured,
+                   optimizer_state_bytes=optimizer_state_bytes(trainer.optimizer)[0],
                    notes=list(model.memfit_notes), **(method.report(model) if method.report else {}))
     if stream is not None:
         summary["stream"] = {**stream.memory(), "bytes_read": stream.stats.bytes_read}

@@ -136,7 +136,8 @@ class Trainer:
                  "mezo": {"eps": cfg.zo_eps, "perturbations": cfg.zo_perturbations, "sparsity": cfg.zo_sparsity,
                           "seed": cfg.seed}}
         chosen = {"rank": cfg.proj_rank, "update_proj_gap": cfg.proj_gap, "scale": cfg.proj_scale}
-        projected = {"states": cfg.proj_states, **{k: v for k, v in chosen.items() if v is not None}}
+        projected = {"states": cfg.proj_states, "embeddings": cfg.proj_embeddings,
+                     **{k: v for k, v in chosen.items() if v is not None}}
         extra.update({name: projected for name in PROJECTED})
         return build_optimizer(cfg.optim, list(self.params.items()), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                **extra.get(cfg.optim, {}))
