@@ -3,7 +3,7 @@ and APOLLO-Mini against each other, and LoRA r=16 for reference.
 
 Task: causal-LM on the shipped debian-sections synopses (train split; held-out loss on 300 validation synopses),
 batch 4 x 64 tokens, 100 updates; the same updates, seed, batches and schedule for every row: only the optimizer
-(and, for the LoRA row, the method) differs. Every row gets the same sweep: three learning rates around its
+(and, for the LoRA row, the method) differs. Every row gets the same sweep: four learning rates around its
 method's usual rate, each a full-length run, and the row reports the one with the lowest held-out loss. Each run is
 a fresh process, so its peak RSS (weights, gradients, states, activations) is its own; the optimizer-state bytes
 are what the optimizer holds after training. GaLore and APOLLO rebuild their projections every 25 updates (the
@@ -14,7 +14,7 @@ in the papers, except in the "+ embeddings" row. The untrained model's held-out 
 Runs are appended to results/optim_full.json as they finish and a rerun skips them, so the benchmark can be
 stopped and continued (`--fresh` starts over).
 
-    .venv/bin/python bench/optim_full.py            # ~60 min on 2 CPU cores (20 runs of ~3 min)
+    .venv/bin/python bench/optim_full.py            # ~60 min on 2 CPU cores (26 runs of ~2.3 min)
     .venv/bin/python bench/optim_full.py --quick    # 10 updates, one learning rate per row: a smoke run
 """
 
@@ -37,12 +37,12 @@ STEPS, BATCH, LENGTH, VAL_ROWS, GAP = 100, 4, 64, 300, 25
 
 # row -> (method, optimizer, extra TrainConfig fields, learning rates swept)
 ROWS: dict[str, tuple[str, str, dict, list[float]]] = {
-    "AdamW": ("full", "adamw", {}, [1e-5, 3e-5, 1e-4]),
-    "AdamW8bit": ("full", "adamw8bit", {}, [1e-5, 3e-5, 1e-4]),
-    "GaLore r=128": ("full", "galore", {"proj_gap": GAP}, [3e-5, 1e-4, 3e-4]),  # scale 0.25: ~4x AdamW's rate
-    "APOLLO r=128": ("full", "apollo", {"proj_gap": GAP, "proj_rank": 128}, [1e-5, 3e-5, 1e-4]),
-    "APOLLO-Mini": ("full", "apollo-mini", {"proj_gap": GAP}, [1e-5, 3e-5, 1e-4]),
-    "LoRA r=16 (reference)": ("lora", "adamw", {}, [1e-4, 3e-4, 1e-3]),
+    "AdamW": ("full", "adamw", {}, [1e-5, 3e-5, 1e-4, 3e-4]),
+    "AdamW8bit": ("full", "adamw8bit", {}, [1e-5, 3e-5, 1e-4, 3e-4]),
+    "GaLore r=128": ("full", "galore", {"proj_gap": GAP}, [3e-5, 1e-4, 3e-4, 1e-3]),  # scale 0.25: ~4x AdamW's rate
+    "APOLLO r=128": ("full", "apollo", {"proj_gap": GAP, "proj_rank": 128}, [1e-5, 3e-5, 1e-4, 3e-4]),
+    "APOLLO-Mini": ("full", "apollo-mini", {"proj_gap": GAP}, [1e-5, 3e-5, 1e-4, 3e-4]),
+    "LoRA r=16 (reference)": ("lora", "adamw", {}, [1e-4, 3e-4, 1e-3, 3e-3]),
 }
 # Variants run once, at the learning rate their base row chose: (base row, extra fields)
 VARIANTS: dict[str, tuple[str, dict]] = {

@@ -298,7 +298,7 @@ def test_the_vector_kernel_is_bitwise_the_scalar_one(rows, row):
     tm, tv = tables(True), tables(False)
     for step in range(1, 5):
         grad = torch.randn(n, generator=g) * 10.0 ** -step
-        hp = _hyper(dict(betas=(0.9, 0.999), lr=1e-2, weight_decay=0.1, eps=1e-8), step, torch.device("cpu"))
+        hp = _hyper(dict(betas=(0.9, 0.999), lr=1e-2, weight_decay=0.1, eps=1e-8), step)
         for lib, (p, mq, ma, vq, va) in states.items():
             lib.adamw8bit_blocks(*(t.data_ptr() for t in (p, grad, mq, ma, vq, va)), row, 0, nb,
                                  *(t.data_ptr() for t in (tm.qmap, tm.direct, tv.qmap, tv.direct, hp)))
@@ -328,3 +328,29 @@ def test_codes_are_never_farther_than_bitsandbytes_quantize_blockwise(signed):
     theirs_err = (t.qmap[theirs.long()] - normalised).abs()
     differ = ours != theirs
     assert differ.any() and torch.all(ours_err[differ] <= theirs_err[differ])
+
+
+@pytest.mark.parametrize(("rows", "row", "chunk"), [(37, 700, 1024), (6, 512, 256), (1, 70_001, 4096)])
+def test_torch_op_path_with_rows_and_small_chunks_matches_the_kernel(monkeypatch, rows, row, chunk):
+    """The torch-op path (GPU, or no compiler) cuts chunks at block boundaries it computes on the host; rows of
+    700 (full blocks, then a partial one) and small chunks check those boundaries against the kernel."""
+    if kernels.load() is None:
+        pytest.skip("no C compiler: only the torch-op path exists here")
+    from memfit.optim.adamw8bit import _hyper, step_8bit
+    from memfit.optim.quant import blocks_per_row
+
+    g = torch.Generator().manual_seed(4)
+    n, nb = rows * row, rows * blocks_per_row(row)
+    start = [torch.randn(n, generator=g), torch.full((n,), 127, dtype=torch.uint8), torch.zeros(nb),
+             torch.zeros(n, dtype=torch.uint8), torch.zeros(nb)]
+    fast, slow = [t.clone() for t in start], [t.clone() for t in start]
+    for step in range(1, 4):
+        grad = torch.randn(n, generator=g)
+        hp = _hyper(dict(betas=(0.9, 0.999), lr=1e-2, weight_decay=0.1, eps=1e-8), step)
+        step_8bit(fast[0], grad, *fast[1:], hp, row)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "load", lambda scalar=False: None)
+            step_8bit(slow[0], grad, *slow[1:], hp, row, chunk_size=chunk)
+    assert torch.allclose(fast[0], slow[0], rtol=1e-6, atol=1e-7)
+    for a, b in zip(fast[1:], slow[1:], strict=True):
+        assert (a == b).float().mean() > 0.999

@@ -3,23 +3,30 @@ checkpoint round trips, the trainer and CLI (full-parameter fine-tune, accumulat
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_ok, write_jsonl
-from test_cli_rough_edges import memfit_cli, one_error_line
-from test_train import TEXT, _Crash, _events
 
-import memfit
-from memfit.errors import ConfigError, TrainingError
-from memfit.optim import Apollo, ApolloMini, GaLore, build_optimizer
-from memfit.optim.checkpoint import load_optimizer, save_optimizer
-from memfit.tiers.files import load_tensors
-from memfit.train.config import TrainConfig
-from memfit.train.finetune import finetune
-from memfit.train.memory import optimizer_state_bytes
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import cli_ok, tiny_llama, write_jsonl  # noqa: E402
+from test_cli_rough_edges import memfit_cli, one_error_line  # noqa: E402
+from test_train import TEXT, _Crash, _events  # noqa: E402
+
+import memfit  # noqa: E402
+from memfit.errors import ConfigError, TrainingError  # noqa: E402
+from memfit.optim import Apollo, ApolloMini, GaLore, build_optimizer  # noqa: E402
+from memfit.optim.checkpoint import load_optimizer, save_optimizer  # noqa: E402
+from memfit.tiers.files import load_tensors  # noqa: E402
+from memfit.train.config import TrainConfig  # noqa: E402
+from memfit.train.finetune import finetune  # noqa: E402
+from memfit.train.memory import optimizer_state_bytes  # noqa: E402
 
 FULL = memfit.FullConfig()
 
@@ -185,8 +192,6 @@ def test_finetune_full_with_each_projected_optimizer_and_grad_accum(tmp_path, ll
         summary = finetune(llama_dir, data, tmp_path / optim, FULL, cfg, quiet=True)
         losses = [e["loss"] for e in _events(tmp_path / optim, "train")]
         assert summary["step"] == 3 and len(losses) == 3 and all(map(math.isfinite, losses)), optim
-    with pytest.raises(ConfigError, match="FSDP2 shards split"):
-        TrainConfig(optim="galore", shard="grad")
 
 
 def test_finetune_resume_with_galore_is_bitwise(tmp_path, llama_dir):
@@ -217,3 +222,76 @@ def test_cli_projected_flags_and_errors(tmp_path, llama_dir):
     bad = memfit_cli("finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "bad", "--method", "full",
                      "--optim", "galore", "--proj-states", "4bit")
     one_error_line(bad, r"proj_states \(--proj-states\) must be 'fp32' or '8bit'")
+
+
+# -- FSDP2: two gloo ranks (torchrun, CPU) against one process ------------------------------------------------
+
+DIST_STEPS, DIST_SAVE, DIST_OPTIMS = 5, 2, {"galore": {"rank": 4}, "apollo": {"rank": 4}, "apollo-mini": {}}
+
+
+def _dist_model():
+    return memfit.inject(tiny_llama(), FULL).train()
+
+
+def _dist_step(model, opt, x) -> None:
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _dist_batch() -> torch.Tensor:
+    return torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(3))
+
+
+def _dist_worker(out: Path) -> None:
+    """Every optimizer on a 'full'-sharded model, each rank half of the batch: uninterrupted, and resumed from
+    the sharded checkpoint written after DIST_SAVE steps."""
+    from memfit.train.distributed import init_distributed, load_checkpoint, save_checkpoint, shard_model
+
+    info = init_distributed()
+    x = _dist_batch()[2 * info.rank: 2 * info.rank + 2]
+    for name, kw in DIST_OPTIMS.items():
+        for run in ("uninterrupted", "resumed"):
+            model = shard_model(_dist_model(), "full")
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            opt = build_optimizer(name, named, lr=1e-2, weight_decay=0.1, update_proj_gap=2, **kw)
+            first = 0 if run == "uninterrupted" else load_checkpoint(out / name / "ckpt", model, opt)["step"]
+            for step in range(first, DIST_STEPS):
+                _dist_step(model, opt, x)
+                if run == "uninterrupted" and step + 1 == DIST_SAVE:
+                    save_checkpoint(out / name / "ckpt", model, opt, {"step": step + 1})
+            final = {n: p.full_tensor().detach().clone() for n, p in named}
+            if info.rank == 0:
+                from memfit.tiers.files import save_tensors
+
+                save_tensors(out / name / f"{run}.safetensors", final)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_rank_fsdp_matches_one_process_and_resumes(tmp_path):
+    """Row-sharded moments (right projections), all-reduced left projections and norms, the SVD on the gathered
+    gradient: two ranks reach the weights of one process on the whole batch, and resume their checkpoint."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           __file__, str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    x = _dist_batch()
+    for name, kw in DIST_OPTIMS.items():
+        model = _dist_model()
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        opt = build_optimizer(name, named, lr=1e-2, weight_decay=0.1, update_proj_gap=2, **kw)
+        start = {n: p.detach().clone() for n, p in named}
+        for _ in range(DIST_STEPS):
+            _dist_step(model, opt, x)
+        ref = {n: p.detach() for n, p in named}
+        for run in ("uninterrupted", "resumed"):
+            got = load_tensors(tmp_path / name / f"{run}.safetensors")
+            for n in ref:
+                assert torch.allclose(got[n], ref[n], atol=2e-5, rtol=1e-4), (name, run, n,
+                                                                                (got[n] - ref[n]).abs().max())
+        assert any(not torch.equal(ref[n], start[n]) for n in ref)
+    assert json.loads((tmp_path / "galore" / "ckpt" / "memfit_meta.json").read_text())["step"] == DIST_SAVE
+
+
+if __name__ == "__main__":  # torchrun runs this file as the two ranks' worker
+    _dist_worker(Path(sys.argv[1]))

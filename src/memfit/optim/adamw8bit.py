@@ -109,7 +109,7 @@ class AdamW8bit(torch.optim.Optimizer):
         if w.dtype != torch.float32 or g.dtype != torch.float32 or not w.is_contiguous():
             raise ConfigError(f"AdamW8bit needs contiguous fp32 parameters and gradients, got {w.dtype}/{g.dtype}. "
                               "Keep trainable weights in fp32 (master weights) and cast in the forward.")
-        hp = _hyper(group, state["step"].item(), w.device)
+        hp = _hyper(group, state["step"].item())
         step_8bit(w.view(-1), g.contiguous().view(-1), *(state[k] for k in Q_KEYS), hp, _row_length(p),
                   self.chunk_size)
 
@@ -156,9 +156,13 @@ def step_8bit(p: torch.Tensor, g: torch.Tensor, mq: torch.Tensor, ma: torch.Tens
     step = max(1, chunk_size // unit) * unit
     for s in range(0, p.numel(), step):
         e = min(s + step, p.numel())
-        ids = block_ids(s, e, row, p.device)
-        b0, b1 = int(ids[0]), int(ids[-1]) + 1
-        update_chunk(p[s:e], g[s:e], mq[s:e], ma[b0:b1], vq[s:e], va[b0:b1], hp, tm, tv, ids - b0)
+        b0, b1 = _block_of(s, row), _block_of(e - 1, row) + 1  # host arithmetic: no device sync per chunk
+        update_chunk(p[s:e], g[s:e], mq[s:e], ma[b0:b1], vq[s:e], va[b0:b1], hp, tm, tv,
+                     block_ids(s, e, row, p.device) - b0)
+
+
+def _block_of(i: int, row: int) -> int:
+    return (i // row) * blocks_per_row(row) + (i % row) // BLOCK
 
 
 def _as_dtensor(v: torch.Tensor, p: torch.Tensor, key: str) -> torch.Tensor:
@@ -179,18 +183,20 @@ def _from_saved(v: torch.Tensor, key: str, device: torch.device) -> torch.Tensor
     return v.reshape(-1) if key in Q_KEYS else v
 
 
-def _hyper(group: dict[str, Any], step: float, device: torch.device) -> torch.Tensor:
-    """Step constants in the kernel's order, computed in double like torch.optim.AdamW, then rounded to fp32."""
+def _hyper(group: dict[str, Any], step: float) -> torch.Tensor:
+    """Step constants in the kernel's order, computed in double like torch.optim.AdamW, then rounded to fp32 (a CPU
+    tensor: the kernel reads it there, and the torch-op path reads it without a device sync)."""
     beta1, beta2 = group["betas"]
     lr, wd = group["lr"], group["weight_decay"]
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
     values = [1 - beta1, beta2, 1 - beta2, 1 - lr * wd, -lr / bc1, math.sqrt(bc2), group["eps"]]
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return torch.tensor(values, dtype=torch.float32)
 
 
 def update_chunk(p: torch.Tensor, g: torch.Tensor, mq: torch.Tensor, ma: torch.Tensor, vq: torch.Tensor,
                  va: torch.Tensor, hp: torch.Tensor, tm: QuantTables, tv: QuantTables, ids: torch.Tensor) -> None:
-    """The kernel's maths as torch ops (any device) on one chunk of whole blocks; `ids`: block of each value."""
+    """The kernel's maths as torch ops (any device) on one chunk of whole blocks; `ids`: block of each value.
+    `hp` lives on the CPU, so reading it never waits for the device."""
     w1, beta2, w2, decay, neg_step, bc2s, eps = hp.tolist()
     m = tm.qmap[mq.long()] * ma[ids]
     v = tv.qmap[vq.long()] * va[ids]
@@ -199,6 +205,6 @@ def update_chunk(p: torch.Tensor, g: torch.Tensor, mq: torch.Tensor, ma: torch.T
     denom = v.sqrt().div_(bc2s).add_(eps)
     p.mul_(decay).add_((m / denom).mul_(neg_step))
     for codes, absmax, x, t in ((mq, ma, m, tm), (vq, va, v, tv)):
-        new_codes, new_absmax = quantize(x, t, ids)
+        new_codes, new_absmax = quantize(x, t, ids, absmax.numel())
         codes.copy_(new_codes)
         absmax.copy_(new_absmax)

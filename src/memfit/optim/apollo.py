@@ -6,7 +6,7 @@ channel (row or column) or for the whole tensor, scales the raw full-size gradie
 of Fira caps how fast that scaled gradient's norm may grow (1.01x per step). APOLLO-Mini is rank 1 with one
 scale per tensor and `scale` 128 (the paper's settings), about zero state. The same update as apollo-torch's
 `APOLLOAdamW` for the same seeds, bitwise (`tests/test_optim_projected.py`): random matrices are drawn on the
-CPU with torch's generator, so they are the same on every device.
+CPU with torch's generator, so they are the same on every device and every FSDP2 rank.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from memfit.errors import ConfigError
-from memfit.optim.projected import ProjectedAdam
+from memfit.optim.projected import ProjectedAdam, Shard
 
 SCALE_TYPES = ("channel", "tensor")
 SEED_ADVANCE = 15  # draws between one projector's seed and the next, as apollo-torch does
@@ -51,6 +51,8 @@ class Apollo(ProjectedAdam):
                 if self.projected(p, group):
                     self.state[p]["seed"] = index
 
+    needs_gradient = False  # a random projector: only the shape matters
+
     def _refresh(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
                  group: dict[str, Any]) -> torch.Tensor:
         r = group["rank"]
@@ -60,17 +62,19 @@ class Apollo(ProjectedAdam):
         state["seed"] = next_seed(state["seed"])
         return proj.to(grad.device, grad.dtype)
 
-    def _direction(self, p: torch.Tensor, low: torch.Tensor, direction: torch.Tensor, state: dict[str, Any],
-                   group: dict[str, Any]) -> torch.Tensor:
+    def _direction(self, p: torch.Tensor, grad: torch.Tensor, low: torch.Tensor, direction: torch.Tensor,
+                   state: dict[str, Any], group: dict[str, Any], shard: Shard) -> torch.Tensor:
+        right = self.right(p.shape)  # then low and direction hold this rank's rows; else they are whole
         if group["scale_type"] == "channel":
-            dim = 1 if self.right(p.shape) else 0  # along the projected side: one factor per row or column
+            dim = 1 if right else 0  # along the projected side: one factor per row or column
             factor = torch.norm(direction, dim=dim) / (torch.norm(low, dim=dim) + 1e-8)
             factor = factor.unsqueeze(1) if dim == 1 else factor
         else:
-            factor = torch.norm(direction) / (torch.norm(low) + 1e-8)
-        scaled = p.grad * factor
+            norm = shard.norm if right else torch.norm
+            factor = norm(direction) / (norm(low) + 1e-8)
+        scaled = grad * factor
         if group["limiter"]:
-            norm = torch.norm(scaled)
+            norm = shard.norm(scaled)
             if "scaled_grad" in state:
                 limiter = max(norm / (state["scaled_grad"] + 1e-8), LIMIT) / LIMIT
                 scaled = scaled / limiter

@@ -1,9 +1,10 @@
 """GaLore (Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection", ICML 2024).
 
-Each projected weight's gradient G is projected onto its top-r singular vectors, recomputed by an SVD of G
-every `update_proj_gap` steps; Adam runs on the projected gradient and its direction is projected back and
-scaled by `scale`. Defaults are the paper's (rank 128, gap 200, scale 0.25). The same update as galore-torch's
-`GaLoreAdamW` (proj_type "std"), bitwise (`tests/test_optim_projected.py`).
+Each projected weight's gradient G is projected onto its top-r singular vectors, recomputed by an SVD of G every
+`update_proj_gap` steps (under FSDP2 the gradient is gathered for that SVD only); Adam runs on the projected
+gradient and its direction is projected back and scaled by `scale`. Defaults are the paper's (rank 128, gap 200,
+scale 0.25). The same update as galore-torch's `GaLoreAdamW` (proj_type "std"), bitwise
+(`tests/test_optim_projected.py`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from memfit.optim.projected import ProjectedAdam
+from memfit.optim.projected import ProjectedAdam, Shard
 
 
 class GaLore(ProjectedAdam):
@@ -33,8 +34,8 @@ class GaLore(ProjectedAdam):
         proj = vh[:r, :] if self.right(p.shape) else u[:, :r]
         return proj.to(grad.dtype).contiguous()
 
-    def _direction(self, p: torch.Tensor, low: torch.Tensor, direction: torch.Tensor, state: dict[str, Any],
-                   group: dict[str, Any]) -> torch.Tensor:
-        proj = state["projector"]
+    def _direction(self, p: torch.Tensor, grad: torch.Tensor, low: torch.Tensor, direction: torch.Tensor,
+                   state: dict[str, Any], group: dict[str, Any], shard: Shard) -> torch.Tensor:
+        proj = state["projector"]  # left: this rank's rows of it
         full = direction @ proj if self.right(p.shape) else proj @ direction
         return full * group["scale"]

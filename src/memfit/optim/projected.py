@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from memfit.errors import ConfigError, TrainingError
-from memfit.optim.adamw8bit import Q_KEYS, step_8bit
+from memfit.optim.adamw8bit import Q_KEYS, local, step_8bit
 from memfit.optim.quant import blocks_per_row, quantize_normalized, tables
 
 STATES = ("fp32", "8bit")
@@ -63,9 +64,10 @@ class ProjectedAdam(torch.optim.Optimizer):
         rank = group["rank"]
         if rank is None or p.dim() != 2:
             return
-        if hasattr(p, "to_local"):
-            raise ConfigError(f"{self.method} projects whole gradient matrices, but {self._name(p)} is an FSDP2 shard; "
-                              "run it without --shard (its state is already a small fraction of Adam's).")
+        if hasattr(p, "to_local") and any(not pl.is_shard(0) for pl in p.placements):
+            raise ConfigError(f"{self.method} follows FSDP2's row shards (dim 0), but {self._name(p)} is placed as "
+                              f"{p.placements}; shard it with memfit's --shard (fully_shard), or keep it in a group "
+                              "with rank=None.")
         if not 1 <= rank <= min(p.shape):
             raise ConfigError(f"{self.method} rank {rank} does not fit {self._name(p)} {list(p.shape)}: the rank must "
                               f"be between 1 and its smaller dimension, {min(p.shape)}; lower the rank "
@@ -123,7 +125,7 @@ class ProjectedAdam(torch.optim.Optimizer):
         """m / (sqrt(v) + eps) with 8-bit moments, by the fused AdamW8bit update run on a zero buffer (decay 1,
         step 1, bias corrections 1), so the same kernel (or its torch-op fallback) serves both optimizers."""
         beta1, beta2 = group["betas"]
-        hp = torch.tensor([1 - beta1, beta2, 1 - beta2, 1.0, 1.0, 1.0, group["eps"]], device=low.device)
+        hp = torch.tensor([1 - beta1, beta2, 1 - beta2, 1.0, 1.0, 1.0, group["eps"]])  # CPU, as step_8bit wants
         direction = torch.zeros_like(low, memory_format=torch.contiguous_format)
         step_8bit(direction.view(-1), low.contiguous().view(-1), *(state[k] for k in Q_KEYS), hp, low.numel())
         return direction
@@ -147,15 +149,19 @@ class ProjectedAdam(torch.optim.Optimizer):
         return loss
 
     def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        grad = p.grad
+        shard = Shard.of(p)
+        grad = local(p.grad)
         state = self.state[p]
         state.setdefault("step", 0)
         projected = self.projected(p, group)
         if projected:
             if "projector" not in state or state["step"] % group["update_proj_gap"] == 0:
-                state["projector"] = self._refresh(p, grad, state, group)
+                full = p.grad.full_tensor() if shard.group is not None and self.needs_gradient else grad
+                proj = self._refresh(p, full, state, group)
+                state["projector"] = proj if self.right(p.shape) else shard.rows(proj)  # [m, r]: this rank's rows
             proj = state["projector"]
-            low = grad @ proj.t() if self.right(p.shape) else proj.t() @ grad
+            # right: each row of the gradient projects alone (rows stay sharded); left: a sum over rows
+            low = grad @ proj.t() if self.right(p.shape) else shard.sum(proj.t() @ grad)
         else:
             low = grad
         beta1, beta2 = group["betas"]
@@ -171,17 +177,57 @@ class ProjectedAdam(torch.optim.Optimizer):
             v.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
             direction = m / v.sqrt().add_(group["eps"])
         if projected:
-            direction = self._direction(p, low, direction, state, group)
-        p.add_(direction, alpha=-step_size)
+            direction = self._direction(p, grad, low, direction, state, group, shard)
+        w = local(p)
+        w.add_(direction, alpha=-step_size)
         if group["weight_decay"] > 0.0:
-            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+            w.add_(w, alpha=-group["lr"] * group["weight_decay"])
+
+    needs_gradient = True  # whether `_refresh` reads the (whole) gradient, gathered from the shards when sharded
 
     def _refresh(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
                  group: dict[str, Any]) -> torch.Tensor:
-        """A new projector: [r, n] when `right(p.shape)`, else [m, r]."""
+        """A new projector for the whole weight: [r, n] when `right(p.shape)`, else [m, r]."""
         raise NotImplementedError
 
-    def _direction(self, p: torch.Tensor, low: torch.Tensor, direction: torch.Tensor, state: dict[str, Any],
-                   group: dict[str, Any]) -> torch.Tensor:
-        """The full-size update direction from the subspace's Adam direction (`low`: the projected gradient)."""
+    def _direction(self, p: torch.Tensor, grad: torch.Tensor, low: torch.Tensor, direction: torch.Tensor,
+                   state: dict[str, Any], group: dict[str, Any], shard: Shard) -> torch.Tensor:
+        """This rank's rows of the update direction, from the subspace's Adam direction (`low`: the projected
+        gradient; `grad`: this rank's rows of the gradient)."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Where a parameter's local rows sit: the whole tensor, or an FSDP2 shard of rows (dim 0) of its mesh.
+
+    With the right projection every row of the subspace belongs to one rank, so moments and directions shard like
+    the weight; with the left one the projected gradient is a sum over all rows (one all-reduce of r x n values),
+    and its moments are the same on every rank. Whole-tensor norms of row-sharded values are all-reduced."""
+
+    group: Any = None  # the process group; None: not sharded
+    start: int = 0
+    stop: int | None = None
+
+    @staticmethod
+    def of(p: torch.Tensor) -> Shard:
+        if not hasattr(p, "to_local"):
+            return Shard()
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        return Shard(p.device_mesh.get_group(), offset[0], offset[0] + shape[0])
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.group is None else t[self.start:self.stop].contiguous()
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.group is not None:
+            torch.distributed.all_reduce(t, group=self.group)
+        return t
+
+    def norm(self, t: torch.Tensor) -> torch.Tensor:
+        """The norm of the whole row-sharded tensor whose local rows are `t`."""
+        if self.group is None:
+            return torch.norm(t)
+        return self.sum(t.square().sum()).sqrt()

@@ -107,10 +107,13 @@ def block_ids(start: int, stop: int, row: int, device: torch.device | str = "cpu
     return (i // row) * blocks_per_row(row) + (i % row) // BLOCK
 
 
-def quantize(x: torch.Tensor, t: QuantTables, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat fp32 x -> (uint8 codes [n], fp32 absmax [nb]); `ids` from `block_ids` (default: consecutive blocks)."""
+def quantize(x: torch.Tensor, t: QuantTables, ids: torch.Tensor | None = None, nb: int | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat fp32 x -> (uint8 codes [n], fp32 absmax [nb]); `ids` from `block_ids` (default: consecutive blocks).
+    Pass `nb` (the number of blocks) with `ids` to spare a device sync."""
     ids = block_ids(0, x.numel(), x.numel(), x.device) if ids is None else ids
-    nb = int(ids[-1]) + 1 if ids.numel() else 0
+    if nb is None:
+        nb = int(ids[-1]) + 1 if ids.numel() else 0
     absmax = torch.zeros(nb, device=x.device).scatter_reduce_(0, ids, x.abs(), "amax")
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     return quantize_normalized(x * inv[ids], t), absmax

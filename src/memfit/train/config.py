@@ -96,10 +96,6 @@ class TrainConfig:
         if self.optim == "mezo" and self.shard is not None:
             raise ConfigError("--optim mezo keeps no gradients or optimizer states to shard; drop --shard and run "
                               "it in one process.")
-        if self.optim in PROJECTED and self.shard is not None:
-            raise ConfigError(f"--optim {self.optim} projects whole gradient matrices, which FSDP2 shards split; drop "
-                              "--shard (the states are already a few percent of Adam's), or use --optim adamw8bit "
-                              "with --shard.")
         if self.proj_rank is not None and self.proj_rank < 1:
             raise ConfigError(f"TrainConfig.proj_rank (--proj-rank) must be >= 1, got {self.proj_rank}.")
         if self.proj_gap is not None and self.proj_gap < 1:
