@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,6 +279,14 @@ def test_state_dict_is_plain_tensors_that_torch_save_accepts():
     assert torch.load(buf, weights_only=True)["state"][0]["exp_avg_q"].dtype == torch.uint8
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return set(next((line for line in lines if line.startswith("flags")), "").split())
+
+
 @pytest.mark.parametrize(("rows", "row"), [(1, 70_001), (37, 700), (6, 512), (3, 100)])
 def test_the_vector_kernel_is_bitwise_the_scalar_one(rows, row):
     """The AVX2 path (gathers, direct search, pipelined over blocks, prefetch) against the same C compiled without
@@ -286,6 +295,8 @@ def test_the_vector_kernel_is_bitwise_the_scalar_one(rows, row):
     vector, scalar = kernels.load(), kernels.load(scalar=True)
     if vector is None or scalar is None:
         pytest.skip("no C compiler for both builds here")
+    if "avx2" not in _cpu_flags():
+        pytest.skip("no AVX2 here: both builds would be the scalar code")
     from memfit.optim.adamw8bit import _hyper
     from memfit.optim.quant import blocks_per_row, tables
 
@@ -354,3 +365,20 @@ def test_torch_op_path_with_rows_and_small_chunks_matches_the_kernel(monkeypatch
     assert torch.allclose(fast[0], slow[0], rtol=1e-6, atol=1e-7)
     for a, b in zip(fast[1:], slow[1:], strict=True):
         assert (a == b).float().mean() > 0.999
+
+
+def test_the_kernel_refuses_states_that_do_not_fit_their_parameter():
+    """A state loaded from a checkpoint of another shape would make the C code write out of bounds: refused."""
+    if kernels.load() is None:
+        pytest.skip("no C compiler here")
+    from memfit.errors import CheckpointError
+    from memfit.optim.adamw8bit import _hyper
+    from memfit.optim.quant import tables
+
+    n = 1000
+    p, g = torch.zeros(n), torch.zeros(n)
+    mq, vq, ma, va = torch.zeros(n, dtype=torch.uint8), torch.zeros(n - 1, dtype=torch.uint8), torch.zeros(4), \
+        torch.zeros(4)
+    hp = _hyper(dict(betas=(0.9, 0.999), lr=1e-2, weight_decay=0.0, eps=1e-8), 1)
+    with pytest.raises(CheckpointError, match="exp_avg_sq_q must be a contiguous CPU torch.uint8 tensor of 1000"):
+        kernels.adamw8bit_step(p, g, mq, ma, vq, va, hp, tables(True), tables(False), n)

@@ -38,15 +38,17 @@ def _params() -> list[torch.nn.Parameter]:
             torch.nn.Parameter(torch.randn(32, generator=g))]
 
 
-def _run(make_ref, ours, steps: int = 7) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    a, b = _params(), _params()
+def _run(make_ref, ours, steps: int = 7, params=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """`steps` steps of both optimizers on the same gradients; at step 3 the tall weight has none (it is skipped,
+    its projector's refresh schedule keeps counting its own steps)."""
+    a, b = (params or _params)(), (params or _params)()
     ref = make_ref(a)
     mine = ours(b)
     g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        for p, q in zip(a, b, strict=True):
-            p.grad = torch.randn(p.shape, generator=g)
-            q.grad = p.grad.clone()
+    for step in range(steps):
+        for i, (p, q) in enumerate(zip(a, b, strict=True)):
+            p.grad = None if (step == 3 and i == 0) else torch.randn(p.shape, generator=g)
+            q.grad = None if p.grad is None else p.grad.clone()
         ref.step()
         mine.step()
     return a, b
@@ -68,6 +70,29 @@ def test_galore_is_bitwise_galore_torch():
     for p, q in zip(a, b, strict=True):
         assert torch.equal(p, q)
     assert not torch.equal(a[0], _params()[0])
+
+
+def _square_params() -> list[torch.nn.Parameter]:
+    """A square weight and a wide one at a rank equal to its smaller dimension (16), and a bias."""
+    g = torch.Generator().manual_seed(7)
+    return [torch.nn.Parameter(torch.randn(16, 16, generator=g)), torch.nn.Parameter(torch.randn(16, 40, generator=g)),
+            torch.nn.Parameter(torch.randn(16, generator=g))]
+
+
+def test_square_weights_and_a_full_rank_are_bitwise_the_references_too():
+    galore_torch, apollo_torch = pytest.importorskip("galore_torch"), pytest.importorskip("apollo_torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, b = _run(lambda ps: galore_torch.GaLoreAdamW(
+            [{"params": ps[:2], "rank": 16, "update_proj_gap": 2, "scale": 0.25, "proj_type": "std"},
+             {"params": ps[2:]}], lr=1e-2), lambda ps: GaLore(_groups(ps), lr=1e-2, rank=16, update_proj_gap=2),
+            params=_square_params)
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+    a, b = _run(lambda ps: apollo_torch.APOLLOAdamW(
+        [{"params": ps[:2], "rank": 16, "update_proj_gap": 2, "scale": 1.0, "proj_type": "std", "proj": "random",
+          "scale_type": "channel"}, {"params": ps[2:]}], lr=1e-2),
+        lambda ps: Apollo(_groups(ps), lr=1e-2, rank=16, update_proj_gap=2), params=_square_params)
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize(("scale_type", "rank", "scale"), [("channel", 4, 1.0), ("tensor", 1, 128.0)])
@@ -104,6 +129,34 @@ def test_8bit_subspace_moments_track_fp32_and_take_a_quarter_of_the_bytes(cls):
     assert moments[1] < 0.26 * moments[0]
     for o in opts:  # the plan printed before the first step is the state held after it
         assert o.planned_state_bytes() == optimizer_state_bytes(o)[0]
+
+
+def test_8bit_states_cover_the_plain_weights_too_and_the_plan_counts_them():
+    """With states="8bit" a large weight kept in plain Adam (an embedding, say) gets 8-bit moments as well."""
+    g = torch.Generator().manual_seed(3)
+    weight, table = torch.nn.Parameter(torch.randn(128, 64, generator=g)), torch.nn.Parameter(torch.randn(500, 16))
+    opt = GaLore([{"params": [weight]}, {"params": [table], "rank": None}], lr=1e-3, rank=32, states="8bit")
+    planned = opt.planned_state_bytes()
+    weight.grad, table.grad = torch.randn(128, 64, generator=g), torch.randn(500, 16, generator=g)
+    opt.step()
+    assert opt.state[table]["exp_avg_q"].numel() == 8000 and "projector" not in opt.state[table]
+    assert planned == optimizer_state_bytes(opt)[0]
+
+
+def test_8bit_states_on_a_bf16_weight_compute_in_fp32():
+    """The fused kernel reads fp32: a bf16 weight's projected gradient is converted, not passed as raw bytes."""
+    start = torch.randn(256, 128, generator=torch.Generator().manual_seed(0))
+    w16, w32 = torch.nn.Parameter(start.bfloat16()), torch.nn.Parameter(start.clone())
+    opts = [GaLore([w], lr=1e-3, rank=64, states="8bit") for w in (w16, w32)]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grad = torch.randn(256, 128, generator=g)
+        w16.grad, w32.grad = grad.bfloat16(), grad
+        for o in opts:
+            o.step()
+    assert w16.dtype == torch.bfloat16 and torch.isfinite(w16).all()
+    moved = (w32 - start).norm()
+    assert (w16.float() - w32).norm() < 0.1 * moved + 0.02 * start.norm()  # bf16 rounding of weights, not garbage
 
 
 @pytest.mark.parametrize(("cls", "states"), [(GaLore, "fp32"), (Apollo, "fp32"), (ApolloMini, "fp32"),
@@ -179,8 +232,23 @@ def test_registry_projects_body_weights_and_keeps_embeddings_head_and_small_ones
                          and min(p.shape) >= 32}
     assert "model.layers.0.self_attn.k_proj.weight" not in projected  # [16, 32]: smaller than the rank
     assert "model.layers.0.mlp.up_proj.weight" in projected
-    with pytest.raises(ConfigError, match="no weight can take a rank-64 projection.*is 32"):
+    with pytest.raises(ConfigError, match="no trained weight can take a rank-64 projection.*is 32.*--method full"):
         build_optimizer("apollo", named, lr=1e-3, rank=64)
+    with_embeddings = build_optimizer("galore", named, lr=1e-3, rank=32, embeddings=True)
+    projected = {with_embeddings.names[id(p)] for g in with_embeddings.param_groups if g["rank"] for p in g["params"]}
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= projected
+
+
+def test_a_tied_weight_listed_twice_is_stepped_once():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    named = [(n, p) for n, p in model.named_parameters(remove_duplicate=False)]
+    assert len(named) > len(list(model.parameters()))  # the embedding is listed twice
+    opt = build_optimizer("apollo-mini", named, lr=1e-3)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
 def test_finetune_full_with_each_projected_optimizer_and_grad_accum(tmp_path, llama_dir):
@@ -192,6 +260,11 @@ def test_finetune_full_with_each_projected_optimizer_and_grad_accum(tmp_path, ll
         summary = finetune(llama_dir, data, tmp_path / optim, FULL, cfg, quiet=True)
         losses = [e["loss"] for e in _events(tmp_path / optim, "train")]
         assert summary["step"] == 3 and len(losses) == 3 and all(map(math.isfinite, losses)), optim
+        trained = load_tensors(tmp_path / optim / "adapter.safetensors")
+        base = load_tensors(llama_dir / "model.safetensors")
+        key = next(k for k in trained if k.endswith("layers.0.mlp.up_proj.weight"))
+        assert not torch.equal(trained[key], base["model.layers.0.mlp.up_proj.weight"]), optim  # a projected weight
+        assert 0 < summary["optimizer_state_bytes"] < 8 * summary["trainable_params"], optim  # below AdamW's
 
 
 def test_finetune_resume_with_galore_is_bitwise(tmp_path, llama_dir):
@@ -216,9 +289,15 @@ def test_cli_projected_flags_and_errors(tmp_path, llama_dir):
                   "apollo", "--proj-rank", "8", "--proj-gap", "5", "--proj-scale", "2", "--proj-states", "8bit",
                   "--max-steps", "2")
     assert "optimizer states" in text
+    saved = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["config"]
+    assert [saved[k] for k in ("optim", "proj_rank", "proj_gap", "proj_scale", "proj_states")] == [
+        "apollo", 8, 5, 2.0, "8bit"]
     bad = memfit_cli("finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "bad", "--method", "full",
                      "--optim", "galore", "--proj-rank", "100")
-    one_error_line(bad, "no weight can take a rank-100 projection")
+    one_error_line(bad, "no trained weight can take a rank-100 projection")
+    bad = memfit_cli("finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "bad", "--method", "lora",
+                     "--proj-rank", "8")
+    one_error_line(bad, "--proj-rank only apply to --optim galore, apollo or apollo-mini, not --optim adamw")
     bad = memfit_cli("finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "bad", "--method", "full",
                      "--optim", "galore", "--proj-states", "4bit")
     one_error_line(bad, r"proj_states \(--proj-states\) must be 'fp32' or '8bit'")

@@ -5,8 +5,9 @@ Adam runs on a random projection of each weight's gradient (a seeded Gaussian ma
 channel (row or column) or for the whole tensor, scales the raw full-size gradient. The norm-growth limiter
 of Fira caps how fast that scaled gradient's norm may grow (1.01x per step). APOLLO-Mini is rank 1 with one
 scale per tensor and `scale` 128 (the paper's settings), about zero state. The same update as apollo-torch's
-`APOLLOAdamW` for the same seeds, bitwise (`tests/test_optim_projected.py`): random matrices are drawn on the
-CPU with torch's generator, so they are the same on every device and every FSDP2 rank.
+`APOLLOAdamW` for the same seeds, bitwise on CPU (`tests/test_optim_projected.py`): random matrices are drawn on
+the CPU with torch's generator, so they are the same on every device and every FSDP2 rank (apollo-torch draws
+them on the gradient's device, so on a GPU its matrices differ from these).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ LIMIT = 1.01  # the norm-growth limiter's largest growth of the scaled gradient'
 
 
 def next_seed(seed: int) -> int:
+    """The seed of a parameter's next random projector, drawn from its current one as apollo-torch does."""
     gen = torch.Generator().manual_seed(seed)
     return int(torch.randint(0, torch.iinfo(torch.int64).max, (SEED_ADVANCE,), generator=gen)[-1])
 
@@ -43,13 +45,6 @@ class Apollo(ProjectedAdam):
             raise ConfigError(f"scale_type must be one of {SCALE_TYPES}, got {scale_type!r}.")
         super().__init__(params, lr, betas, eps, weight_decay, rank, update_proj_gap, scale, states, names,
                          scale_type=scale_type, limiter=limiter)
-        # one seed per parameter, by its position among all parameters (1-based), as the authors' package does
-        index = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                index += 1
-                if self.projected(p, group):
-                    self.state[p]["seed"] = index
 
     needs_gradient = False  # a random projector: only the shape matters
 
@@ -57,6 +52,8 @@ class Apollo(ProjectedAdam):
                  group: dict[str, Any]) -> torch.Tensor:
         r = group["rank"]
         shape = (r, p.shape[1]) if self.right(p.shape) else (p.shape[0], r)
+        if "seed" not in state:  # the parameter's position among all parameters (1-based), as apollo-torch seeds
+            state["seed"] = 1 + [id(q) for g in self.param_groups for q in g["params"]].index(id(p))
         gen = torch.Generator().manual_seed(state["seed"])
         proj = torch.randn(shape, generator=gen) / math.sqrt(r)
         state["seed"] = next_seed(state["seed"])

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from memfit.errors import CheckpointError
 from memfit.optim.quant import BLOCK, E_LO, EXPONENTS, QuantTables
 
 SOURCE = r"""#include <stdint.h>
@@ -329,11 +330,23 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 def adamw8bit_step(p: torch.Tensor, g: torch.Tensor, mq: torch.Tensor, ma: torch.Tensor, vq: torch.Tensor,
                    va: torch.Tensor, hp: torch.Tensor, tm: QuantTables, tv: QuantTables, row: int) -> None:
     """Update flat contiguous CPU tensors in place: p, g fp32 [n]; mq, vq uint8 [n]; ma, va fp32 [nb]; hp fp32 [7].
-    Blocks run along rows of `row` values (`row` = n for one flat run of blocks)."""
+    Blocks run along rows of `row` values (`row` = n for one flat run of blocks). The C code trusts every size, so
+    they are checked here first (a state loaded from a checkpoint may not fit its parameter)."""
+    n = p.numel()
+    nb = (n // row) * -(-row // BLOCK) if row else 0
+    sizes = {"p": (p, torch.float32, n), "g": (g, torch.float32, n), "exp_avg_q": (mq, torch.uint8, n),
+             "exp_avg_sq_q": (vq, torch.uint8, n), "exp_avg_absmax": (ma, torch.float32, nb),
+             "exp_avg_sq_absmax": (va, torch.float32, nb), "hp": (hp, torch.float32, 7)}
+    for name, (t, dtype, size) in sizes.items():
+        if t.dtype != dtype or t.numel() != size or not t.is_contiguous() or t.device.type != "cpu":
+            raise CheckpointError(f"8-bit AdamW kernel: {name} must be a contiguous CPU {dtype} tensor of {size} "
+                                  f"values, got {t.dtype} {list(t.shape)} on {t.device}; the optimizer state does not "
+                                  "fit its parameter (resume with the run's own checkpoint).")
+    if row <= 0 or n % row:
+        raise CheckpointError(f"8-bit AdamW kernel: {n} values do not split into rows of {row}.")
     fn = load().adamw8bit_blocks
     ptrs = [t.data_ptr() for t in (p, g, mq, ma, vq, va)]
     tables = [t.data_ptr() for t in (tm.qmap, tm.direct, tv.qmap, tv.direct, hp)]
-    nb = ma.numel()
     threads = min(torch.get_num_threads(), max(1, nb // MIN_PARALLEL_BLOCKS))
     if threads == 1:
         fn(*ptrs, row, 0, nb, *tables)

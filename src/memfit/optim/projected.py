@@ -18,7 +18,7 @@ resumed run continues bitwise.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ class ProjectedAdam(torch.optim.Optimizer):
     """Adam on projected gradients; subclasses implement `_refresh` and `_direction`."""
 
     method = "projected Adam"
+    needs_gradient = True  # whether `_refresh` reads the (whole) gradient, gathered from the shards when sharded
 
     def __init__(self, params: Iterable, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
                  rank: int | None, update_proj_gap: int, scale: float, states: str = "fp32",
@@ -64,10 +65,15 @@ class ProjectedAdam(torch.optim.Optimizer):
         rank = group["rank"]
         if rank is None or p.dim() != 2:
             return
-        if hasattr(p, "to_local") and any(not pl.is_shard(0) for pl in p.placements):
-            raise ConfigError(f"{self.method} follows FSDP2's row shards (dim 0), but {self._name(p)} is placed as "
-                              f"{p.placements}; shard it with memfit's --shard (fully_shard), or keep it in a group "
-                              "with rank=None.")
+        if hasattr(p, "to_local"):
+            if any(not pl.is_shard(0) for pl in p.placements):
+                raise ConfigError(f"{self.method} follows FSDP2's row shards (dim 0), but {self._name(p)} is placed "
+                                  f"as {p.placements}; shard it with memfit's --shard (fully_shard), or keep it in a "
+                                  "group with rank=None.")
+            if p.device.type == "cpu" and torch.distributed.get_backend(p.device_mesh.get_group()) == "nccl":
+                raise ConfigError(f"{self.method} all-reduces its projections between ranks, and NCCL cannot do "
+                                  "that with shards kept on the CPU: drop --cpu-offload, or use --optim adamw8bit "
+                                  "with it.")
         if not 1 <= rank <= min(p.shape):
             raise ConfigError(f"{self.method} rank {rank} does not fit {self._name(p)} {list(p.shape)}: the rank must "
                               f"be between 1 and its smaller dimension, {min(p.shape)}; lower the rank "
@@ -83,17 +89,20 @@ class ProjectedAdam(torch.optim.Optimizer):
         return shape[0] >= shape[1]
 
     def planned_state_bytes(self) -> int:
-        """The state this optimizer will hold once every parameter has stepped (moments, projectors)."""
+        """The state this rank will hold once every parameter has stepped (moments, projectors)."""
         total = 0
         for group in self.param_groups:
             for p in group["params"]:
-                if self.projected(p, group):
-                    m, n, r = p.shape[0], p.shape[1], group["rank"]
-                    low = m * r if self.right(p.shape) else r * n
-                    per_value = 2 * (1 + 4 / 256) if self.states == "8bit" and low >= MIN_8BIT else 8
-                    total += int(low * per_value) + 4 * r * (n if self.right(p.shape) else m)
+                size, rows = local(p).element_size(), local(p).shape[0] if p.dim() else 1
+                if not self.projected(p, group):
+                    moments, extra = local(p).numel(), 0
                 else:
-                    total += 8 * p.numel()
+                    n, r = p.shape[1], group["rank"]
+                    # right: moments of this rank's rows, the whole [r, n] projector; left: the reverse
+                    moments, extra = (rows * r, r * n) if self.right(p.shape) else (r * n, rows * r)
+                eight = self._8bit_size(p, group)  # two codes per value and an fp32 absmax per block, or two floats
+                total += 2 * (moments + 4 * blocks_per_row(moments)) if eight else 2 * size * moments
+                total += extra * size
         return total
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -107,11 +116,21 @@ class ProjectedAdam(torch.optim.Optimizer):
             self.state[p] = {k: v.to(p.device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
 
     # -- moments ----------------------------------------------------------------------------------------------
-    def _quantized(self, state: dict[str, Any], low: torch.Tensor) -> bool:
+    def _8bit_size(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Whether `states="8bit"` quantises this parameter's moments: by their whole size, the same on every rank
+        (subspace moments of projected weights, and the plain moments of the others, embeddings included)."""
+        if self.states != "8bit":
+            return False
+        if not self.projected(p, group):
+            return p.numel() >= MIN_8BIT
+        m, n, r = p.shape[0], p.shape[1], group["rank"]
+        return (m * r if self.right(p.shape) else r * n) >= MIN_8BIT
+
+    def _quantized(self, p: torch.Tensor, state: dict[str, Any], low: torch.Tensor, group: dict[str, Any]) -> bool:
         """Whether this parameter's moments are 8-bit (creating them, zero, at its first step)."""
         if "exp_avg_q" in state:
             return True
-        if self.states != "8bit" or low.numel() < MIN_8BIT or "exp_avg" in state:
+        if not self._8bit_size(p, group) or "exp_avg" in state:
             return False
         n, nb, dev = low.numel(), blocks_per_row(low.numel()), low.device
         zero_m = quantize_normalized(torch.zeros(1, device=dev), tables(True, dev)).item()
@@ -123,30 +142,45 @@ class ProjectedAdam(torch.optim.Optimizer):
 
     def _adam_8bit(self, state: dict[str, Any], low: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
         """m / (sqrt(v) + eps) with 8-bit moments, by the fused AdamW8bit update run on a zero buffer (decay 1,
-        step 1, bias corrections 1), so the same kernel (or its torch-op fallback) serves both optimizers."""
+        step 1, bias corrections 1), so the same kernel (or its torch-op fallback) serves both optimizers. The
+        maths runs in fp32 whatever the weight's dtype."""
         beta1, beta2 = group["betas"]
         hp = torch.tensor([1 - beta1, beta2, 1 - beta2, 1.0, 1.0, 1.0, group["eps"]])  # CPU, as step_8bit wants
-        direction = torch.zeros_like(low, memory_format=torch.contiguous_format)
-        step_8bit(direction.view(-1), low.contiguous().view(-1), *(state[k] for k in Q_KEYS), hp, low.numel())
-        return direction
+        direction = torch.zeros(low.shape, device=low.device)
+        step_8bit(direction.view(-1), low.float().contiguous().view(-1), *(state[k] for k in Q_KEYS), hp,
+                  low.numel())
+        return direction.to(low.dtype)
 
     # -- the step -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001 (torch.optim signature)
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         stepping = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        for p, _ in stepping:  # all checked first, so a bad gradient leaves every weight as it was
-            if p.grad.is_sparse:
-                raise ConfigError(f"{self.method} does not support sparse gradients; use dense embeddings.")
-            if not torch.isfinite(p.grad).all():
-                raise TrainingError(f"{self.method}: the gradient of {self._name(p)} holds NaN or inf values; lower "
-                                    "--lr or check the data (no weight was changed by this step).")
+        self._check_finite([p for p, _ in stepping])
         for p, group in stepping:
             self._update(p, group)
         return loss
+
+    def _check_finite(self, params: list[torch.Tensor]) -> None:
+        """All gradients checked before any weight moves, with one host sync (and, sharded, one all-reduce, so
+        that every rank stops together instead of waiting in a collective for the one that raised)."""
+        if not params:
+            return
+        for p in params:
+            if p.grad.is_sparse:
+                raise ConfigError(f"{self.method} does not support sparse gradients; use dense embeddings.")
+        bad = torch.stack([~torch.isfinite(local(p.grad)).all() for p in params]).to(torch.int32)
+        sharded = next((p for p in params if hasattr(p, "to_local")), None)
+        if sharded is not None:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX, group=sharded.device_mesh.get_group())
+        flags = bad.tolist()
+        if any(flags):
+            name = self._name(params[flags.index(1)])
+            raise TrainingError(f"{self.method}: the gradient of {name} holds NaN or inf values; lower --lr or check "
+                                "the data (no weight was changed by this step).")
 
     def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         shard = Shard.of(p)
@@ -158,6 +192,8 @@ class ProjectedAdam(torch.optim.Optimizer):
             if "projector" not in state or state["step"] % group["update_proj_gap"] == 0:
                 full = p.grad.full_tensor() if shard.group is not None and self.needs_gradient else grad
                 proj = self._refresh(p, full, state, group)
+                if shard.group is not None and self.needs_gradient:  # one SVD for all: rank 0's, not n near-equal
+                    torch.distributed.broadcast(proj, torch.distributed.get_global_rank(shard.group, 0), shard.group)
                 state["projector"] = proj if self.right(p.shape) else shard.rows(proj)  # [m, r]: this rank's rows
             proj = state["projector"]
             # right: each row of the gradient projects alone (rows stay sharded); left: a sum over rows
@@ -167,7 +203,7 @@ class ProjectedAdam(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         state["step"] += 1
         step_size = group["lr"] * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
-        if self._quantized(state, low):
+        if self._quantized(p, state, low, group):
             direction = self._adam_8bit(state, low, group)
         else:
             if "exp_avg" not in state:
@@ -182,8 +218,6 @@ class ProjectedAdam(torch.optim.Optimizer):
         w.add_(direction, alpha=-step_size)
         if group["weight_decay"] > 0.0:
             w.add_(w, alpha=-group["lr"] * group["weight_decay"])
-
-    needs_gradient = True  # whether `_refresh` reads the (whole) gradient, gathered from the shards when sharded
 
     def _refresh(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
                  group: dict[str, Any]) -> torch.Tensor:
@@ -211,6 +245,7 @@ class Shard:
 
     @staticmethod
     def of(p: torch.Tensor) -> Shard:
+        """The shard of a parameter (a whole tensor unless it is a DTensor)."""
         if not hasattr(p, "to_local"):
             return Shard()
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -219,9 +254,11 @@ class Shard:
         return Shard(p.device_mesh.get_group(), offset[0], offset[0] + shape[0])
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a whole [m, ...] tensor."""
         return t if self.group is None else t[self.start:self.stop].contiguous()
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the ranks, in place (a partial sum on each rank becomes the whole one)."""
         if self.group is not None:
             torch.distributed.all_reduce(t, group=self.group)
         return t

@@ -37,15 +37,17 @@ def _projected(cls: Factory, named_params: NamedParams, lr: float, weight_decay:
     """GaLore/APOLLO over a model's named parameters: 2-D weights are projected, except weights smaller than the
     rank and (unless `embeddings`) the embeddings and the output head, as in the papers; the rest, 1-D included,
     get plain Adam."""
-    named = list(named_params)
+    seen: set[int] = set()  # a tied weight listed under two names is one parameter, stepped once
+    named = [(n, p) for n, p in named_params if not (id(p) in seen or seen.add(id(p)))]
     rank = rank if rank is not None else inspect.signature(cls).parameters["rank"].default
     skip = () if embeddings else UNPROJECTED
-    fits = [(n, p) for n, p in named if p.dim() == 2 and not any(s in n for s in skip) and min(p.shape) >= rank]
+    candidates = [(n, p) for n, p in named if p.dim() == 2 and not any(s in n for s in skip)]
+    fits = [(n, p) for n, p in candidates if min(p.shape) >= rank]
     if not fits:
-        sizes = sorted({min(p.shape) for _, p in named if p.dim() == 2}, reverse=True)
-        raise ConfigError(f"no weight can take a rank-{rank} projection (the largest smaller dimension among the "
-                          f"2-D weights is {sizes[0] if sizes else 'none: there are no 2-D weights'}); lower "
-                          "--proj-rank, or use --optim adamw.")
+        largest = max((min(p.shape) for _, p in candidates), default=0)
+        raise ConfigError(f"no trained weight can take a rank-{rank} projection (the largest smaller dimension among "
+                          f"them is {largest}): these optimizers project whole weight matrices, so train them with "
+                          "--method full, or lower --proj-rank.")
     chosen = {id(p) for _, p in fits}
     rest = [p for _, p in named if id(p) not in chosen]
     groups = [{"params": [p for _, p in fits]}] + ([{"params": rest, "rank": None}] if rest else [])

@@ -67,7 +67,8 @@ class TrainConfig:
                                   "gradient; APOLLO: a new random matrix; default 200).", panel=PROJ)
     proj_scale: float | None = option(None, help="Scale of the projected update (default: GaLore 0.25, APOLLO 1, "
                                       "APOLLO-Mini 128).", panel=PROJ)
-    proj_states: str = option("fp32", help="The subspace moments in 'fp32' or block-wise '8bit'.", panel=PROJ)
+    proj_states: str = option("fp32", help="Adam's moments (the subspace ones, and those of the weights kept in "
+                              "plain Adam) in 'fp32' or block-wise '8bit'.", panel=PROJ)
     proj_embeddings: bool = option(False, help="Project the embeddings and the output head too (the papers keep "
                                    "them in plain Adam; with a large vocabulary they are then most of the state).",
                                    panel=PROJ)
@@ -96,6 +97,14 @@ class TrainConfig:
         if self.optim == "mezo" and self.shard is not None:
             raise ConfigError("--optim mezo keeps no gradients or optimizer states to shard; drop --shard and run "
                               "it in one process.")
+        chosen = [f for f in ("proj_rank", "proj_gap", "proj_scale") if getattr(self, f) is not None]
+        chosen += [f for f, default in (("proj_states", "fp32"), ("proj_embeddings", False))
+                   if getattr(self, f) != default]
+        if chosen and self.optim not in PROJECTED:
+            flags = ", ".join("--" + f.replace("_", "-") for f in chosen)
+            raise ConfigError(f"{flags} only apply to --optim galore, apollo or apollo-mini, not --optim {self.optim}.")
+        if self.proj_scale is not None and not self.proj_scale > 0:
+            raise ConfigError(f"TrainConfig.proj_scale (--proj-scale) must be > 0, got {self.proj_scale}.")
         if self.proj_rank is not None and self.proj_rank < 1:
             raise ConfigError(f"TrainConfig.proj_rank (--proj-rank) must be >= 1, got {self.proj_rank}.")
         if self.proj_gap is not None and self.proj_gap < 1:
