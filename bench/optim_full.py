@@ -3,13 +3,14 @@ and APOLLO-Mini against each other, and LoRA r=16 for reference.
 
 Task: causal-LM on the shipped debian-sections synopses (train split; held-out loss on 300 validation synopses),
 batch 4 x 64 tokens, 100 updates; the same updates, seed, batches and schedule for every row: only the optimizer
-(and, for the LoRA row, the method) differs. Every row gets the same sweep: four learning rates around its
-method's usual rate, each a full-length run, and the row reports the one with the lowest held-out loss. Each run is
-a fresh process, so its peak RSS (weights, gradients, states, activations) is its own; the optimizer-state bytes
-are what the optimizer holds after training. GaLore and APOLLO rebuild their projections every 25 updates (the
-papers' 200 would never refresh in a run this short) at rank 128 (GaLore's default; APOLLO's 256 is for hidden
-sizes of 768 and more, here it would exceed the k/v projections' 192); embeddings and the head keep plain Adam, as
-in the papers, except in the "+ embeddings" row. The untrained model's held-out loss is measured too.
+(and, for the LoRA row, the method) differs. Every row gets the same sweep: four learning rates around its method's
+usual rate, each a full-length run, extended upwards (up to two more, each one grid step higher) while the best is
+the highest rate tried, and the row reports the one with the lowest held-out loss. Each run is a fresh process, so
+its peak RSS (weights, gradients, states, activations) is its own; the optimizer-state bytes are what the optimizer
+holds after training. GaLore and APOLLO rebuild their projections every 25 updates (the papers' 200 would never
+refresh in a run this short) at rank 128 (GaLore's default; APOLLO's 256 is for hidden sizes of 768 and more, here
+it would exceed the k/v projections' 192); embeddings and the head keep plain Adam, as in the papers, except in the
+"+ embeddings" row. The untrained model's held-out loss is measured too.
 
 Runs are appended to results/optim_full.json as they finish and a rerun skips them, so the benchmark can be
 stopped and continued (`--fresh` starts over).
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "runs" / "optim-full"
 GiB, MiB = 2**30, 2**20
 STEPS, BATCH, LENGTH, VAL_ROWS, GAP = 100, 4, 64, 300, 25
+EXTEND = 2  # rates added above a row's grid while its best run is the highest rate tried (the same rule for all)
 
 # row -> (method, optimizer, extra TrainConfig fields, learning rates swept)
 ROWS: dict[str, tuple[str, str, dict, list[float]]] = {
@@ -124,15 +126,15 @@ def best(runs: list[dict]) -> dict | None:
 
 def readme_tables(payload: dict) -> dict[str, str]:
     """README.md's table, from results/optim_full.json alone (bench/readme_check.py compares the two)."""
-    rows, chosen = [], {}
-    for name, runs in payload["runs"].items():
-        b = best(runs)
-        if b is not None:
-            chosen[name] = b
+    rows = []
+    chosen = {name: best(runs) for name, runs in payload["runs"].items()}
     ref = chosen.get("AdamW")
     for name, b in chosen.items():
         swept = ", ".join(f"{r['lr']:g}: {r['eval_loss']:.3f}" if "error" not in r else f"{r['lr']:g}: failed"
                           for r in payload["runs"][name])
+        if b is None:
+            rows.append([name, "", "", "", "", "", "failed", "", swept])
+            continue
         state, rss = (f"{b[k] / ref[k]:.3f}" if ref else "" for k in ("state_bytes", "peak_rss"))
         rows.append([name, f"{b['state_bytes'] / MiB:,.1f}", state, f"{b['peak_rss'] / GiB:.2f}", rss,
                      f"{b['s_per_step']:.2f}", f"{b['eval_loss']:.4f}",
@@ -173,18 +175,25 @@ def main() -> None:
         plan.append((name, method, optim, {**extra, **more}, None))
     for name, method, optim, extra, lrs in plan:
         runs = payload["runs"].setdefault(name, [])
-        if lrs is None:  # a variant: its base row's chosen rate
+        variant = lrs is None
+        if variant:  # a variant: its base row's chosen rate
             chosen = best(payload["runs"].get(VARIANTS[name][0], []))
             lrs = [chosen["lr"]] if chosen else []
-        for lr in lrs:
-            if any(r["lr"] == lr and "error" not in r for r in runs):
-                continue
-            runs[:] = [r for r in runs if r["lr"] != lr]
-            runs.append(_subprocess(method, optim, extra, lr, steps, args.quick))
-            RESULTS.mkdir(exist_ok=True)
-            path.write_text(json.dumps(payload, indent=2) + "\n")
-            print(f"{name} lr {lr:g}: {json.dumps(runs[-1])} ({(time.perf_counter() - start) / 60:.1f} min)",
-                  flush=True)
+        todo = list(lrs)
+        while todo:
+            lr = todo.pop(0)
+            if not any(r["lr"] == lr and "error" not in r for r in runs):
+                runs[:] = [r for r in runs if r["lr"] != lr]
+                runs.append(_subprocess(method, optim, extra, lr, steps, args.quick))
+                RESULTS.mkdir(exist_ok=True)
+                path.write_text(json.dumps(payload, indent=2) + "\n")
+                print(f"{name} lr {lr:g}: {json.dumps(runs[-1])} ({(time.perf_counter() - start) / 60:.1f} min)",
+                      flush=True)
+            top = best(runs)
+            if not todo and not variant and not args.quick and top is not None and top["lr"] == max(lrs) \
+                    and len(lrs) < len(ROWS[name][3]) + EXTEND:  # the best at the top edge: one rate higher
+                lrs = [*lrs, max(lrs) * lrs[-1] / lrs[-2]]
+                todo.append(lrs[-1])
     print_readme_tables(readme_tables, path)
 
 

@@ -42,8 +42,8 @@ def test_readme_tables_match_committed_results():
 
 
 def test_readme_marks_the_benchmark_tables():
-    assert REFERENCED == ["adapters_step.json", "moe.json", "optim.json", "optim_finetune.json", "quality-lm.json",
-                          "quality.json", "rps.json", "serve.json", "stream.json", "zo.json"]
+    assert REFERENCED == ["adapters_step.json", "moe.json", "optim.json", "optim_finetune.json", "optim_full.json",
+                          "quality-lm.json", "quality.json", "rps.json", "serve.json", "stream.json", "zo.json"]
 
 
 # --- the mechanism, on a README and results of its own ---------------------------------------------------------
@@ -157,6 +157,13 @@ PAYLOADS = {
     "optim_finetune.json": {"results": {
         "adamw": {"eval_loss": 0.8316, "eval_accuracy": 0.755, "eval_macro_f1": 0.708},
         "adamw8bit": {"eval_loss": 0.8310, "eval_accuracy": 0.755, "eval_macro_f1": 0.709}}},
+    "optim_full.json": {"zero_shot_loss": 7.21993, "runs": {
+        "AdamW": [{"lr": 1e-5, "eval_loss": 6.0, "state_bytes": 1024 * MiB, "peak_rss": 3 * 2**30, "s_per_step": 1.25},
+                  {"lr": 1e-4, "eval_loss": 5.5, "state_bytes": 1024 * MiB, "peak_rss": 3 * 2**30, "s_per_step": 1.2}],
+        "APOLLO-Mini": [{"lr": 3e-5, "error": "TrainingError: nan"},
+                        {"lr": 1e-4, "eval_loss": 5.555, "state_bytes": 2 * MiB, "peak_rss": 2 * 2**30,
+                         "s_per_step": 1.1}],
+        "GaLore r=128": [{"lr": 1e-3, "error": "TrainingError: nan"}]}},
     "stream.json": {"budget_frac": 0.25, "results": {
         "memory": {"step_s": 0.605, "peak_rss_bytes": 905e6, "disk_read_per_step": 0.0},
         "stream": {"step_s": 1.650, "peak_rss_bytes": 249e6, "disk_read_per_step": 1163e6, "read_per_step": 1131e6}}},
@@ -235,6 +242,14 @@ EXPECTED = {  # README rows these payloads must reproduce, character for charact
         "| SmolLM2, batch 16 x 256 | peak RSS GiB | ÷ Adam LoRA | above RSS at update 1, GiB | s/update |",
         "|---|---:|---:|---:|---:|",
         "| Adam LoRA | 8.00 | 1.00 | 7.00 | 16.0 |", "| MeZO LoRA | 3.00 | 0.38 | 2.00 | 13.3 |"],
+    ("optim_full.json", "full"): [
+        "| row | optimizer state MiB | ÷ AdamW | peak RSS GiB | ÷ AdamW | s/step | held-out loss | vs AdamW "
+        "| lr swept: held-out loss |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| AdamW | 1,024.0 | 1.000 | 3.00 | 1.000 | 1.20 | 5.5000 | +0.00% | 1e-05: 6.000, 0.0001: 5.500 |",
+        "| APOLLO-Mini | 2.0 | 0.002 | 2.00 | 0.667 | 1.10 | 5.5550 | +1.00% | 3e-05: failed, 0.0001: 5.555 |",
+        "| GaLore r=128 | | | | | | failed | | 0.001: failed |",
+        "| untrained model | | | | | | 7.2199 | | |"],
     ("stream.json", "step"): [
         "| variant | s/step | ÷ memory | peak RSS MB | ÷ memory | read MB/step | disk MB/step |",
         "|---|---:|---:|---:|---:|---:|---:|",
