@@ -15,7 +15,7 @@ it would exceed the k/v projections' 192); embeddings and the head keep plain Ad
 Runs are appended to results/optim_full.json as they finish and a rerun skips them, so the benchmark can be
 stopped and continued (`--fresh` starts over).
 
-    .venv/bin/python bench/optim_full.py            # ~60 min on 2 CPU cores (26 runs of ~2.3 min)
+    .venv/bin/python bench/optim_full.py            # ~80 min on 2 CPU cores (30 runs of ~2.5 min here)
     .venv/bin/python bench/optim_full.py --quick    # 10 updates, one learning rate per row: a smoke run
 """
 
