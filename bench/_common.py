@@ -63,6 +63,25 @@ def smollm2_dir(work: Path) -> Path:
     return target
 
 
+def heldout_loss(model, tokenizer, path: Path, length: int = 64, batch: int = 8) -> float:
+    """Mean loss per target token of a causal-LM file (completions, or whole texts) under `model`: what a run's
+    evaluation reports, for a model that was not trained (zero-shot rows)."""
+    import torch
+
+    from memfit.train.data import load_rows
+    from memfit.train.tasks import CausalLM
+
+    task = CausalLM()
+    examples = [task.encode(r, tokenizer, length) for r in load_rows(path, "causal-lm")[0]]
+    total = targets = 0.0
+    with torch.no_grad():
+        for s in range(0, len(examples), batch):
+            b = task.collate(examples[s:s + batch], tokenizer.pad_token_id)
+            total += float(task.loss_sum(model, b))
+            targets += task.targets(b)
+    return total / targets
+
+
 def report(name: str, title: str, columns: list[str], rows: list[list], payload: dict) -> Path:
     """Print a rich table and write results/<name>.json."""
     from rich.console import Console

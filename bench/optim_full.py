@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, md_table, print_readme_tables, smollm2_dir  # noqa: E402
+from _common import RESULTS, heldout_loss, machine, md_table, print_readme_tables, smollm2_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "runs" / "optim-full"
@@ -53,7 +53,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
-def _data(quick: bool) -> tuple[Path, Path, Path]:
+def _data() -> tuple[Path, Path, Path]:
     from memfit.cli.demo import DATA
 
     WORK.mkdir(parents=True, exist_ok=True)
@@ -66,7 +66,7 @@ def _data(quick: bool) -> tuple[Path, Path, Path]:
     return smollm2_dir(ROOT / "runs" / "zo-bench"), train, val
 
 
-def run(method: str, optim: str, extra: dict, lr: float, steps: int, quick: bool) -> dict:
+def run(method: str, optim: str, extra: dict, lr: float, steps: int) -> dict:
     """One run in this process."""
     import torch
 
@@ -75,7 +75,7 @@ def run(method: str, optim: str, extra: dict, lr: float, steps: int, quick: bool
     from memfit.train.finetune import finetune
 
     torch.set_num_threads(2)
-    model_dir, train, val = _data(quick)
+    model_dir, train, val = _data()
     slug = "-".join([method, optim, *(f"{k}={v}" for k, v in sorted(extra.items())), f"lr={lr}", str(steps)])
     cfg = TrainConfig(max_steps=steps, batch_size=BATCH, eval_batch_size=16, lr=lr, optim=optim, max_length=LENGTH,
                       log_every=10**9, checkpoint_every=10**9, eval_every=10**9, seed=0, **extra)
@@ -87,33 +87,23 @@ def run(method: str, optim: str, extra: dict, lr: float, steps: int, quick: bool
             "s_per_step": s["train_time_s"] / steps, "trainable_params": s["trainable_params"]}
 
 
-def zero_shot(quick: bool) -> float:
+def zero_shot() -> float:
     """Held-out loss of the untrained model (mean over target tokens, as the runs' evaluation)."""
     import torch
 
     from memfit.local import load_tokenizer
-    from memfit.train.data import load_rows
     from memfit.train.finetune import load_base
     from memfit.train.tasks import CausalLM
 
     torch.set_num_threads(2)
-    model_dir, _, val = _data(quick)
-    task, tokenizer = CausalLM(), load_tokenizer(model_dir)
-    model = load_base(model_dir, task)[0].eval()
-    examples = [task.encode(r, tokenizer, LENGTH) for r in load_rows(val, "causal-lm")[0]]
-    total = targets = 0.0
-    with torch.no_grad():
-        for s in range(0, len(examples), 16):
-            batch = task.collate(examples[s:s + 16], tokenizer.pad_token_id)
-            total += float(task.loss_sum(model, batch))
-            targets += task.targets(batch)
-    return total / targets
+    model_dir, _, val = _data()
+    model = load_base(model_dir, CausalLM())[0].eval()
+    return heldout_loss(model, load_tokenizer(model_dir), val, LENGTH, batch=16)
 
 
-def _subprocess(method: str, optim: str, extra: dict, lr: float, steps: int, quick: bool) -> dict:
+def _subprocess(method: str, optim: str, extra: dict, lr: float, steps: int) -> dict:
     spec = json.dumps({"method": method, "optim": optim, "extra": extra, "lr": lr, "steps": steps})
-    proc = subprocess.run([sys.executable, __file__, "--run", spec] + (["--quick"] if quick else []),
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, __file__, "--run", spec], capture_output=True, text=True)
     if proc.returncode != 0:
         return {"lr": lr, "steps": steps, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -153,11 +143,11 @@ def main() -> None:
     ap.add_argument("--run", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run == "zero-shot":
-        print(json.dumps(zero_shot(args.quick)))
+        print(json.dumps(zero_shot()))
         return
     if args.run:
         spec = json.loads(args.run)
-        print(json.dumps(run(spec["method"], spec["optim"], spec["extra"], spec["lr"], spec["steps"], args.quick)))
+        print(json.dumps(run(spec["method"], spec["optim"], spec["extra"], spec["lr"], spec["steps"])))
         return
     steps = 10 if args.quick else STEPS
     path = RESULTS / ("optim_full-quick.json" if args.quick else "optim_full.json")
@@ -165,8 +155,8 @@ def main() -> None:
     payload.update(machine=machine(), steps=steps, batch=BATCH, length=LENGTH, val_rows=VAL_ROWS, proj_gap=GAP)
     start = time.perf_counter()
     if "zero_shot_loss" not in payload:
-        proc = subprocess.run([sys.executable, __file__, "--run", "zero-shot"] + (["--quick"] if args.quick else []),
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run([sys.executable, __file__, "--run", "zero-shot"], capture_output=True, text=True,
+                              check=True)
         payload["zero_shot_loss"] = json.loads(proc.stdout.strip().splitlines()[-1])
     plan = [(name, method, optim, extra, lrs[1:2] if args.quick else lrs)
             for name, (method, optim, extra, lrs) in ROWS.items()]
@@ -184,7 +174,7 @@ def main() -> None:
             lr = todo.pop(0)
             if not any(r["lr"] == lr and "error" not in r for r in runs):
                 runs[:] = [r for r in runs if r["lr"] != lr]
-                runs.append(_subprocess(method, optim, extra, lr, steps, args.quick))
+                runs.append(_subprocess(method, optim, extra, lr, steps))
                 RESULTS.mkdir(exist_ok=True)
                 path.write_text(json.dumps(payload, indent=2) + "\n")
                 print(f"{name} lr {lr:g}: {json.dumps(runs[-1])} ({(time.perf_counter() - start) / 60:.1f} min)",

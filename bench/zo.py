@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, md_table, smollm2_dir  # noqa: E402
+from _common import RESULTS, heldout_loss, machine, md_table, smollm2_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "runs" / "zo-bench"
@@ -134,24 +134,6 @@ def exact_match(model, tokenizer, val: Path, batch: int = 25) -> float:
     return hits / len(rows)
 
 
-def completion_loss(model, tokenizer, val: Path, batch: int = 8) -> float:
-    """Mean loss per completion token on the validation prompts (what a trained row's evaluation reports)."""
-    import torch
-
-    from memfit.train.data import load_rows
-    from memfit.train.tasks import CausalLM
-
-    task = CausalLM()
-    examples = [task.encode(r, tokenizer, 64) for r in load_rows(val, "causal-lm")[0]]
-    total = targets = 0.0
-    with torch.no_grad():
-        for s in range(0, len(examples), batch):
-            b = task.collate(examples[s:s + batch], tokenizer.pad_token_id)
-            total += float(task.loss_sum(model, b))
-            targets += task.targets(b)
-    return total / targets
-
-
 def _head_only(model_dir: Path, train: Path, val: Path, out: Path, cfg) -> dict:
     """Adam on the new classification head alone, the encoder frozen (a linear probe)."""
     from memfit.local import load_tokenizer
@@ -195,7 +177,7 @@ def run_row(task: str, row: str, steps: int, quick: bool, lr: float | None = Non
         model = load_base(model_dir, CausalLM())[0].eval()
         tokenizer = load_tokenizer(model_dir)
         return {"steps": 0, "exact_match": exact_match(model, tokenizer, val), "peak_rss": peak_rss_bytes(),
-                "loss": completion_loss(model, tokenizer, val), "train_time_s": 0.0, "forward_passes": 0}
+                "loss": heldout_loss(model, tokenizer, val), "train_time_s": 0.0, "forward_passes": 0}
     batch = BATCH[task]
     cfg = TrainConfig(max_steps=steps, batch_size=batch, eval_batch_size=batch, lr=spec["lr"], optim=spec["optim"],
                       warmup_ratio=0.0 if spec["optim"] == "mezo" else 0.06,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import cli_ok, write_jsonl
 from test_cli_rough_edges import memfit_cli, one_error_line
-from test_train import TEXT, _Crash, _events
+from test_train import TEXT, crash_and_resume
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
@@ -311,15 +311,8 @@ def test_finetune_with_mezo_runs_forward_only_and_resumes_bitwise(tmp_path, llam
     data = write_jsonl(tmp_path / "train.jsonl", TEXT)
     cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-3, log_every=1, checkpoint_every=3, optim="mezo", zo_eps=1e-2,
                       warmup_ratio=0.0)
-    full = finetune(llama_dir, data, tmp_path / "full", LORA, cfg, quiet=True)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        finetune(llama_dir, data, tmp_path / "cut", LORA, cfg, callbacks=[_Crash(at=8)], quiet=True)
-    resumed = finetune(llama_dir, data, tmp_path / "cut", LORA, cfg, resume=True, quiet=True)
-    assert resumed["step"] == full["step"] == 12
-    assert [e["loss"] for e in _events(tmp_path / "cut", "train")] == [e["loss"] for e in _events(tmp_path / "full",
-                                                                                                   "train")]
-    a, b = (load_tensors(tmp_path / run / "adapter.safetensors") for run in ("full", "cut"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    full, a = crash_and_resume(llama_dir, data, tmp_path, LORA, cfg)
+    assert full["step"] == 12
     base = memfit.train.finetune.load_base(llama_dir, CausalLM())[0]
     fresh = memfit.adapters.adapter_state_dict(memfit.inject(base, LORA))
     assert any(not torch.equal(a[k], fresh[k]) for k in a if "lora_B" in k)  # it trained

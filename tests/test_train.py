@@ -130,20 +130,27 @@ class _Crash(Callback):
             raise RuntimeError("simulated crash")
 
 
+def crash_and_resume(model_dir, data, tmp_path, adapter, cfg, at: int = 8) -> tuple[dict, dict]:
+    """The run uninterrupted in tmp_path/full, and crashed after update `at` then resumed in tmp_path/cut: the
+    two must log the same losses and write bitwise the same adapter. Returns both summaries and the tensors."""
+    full = finetune(model_dir, data, tmp_path / "full", adapter, cfg, quiet=True)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        finetune(model_dir, data, tmp_path / "cut", adapter, cfg, callbacks=[_Crash(at=at)], quiet=True)
+    resumed = finetune(model_dir, data, tmp_path / "cut", adapter, cfg, resume=True, quiet=True)
+    assert resumed["step"] == full["step"]
+    assert [e["loss"] for e in _events(tmp_path / "cut", "train")] == [e["loss"] for e in _events(tmp_path / "full",
+                                                                                                   "train")]
+    a, b = (load_tensors(tmp_path / run / "adapter.safetensors") for run in ("full", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return full, a
+
+
 @pytest.mark.parametrize("optim", ["adamw", "adamw8bit", "offload-disk"])
 def test_resume_continues_the_interrupted_run_exactly(tmp_path, llama_dir, optim):
     data = write_jsonl(tmp_path / "train.jsonl", TEXT)
     cfg = TrainConfig(epochs=3, batch_size=8, lr=5e-3, log_every=1, checkpoint_every=3, optim=optim)
-    full = finetune(llama_dir, data, tmp_path / "full", LORA, cfg, quiet=True)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        finetune(llama_dir, data, tmp_path / "cut", LORA, cfg, callbacks=[_Crash(at=8)], quiet=True)
-    resumed = finetune(llama_dir, data, tmp_path / "cut", LORA, cfg, resume=True, quiet=True)
-    assert [e["loss"] for e in _events(tmp_path / "cut", "train")] == [e["loss"] for e in _events(tmp_path / "full",
-                                                                                                   "train")]
-    assert resumed["step"] == full["step"] == 12
-    a = load_tensors(tmp_path / "full" / "adapter.safetensors")
-    b = load_tensors(tmp_path / "cut" / "adapter.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    full, _ = crash_and_resume(llama_dir, data, tmp_path, LORA, cfg)
+    assert full["step"] == 12
 
 
 def test_resume_refuses_other_settings_and_missing_checkpoint(tmp_path, llama_dir):

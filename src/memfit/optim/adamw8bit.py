@@ -72,12 +72,7 @@ class AdamW8bit(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
             return state
-        nb = (n // row) * blocks_per_row(row) if row else 0
-        zero_m = quantize_normalized(torch.zeros(1, device=dev), tables(True, dev)).item()
-        state["exp_avg_q"] = torch.full((n,), zero_m, dtype=torch.uint8, device=dev)
-        state["exp_avg_absmax"] = torch.zeros(nb, device=dev)
-        state["exp_avg_sq_q"] = torch.zeros(n, dtype=torch.uint8, device=dev)  # code 0 is the value 0
-        state["exp_avg_sq_absmax"] = torch.zeros(nb, device=dev)
+        state.update(zero_states(n, (n // row) * blocks_per_row(row) if row else 0, dev))
         return state
 
     @torch.no_grad()
@@ -140,6 +135,15 @@ class AdamW8bit(torch.optim.Optimizer):
             p = params[int(key)]
             dev = local(p).device
             self.state[p] = {k: v.clone() if k == "step" else _from_saved(v, k, dev) for k, v in s.items()}
+
+
+def zero_states(n: int, blocks: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """8-bit m and v of n values in `blocks` blocks, all zero (m's zero is a code in the middle of its map)."""
+    zero_m = quantize_normalized(torch.zeros(1, device=device), tables(True, device)).item()
+    return {"exp_avg_q": torch.full((n,), zero_m, dtype=torch.uint8, device=device),
+            "exp_avg_absmax": torch.zeros(blocks, device=device),
+            "exp_avg_sq_q": torch.zeros(n, dtype=torch.uint8, device=device),  # code 0 is the value 0
+            "exp_avg_sq_absmax": torch.zeros(blocks, device=device)}
 
 
 def step_8bit(p: torch.Tensor, g: torch.Tensor, mq: torch.Tensor, ma: torch.Tensor, vq: torch.Tensor,

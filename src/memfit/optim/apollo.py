@@ -36,6 +36,7 @@ class Apollo(ProjectedAdam):
     """Adam-level updates from a random low-rank projection of each 2-D weight's gradient (others: plain Adam)."""
 
     method = "APOLLO"
+    needs_gradient = False  # a random projector: only the shape matters
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, rank: int | None = 256, update_proj_gap: int = 200,
@@ -45,8 +46,6 @@ class Apollo(ProjectedAdam):
             raise ConfigError(f"scale_type must be one of {SCALE_TYPES}, got {scale_type!r}.")
         super().__init__(params, lr, betas, eps, weight_decay, rank, update_proj_gap, scale, states, names,
                          scale_type=scale_type, limiter=limiter)
-
-    needs_gradient = False  # a random projector: only the shape matters
 
     def _refresh(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
                  group: dict[str, Any]) -> torch.Tensor:
@@ -81,13 +80,11 @@ class Apollo(ProjectedAdam):
 
 
 class ApolloMini(Apollo):
-    """APOLLO-Mini: rank 1, one scale per tensor, scale 128 (the paper's settings)."""
+    """APOLLO-Mini: APOLLO at rank 1 with one scale per tensor and scale 128 (the paper's settings); every other
+    argument as `Apollo`'s."""
 
     method = "APOLLO-Mini"
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0, rank: int | None = 1, update_proj_gap: int = 200,
-                 scale: float = 128.0, scale_type: str = "tensor", limiter: bool = True, states: str = "fp32",
-                 names: dict[torch.Tensor, str] | None = None) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, rank, update_proj_gap, scale, scale_type, limiter,
-                         states, names)
+    def __init__(self, params: Iterable, lr: float = 1e-3, rank: int | None = 1, scale: float = 128.0,
+                 scale_type: str = "tensor", **kw: Any) -> None:
+        super().__init__(params, lr=lr, rank=rank, scale=scale, scale_type=scale_type, **kw)

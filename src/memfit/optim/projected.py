@@ -18,6 +18,7 @@ resumed run continues bitwise.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -25,14 +26,14 @@ from typing import Any
 import torch
 
 from memfit.errors import ConfigError, TrainingError
-from memfit.optim.adamw8bit import Q_KEYS, local, step_8bit
-from memfit.optim.quant import blocks_per_row, quantize_normalized, tables
+from memfit.optim.adamw8bit import Q_KEYS, local, step_8bit, zero_states
+from memfit.optim.quant import blocks_per_row
 
 STATES = ("fp32", "8bit")
 MIN_8BIT = 4096  # smaller moments stay fp32, as in AdamW8bit: a rounding error of the memory
 
 
-class ProjectedAdam(torch.optim.Optimizer):
+class ProjectedAdam(torch.optim.Optimizer, ABC):
     """Adam on projected gradients; subclasses implement `_refresh` and `_direction`."""
 
     method = "projected Adam"
@@ -132,12 +133,7 @@ class ProjectedAdam(torch.optim.Optimizer):
             return True
         if not self._8bit_size(p, group) or "exp_avg" in state:
             return False
-        n, nb, dev = low.numel(), blocks_per_row(low.numel()), low.device
-        zero_m = quantize_normalized(torch.zeros(1, device=dev), tables(True, dev)).item()
-        state["exp_avg_q"] = torch.full((n,), zero_m, dtype=torch.uint8, device=dev)
-        state["exp_avg_absmax"] = torch.zeros(nb, device=dev)
-        state["exp_avg_sq_q"] = torch.zeros(n, dtype=torch.uint8, device=dev)  # code 0 is the value 0
-        state["exp_avg_sq_absmax"] = torch.zeros(nb, device=dev)
+        state.update(zero_states(low.numel(), blocks_per_row(low.numel()), low.device))
         return True
 
     def _adam_8bit(self, state: dict[str, Any], low: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
@@ -219,16 +215,16 @@ class ProjectedAdam(torch.optim.Optimizer):
         if group["weight_decay"] > 0.0:
             w.add_(w, alpha=-group["lr"] * group["weight_decay"])
 
+    @abstractmethod
     def _refresh(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
                  group: dict[str, Any]) -> torch.Tensor:
         """A new projector for the whole weight: [r, n] when `right(p.shape)`, else [m, r]."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _direction(self, p: torch.Tensor, grad: torch.Tensor, low: torch.Tensor, direction: torch.Tensor,
                    state: dict[str, Any], group: dict[str, Any], shard: Shard) -> torch.Tensor:
         """This rank's rows of the update direction, from the subspace's Adam direction (`low`: the projected
         gradient; `grad`: this rank's rows of the gradient)."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ def _mezo(named_params: NamedParams, lr: float, weight_decay: float, **kw) -> to
     return MeZO([p for _, p in named_params], lr=lr, weight_decay=weight_decay, **kw)
 
 
+PROJECTED = ("galore", "apollo", "apollo-mini")  # the optimizers that take rank, update_proj_gap, scale, states
 OPTIMIZERS: dict[str, Factory] = {
     "adamw": _torch_adamw,
     "adamw8bit": _adamw8bit,

@@ -12,9 +12,10 @@ from typing import Any
 
 from memfit.errors import ConfigError
 from memfit.fields import check_types, option
+from memfit.optim.projected import STATES
+from memfit.optim.registry import PROJECTED
 
 TRAINING, MEMORY, ZO = "Training", "Memory", "Zeroth order (--optim mezo)"
-PROJECTED = ("galore", "apollo", "apollo-mini")
 PROJ = "Low-rank states (--optim galore, apollo, apollo-mini)"
 
 
@@ -109,8 +110,8 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.proj_rank (--proj-rank) must be >= 1, got {self.proj_rank}.")
         if self.proj_gap is not None and self.proj_gap < 1:
             raise ConfigError(f"TrainConfig.proj_gap (--proj-gap) must be >= 1, got {self.proj_gap}.")
-        if self.proj_states not in ("fp32", "8bit"):
-            raise ConfigError(f"TrainConfig.proj_states (--proj-states) must be 'fp32' or '8bit', "
+        if self.proj_states not in STATES:
+            raise ConfigError(f"TrainConfig.proj_states (--proj-states) must be one of {', '.join(STATES)}, "
                               f"got {self.proj_states!r}.")
         if self.shard not in (None, "grad", "full"):
             raise ConfigError(f"TrainConfig.shard must be 'grad' (ZeRO-2), 'full' (ZeRO-3) or None, "

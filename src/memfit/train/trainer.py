@@ -25,10 +25,11 @@ from torch import nn
 from memfit.errors import CheckpointError, ConfigError, TrainingError
 from memfit.optim import build_optimizer
 from memfit.optim.checkpoint import load_optimizer, save_optimizer
+from memfit.optim.registry import PROJECTED
 from memfit.tiers.files import atomic_write_json, load_tensors, read_json, recover_dir, replace_dir, save_tensors
 from memfit.tiers.memory import current_bytes, peak_bytes, reset_peak
 from memfit.train.callbacks import Callback
-from memfit.train.config import PROJECTED, TrainConfig
+from memfit.train.config import TrainConfig
 from memfit.train.metrics import MetricsLog
 from memfit.train.progress import TrainProgress
 from memfit.train.tasks import EvalState, Task
