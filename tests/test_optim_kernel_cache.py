@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from memfit import native
 from memfit.optim import kernels
 
 pytestmark = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler")
@@ -53,7 +54,7 @@ def test_a_recorded_kernel_is_reused_without_compiling(cache, monkeypatch):
     def no_compiler(*args, **kwargs):
         raise subprocess.SubprocessError("compiled again")
 
-    monkeypatch.setattr(kernels.subprocess, "run", no_compiler)
+    monkeypatch.setattr(native.subprocess, "run", no_compiler)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fallback's warning would be an error
         assert kernels.load() is not None

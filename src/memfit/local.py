@@ -77,6 +77,16 @@ def from_pretrained(cls: Any, path: str | os.PathLike, **kwargs: Any) -> Any:
     """`cls.from_pretrained(path, ...)` on a checked local directory or GGUF file, without the hub. A GGUF model
     comes back dequantized, as a plain model (no quantization config), named by its file."""
     root = model_dir(path)
+    if not is_gguf(root) and (root / "memfit_quant.json").is_file():  # written by `memfit quantize`
+        import torch
+
+        from memfit.quant.checkpoint import load_quantized
+
+        info = kwargs.pop("output_loading_info", False)
+        dtype = kwargs.pop("dtype", None) or torch.float32
+        model, loading = load_quantized(cls, root, load_config(root, **kwargs), dtype=dtype)
+        model.config._name_or_path = str(root.resolve())
+        return (model, loading) if info else model
     where, extra = _gguf_args(root) if is_gguf(root) else (str(root.resolve()), {})
     try:
         with quiet_transformers():  # its progress bars and load report (a fresh head is expected, and trained)

@@ -1,5 +1,8 @@
 """The layer contract: an adapted Linear keeps the base `weight`/`bias` under their own names.
 
+The base weight may be a quantized one (`memfit.quant.QuantWeight`): the base forward goes through
+`memfit.quant.linear`, and the adapter's tensors are fp32 (`float_dtype`).
+
 Subclassing nn.Linear and adopting the base parameters (as torchtune's LoRALinear does) keeps every
 base checkpoint key unchanged, so the frozen weights load, stream or shard exactly as before.
 
@@ -13,8 +16,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from memfit.errors import ConfigError
+from memfit.quant import QuantWeight, linear
 
 
 class AdapterLayer(nn.Linear, ABC):
@@ -41,7 +46,7 @@ class AdapterLayer(nn.Linear, ABC):
         """Undo `merge` (up to float rounding)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)  # a plain or quantized (memfit.quant) base weight
         if self.merged or self.disabled:
             return y
         return self.adapt(x, y)
@@ -70,6 +75,10 @@ class AdapterLinear(AdapterLayer):
 
     @torch.no_grad()
     def merge(self) -> None:
+        if isinstance(self.weight, QuantWeight):
+            raise ConfigError("cannot fold an adapter into a quantized base weight (the sum is not representable in "
+                              f"{self.weight.kind}); dequantize the model first (memfit.quant.dequantize), or "
+                              "`memfit merge`, which does.")
         if not self.merged:
             self.weight.add_(self.delta_weight().to(self.weight.dtype))
             self.merged = True

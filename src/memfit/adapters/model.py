@@ -17,6 +17,7 @@ from memfit.adapters.layer import AdapterLayer
 from memfit.adapters.registry import get_method
 from memfit.adapters.targets import find_targets, saved_modules
 from memfit.errors import ConfigError
+from memfit.quant import quantized_modules
 
 SHARED_NAME = "memfit_shared"
 
@@ -75,9 +76,10 @@ def adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None =
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared pools count once."""
+    """(trainable, total) parameter counts; shared pools count once, a quantized base weight as its values."""
     params = list(model.parameters())  # nn.Module.parameters() already de-duplicates shared tensors
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    quantized = sum(w.numel() for w in quantized_modules(model).values())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -23,7 +23,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from memfit.adapters.io import CONFIG_FILE, load_adapter, read_adapter_config
@@ -32,6 +31,7 @@ from memfit.adapters.peft_format import PEFT_WEIGHTS, load_peft_tensors, peft_co
 from memfit.adapters.registry import config_from_dict, get_method
 from memfit.adapters.targets import HEAD_NAMES
 from memfit.errors import AdapterMismatchError, ConfigError
+from memfit.quant import linear
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module path -> (A [r, in], B [out, r], scale)
 
@@ -87,7 +87,7 @@ class MultiLoraLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """BGMV: gather each adapted row's A and B, then two batched matmuls for all of them at once (a slot that
         does not adapt this module holds zeros, so its rows add nothing)."""
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         rows = self._rows[0]
         if rows.active is None or not any(self.present):
             return y
@@ -100,7 +100,7 @@ class MultiLoraLinear(nn.Linear):
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The plain per-row loop the batched forward replaces (for tests)."""
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         rows = self._rows[0].rows
         out = []
         for i in range(x.shape[0]):

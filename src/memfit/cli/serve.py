@@ -29,7 +29,7 @@ from memfit.serve.text import Decoder, chat_ids
 from memfit.tiers.files import atomic_write
 from memfit.train.data import read_jsonl
 
-_MEMORY = ["weights_budget", "expert_budget", "device"]
+_MEMORY = ["weights_budget", "quantize", "expert_budget", "device"]
 _SERVING = ["adapter_dir", "max_loras", "max_cpu_loras", "max_lora_rank", "max_seqs", "kv_budget"]
 
 

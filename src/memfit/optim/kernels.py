@@ -13,37 +13,21 @@ block's lines are prefetched. Without AVX2 (or with `scalar=True`) plain C runs 
 both give bitwise the same states (`tests/test_optim_adamw8bit.py`), and the same as the earlier
 table-lookup kernel they replace (2.4x faster on one thread here).
 
-The C source has no dependencies (no Python or torch headers), so it builds in well under a second; the
-shared object is cached under `$MEMFIT_CACHE` (default `~/.cache/memfit`), keyed by the source, the compiler
-flags and the CPU. Loading a shared object runs its code, so the cache is trusted only as far as it is ours: the
-directory must be owned by this user and writable by nobody else (it is created 0700; one that is not private
-is not used, and the kernel is built in a fresh private temporary directory instead), and every build records
-the SHA-256 of its .so beside it, checked before each load (a mismatch or a missing record rebuilds). Without
-a working compiler, `load()` returns None and the optimizer falls back to chunked torch ops (same maths, slower).
-`-ffp-contract=off` keeps the rounding of the torch fallback (no FMA).
+Building and caching: `memfit.native` (a private, hash-checked cache). Without a working compiler, `load()` returns
+None and the optimizer falls back to chunked torch ops (same maths, slower).
 Threads: ctypes releases the GIL, so a small thread pool splits the blocks across `torch.get_num_threads()`.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import stat
-import subprocess
-import tempfile
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
-from pathlib import Path
 
 import torch
 
 from memfit.errors import CheckpointError
+from memfit.native import compile_library
 from memfit.optim.quant import BLOCK, E_LO, EXPONENTS, QuantTables
 
 SOURCE = r"""#include <stdint.h>
@@ -231,90 +215,16 @@ void adamw8bit_blocks(float* restrict p, const float* restrict g, uint8_t* restr
 }
 """
 
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", f"-DBLOCK={BLOCK}",
-         f"-DE_LO={E_LO}", f"-DEXPONENTS={EXPONENTS}"]
+FLAGS = [f"-DBLOCK={BLOCK}", f"-DE_LO={E_LO}", f"-DEXPONENTS={EXPONENTS}"]
 MIN_PARALLEL_BLOCKS = 256  # below ~64K values one thread is faster than a hand-off
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MEMFIT_CACHE", Path.home() / ".cache" / "memfit")) / "kernels"
-
-
-def _private(path: Path) -> bool:
-    """Whether `path` is a real directory (no symlink) owned by this user that no one else can write."""
-    try:
-        st = path.lstat()
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-
-
-def _kernel_dir() -> Path:
-    """The kernel cache, created private (0700); a fresh private temporary directory if it is not ours alone.
-    A cache that was open to others is bypassed, not chmod-ed: what they put there meanwhile would stay."""
-    root = _cache_dir()
-    with contextlib.suppress(OSError):  # an unwritable location is handled like a foreign one, below
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if _private(root):
-        return root
-    warnings.warn(f"memfit: the kernel cache {root} is not a private directory of this user (owner, mode or "
-                  "symlink); building the 8-bit AdamW kernel in a temporary directory instead. To cache the build, "
-                  "remove it (it is recreated 0700): a chmod would keep whatever others may have put in it.",
-                  RuntimeWarning, stacklevel=3)
-    tmp = tempfile.mkdtemp(prefix="memfit-kernels-")  # created 0700, by this user
-    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # one build per process: don't leave it behind
-    return Path(tmp)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _cpu_id() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        return next((line for line in text.splitlines() if line.startswith("flags")), "") + platform.processor()
-    except OSError:
-        return platform.processor()
-
-
-def _build(compiler: str, flags: list[str]) -> Path:
-    key = hashlib.sha256("\0".join([SOURCE, compiler, *flags, _cpu_id()]).encode()).hexdigest()[:16]
-    target = _kernel_dir() / f"adamw8bit-{key}.so"
-    record = target.with_name(target.name + ".sha256")
-    if target.is_file() and record.is_file() and record.read_text().strip() == _sha256(target):
-        return target
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "adamw8bit.c"
-        src.write_text(SOURCE)
-        out = Path(tmp) / "kernel.so"
-        cmd = [compiler, *flags, str(src), "-o", str(out), "-lm"]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-        digest = _sha256(out)
-        (Path(tmp) / "kernel.sha256").write_text(digest + "\n")
-        # atomic, so concurrent builders race harmlessly; the record goes last, so a crash between the two
-        # renames leaves a .so without a matching record, which the next load rebuilds
-        os.replace(out, target)
-        os.replace(Path(tmp) / "kernel.sha256", record)
-    if _sha256(target) != digest:  # replaced by someone else between our rename and now
-        raise OSError(f"the kernel {target} changed right after it was built; refusing to load it")
-    return target
 
 
 @cache
 def load(scalar: bool = False) -> ctypes.CDLL | None:
     """The compiled kernel, or None (with one warning) when no C compiler works here. `scalar`: without the AVX2
     path (the reference the tests hold the vector path to)."""
-    if os.environ.get("MEMFIT_NO_KERNEL"):
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    try:
-        if compiler is None:
-            raise OSError("no C compiler (cc/gcc) on PATH")
-        lib = ctypes.CDLL(str(_build(compiler, FLAGS + ["-mno-avx2"] * scalar)))
-    except (OSError, subprocess.SubprocessError) as e:
-        warnings.warn(f"memfit: 8-bit AdamW CPU kernel unavailable ({e}); using slower torch ops. "
-                      "Install gcc or set CC to speed it up.", RuntimeWarning, stacklevel=2)
+    lib = compile_library("adamw8bit", SOURCE, FLAGS + ["-mno-avx2"] * scalar, "the 8-bit AdamW step")
+    if lib is None:
         return None
     fn = lib.adamw8bit_blocks
     fn.restype = None

@@ -25,22 +25,9 @@ from functools import cache
 
 import torch
 
+from memfit.quant.codebooks import dynamic_map
+
 BLOCK = 256
-DECADES = 7
-
-
-def dynamic_map(signed: bool) -> torch.Tensor:
-    """The 256 sorted fp32 values of the signed (m) or unsigned (v) dynamic map, including 0 and 1."""
-    values = [torch.tensor([0.0, 1.0], dtype=torch.float64)]
-    for i in range(DECADES):
-        # Decade i spans [0.1, 1]·10^(i-6): 2^i midpoints of an even grid (signed), 2^(i+1) unsigned.
-        n = 2**i if signed else 2 ** (i + 1)
-        edges = torch.linspace(0.1, 1.0, n + 1, dtype=torch.float64)
-        means = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - DECADES + 1)
-        values += [means, -means] if signed else [means]
-    qmap = torch.cat(values).sort().values.float()
-    assert qmap.numel() == 256
-    return qmap
 
 
 E_LO = 102  # the lowest exponent with its own table rows: |x| < 2^(E_LO - 126) = 2^-24 lies below every midpoint

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memfit import quant
 from memfit.adapters.multi import lora_factors, wrap_for_slots
 from memfit.errors import ConfigError
 from memfit.fields import option
@@ -51,6 +52,9 @@ class ServeConfig:
     weights_budget: str | None = option(None, help="Dense models: keep at most this much of the weights in memory "
                                         "('2GB', '25%'), streaming the other layers from disk each step.",
                                         panel=MEMORY)
+    quantize: str | None = option(None, help="Quantize the weights as they load: 'nf4' (0.13x fp32) or 'int8' "
+                                  "(0.25x); a checkpoint written by `memfit quantize` loads quantized without it.",
+                                  panel=MEMORY)
     expert_budget: str | None = option(None, help="MoE models: run through memfit.moe with this expert cache "
                                        "('25%', '3GB').", panel=MEMORY)
     device: str | None = option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
@@ -61,6 +65,17 @@ class ServeConfig:
 
 def _load_model(path: Path, config: ServeConfig, device: torch.device) -> nn.Module:
     from transformers import AutoModelForCausalLM
+
+    if config.quantize is not None:
+        if config.quantize not in quant.CODEBOOKS:
+            raise ConfigError(f"--quantize must be one of {', '.join(sorted(quant.CODEBOOKS))}, got "
+                              f"{config.quantize!r}.")
+        for flag, value in (("--weights-budget", config.weights_budget), ("--expert-budget", config.expert_budget)):
+            if value is not None:
+                raise ConfigError(f"--quantize does not combine with {flag} yet (streamed weights and offloaded "
+                                  "experts are read in their stored dtype); drop one of them.")
+        model = from_pretrained(AutoModelForCausalLM, path, dtype=torch.float32)
+        return quant.quantize(model, quant.QuantConfig(kind=config.quantize)).to(device)
 
     if config.expert_budget is not None:
         import memfit.moe as moe

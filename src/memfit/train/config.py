@@ -50,6 +50,10 @@ class TrainConfig:
                         "about 1e-4 for adapters, 1e-6 for --method full).", panel=MEMORY)
     weights_budget: int | str | None = option(None, help="Keep at most this much of the frozen weights in memory, e.g. "
                                         "'2GB' or '25%'; stream the other layers from disk.", panel=MEMORY)
+    quantize: str | None = option(None, help="Quantize the frozen base as it loads: 'nf4' (QLoRA: 4.13 bits per "
+                                  "weight, 0.13x fp32) or 'int8' (8.13 bits); adapters train on top in fp32. A "
+                                  "checkpoint written by `memfit quantize` loads quantized without it, and without "
+                                  "ever holding the fp32 weights.", panel=MEMORY)
     shard: str | None = option(None, help="Under torchrun: FSDP2 'grad' (ZeRO-2) or 'full' (ZeRO-3).", panel=MEMORY)
     cpu_offload: bool = option(False, help="With --shard: FSDP2 CPUOffloadPolicy (shards and the step in host RAM).",
                                panel=MEMORY)
@@ -113,6 +117,16 @@ class TrainConfig:
         if self.proj_states not in STATES:
             raise ConfigError(f"TrainConfig.proj_states (--proj-states) must be one of {', '.join(STATES)}, "
                               f"got {self.proj_states!r}.")
+        if self.quantize is not None:
+            from memfit.quant.codebooks import CODEBOOKS
+
+            if self.quantize not in CODEBOOKS:
+                raise ConfigError(f"TrainConfig.quantize (--quantize) must be one of {', '.join(sorted(CODEBOOKS))}, "
+                                  f"got {self.quantize!r}.")
+            for flag, value in (("--weights-budget", self.weights_budget), ("--shard", self.shard)):
+                if value is not None:
+                    raise ConfigError(f"--quantize does not combine with {flag} yet: streamed and sharded bases are "
+                                      "fp32. Drop one of them.")
         if self.shard not in (None, "grad", "full"):
             raise ConfigError(f"TrainConfig.shard must be 'grad' (ZeRO-2), 'full' (ZeRO-3) or None, "
                               f"got {self.shard!r}.")

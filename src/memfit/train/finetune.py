@@ -21,12 +21,14 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from memfit import quant
 from memfit.adapters import AdapterConfig, inject, load_adapter, save_adapter, trainable_parameters
 from memfit.adapters.io import CONFIG_FILE, read_adapter_config
 from memfit.adapters.registry import config_from_dict, get_method
 from memfit.errors import CheckpointError, ConfigError
 from memfit.local import from_pretrained, is_gguf, load_config, load_tokenizer
 from memfit.local import model_dir as local_dir
+from memfit.quant.checkpoint import is_quantized_dir
 from memfit.tiers.modules import checkpoint_key, empty_weights, move_model
 from memfit.tiers.st_reader import SafetensorsReader
 from memfit.tiers.stream import stream_weights
@@ -63,14 +65,16 @@ def _new_modules(names: list[str]) -> list[str]:
 
 
 def load_base(directory: str | os.PathLike, task: Task, *, fresh: bool = False,
-              weights_budget: int | str | None = None, device: torch.device | str = "cpu"
-              ) -> tuple[nn.Module, Any, list[str]]:
+              weights_budget: int | str | None = None, device: torch.device | str = "cpu",
+              quantize: str | None = None) -> tuple[nn.Module, Any, list[str]]:
     """(model, stream handle or None, modules the checkpoint lacks) for `task`, in fp32: where a run's model comes
     from, and the only place that differs between pretrained and from-scratch runs.
 
     fresh: a newly initialised model of the directory's architecture (its weights, if any, are not read).
     weights_budget: build on the meta device and stream the frozen layers from the checkpoint's safetensors;
         modules the checkpoint lacks are initialised as from_pretrained would.
+    quantize: 'nf4' or 'int8': quantize the frozen Linear weights as they load (memfit.quant); a checkpoint written
+        by `memfit quantize` comes back quantized without it.
     """
     cls = _auto_class(task)
     if fresh:
@@ -82,7 +86,13 @@ def load_base(directory: str | os.PathLike, task: Task, *, fresh: bool = False,
         # An absolute path in config._name_or_path lets `memfit export` find the base model again.
         model, info = from_pretrained(cls, root, dtype=torch.float32, output_loading_info=True,
                                       **task.model_kwargs())
-        return model, None, _new_modules(info["missing_keys"])
+        new = _new_modules(info["missing_keys"])
+        if quantize is not None:
+            quant.quantize(model, quant.QuantConfig(kind=quantize, skip=[*quant.HEADS, *new]))
+        return model, None, new
+    if is_quantized_dir(root):
+        raise ConfigError(f"{root} is a quantized checkpoint, which cannot be streamed yet (--weights-budget reads "
+                          "fp32 checkpoints); load it whole (0.13-0.26x the fp32 size), or stream the fp32 model.")
     if is_gguf(root):
         raise ConfigError(f"{root} is a GGUF file, which cannot be streamed (its tensors are quantized by llama.cpp's "
                           f"layout); convert it once with `memfit convert --gguf {root} --out DIR` and stream DIR.")
@@ -177,7 +187,10 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     task_obj = TASKS[task](labels)
     tokenizer = load_tokenizer(model_dir)
     model, stream, new_modules = load_base(model_dir, task_obj, fresh=fresh, weights_budget=train.weights_budget,
-                                           device=ranks.device)
+                                           device=ranks.device, quantize=train.quantize)
+    if quant.quantized_modules(model) and (fresh or adapter.method == "full"):
+        raise ConfigError(f"--method {adapter.method} trains the base weights, which are quantized (frozen) here; "
+                          "train an adapter on a quantized base (--method lora, ...), or use the fp32 model.")
     if fresh:
         _check_vocab(model, tokenizer)
     if labels is not None:
@@ -195,7 +208,8 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     else:
         move_model(model, ranks.device)  # streamed layers are installed on the device as they run
 
-    extra = {"task": task, "labels": labels, "from_scratch": fresh, "pad_token_id": tokenizer.pad_token_id}
+    extra = {"task": task, "labels": labels, "from_scratch": fresh, "pad_token_id": tokenizer.pad_token_id,
+             "quantize": train.quantize}
 
     def save(model: nn.Module, directory: Path) -> None:
         if ranks.world_size > 1:
@@ -242,7 +256,7 @@ def load_finetuned(run_dir: str | os.PathLike, model_dir: str | os.PathLike | No
     if not model_dir:
         raise CheckpointError(f"{run_dir} records no base model; pass it with --model (model_dir).")
     task = TASKS[meta.get("task") or "causal-lm"](meta.get("labels"))
-    model = load_base(model_dir, task, fresh=bool(meta.get("from_scratch")))[0]
+    model = load_base(model_dir, task, fresh=bool(meta.get("from_scratch")), quantize=meta.get("quantize"))[0]
     if meta.get("labels") is not None:
         model.config.pad_token_id = meta.get("pad_token_id")  # sequence heads find the last real token by it
     return load_adapter(model, run_dir).to(device).eval()

@@ -17,6 +17,7 @@ from rich.table import Table
 from torch import nn
 
 from memfit.optim.adamw8bit import local
+from memfit.quant import quantized_modules
 from memfit.tiers.budget import format_size
 
 # Bytes of optimizer state per trainable parameter before the first step allocates it, and where it lives.
@@ -60,7 +61,13 @@ def memory_rows(model: nn.Module, optimizer: torch.optim.Optimizer, optim_name: 
         rows.append(("weights streamed", format_size(mem["streamed"]), f"read from disk per use ({len(stream.streamed)}"
                      " layers)"))
     else:
-        rows.append(("weights resident", format_size(frozen + buffers), "frozen base weights and buffers"))
+        quantized = quantized_modules(model)
+        note = "frozen base weights and buffers"
+        if quantized:
+            kinds = sorted({w.kind for w in quantized.values()})
+            note += (f" ({len(quantized)} weights in {'/'.join(kinds)}: "
+                     f"{format_size(sum(w.nbytes for w in quantized.values()))})")
+        rows.append(("weights resident", format_size(frozen + buffers), note))
         rows.append(("weights streamed", format_size(0), "--weights-budget streams layers from disk"))
     rows.append(("trainable weights", format_size(trainable), f"{n_trainable:,} parameters"))
     if getattr(optimizer, "zeroth_order", False):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
+from memfit import quant
 from memfit.adapters import decompress, get_method, merge
 from memfit.adapters.model import adapter_state_dict
 from memfit.errors import ConfigError
@@ -25,7 +26,7 @@ from memfit.train.finetune import load_finetuned
 
 def merged_model(run_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None) -> nn.Module:
     """The run's model with its adapter folded in, as a plain transformers model of the base architecture."""
-    model = load_finetuned(run_dir, model_dir)
+    model = quant.dequantize(load_finetuned(run_dir, model_dir))  # a quantized base merges in its original dtype
     method = get_method(model.memfit_config.method)
     own = set(adapter_state_dict(model)) - set(model.memfit_base_keys)  # tensors only the adapter has
     if method.from_scratch:

@@ -1,0 +1,222 @@
+"""The quantized Linear: a frozen block-quantized weight and a matmul that never holds its fp32 copy.
+
+`QuantWeight` is the weight (an nn.Module of buffers, so `.to()`, state_dict and the meta device work), kept
+under the Linear's `weight` name: `q_proj.weight.codes`, `q_proj.weight.absmax` (or `absmax_codes`,
+`absmax_scale`, `absmax_offset` with double quantization). `QuantLinear` keeps nn.Linear's interface
+(in_features, out_features, weight, bias), so adapters wrap it as they wrap any Linear; `linear()` is the one
+call every layer's base forward goes through.
+
+On the CPU the product runs tile by tile: a few rows of the weight (TILE values, cache-resident) are dequantized
+into one fp32 buffer and multiplied; the backward does the same for the input gradient (the weight gets none).
+Elsewhere (CUDA) the weight is dequantized whole, by bitsandbytes' kernel when it is installed, else by torch ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memfit.errors import ConfigError
+from memfit.quant import kernels
+from memfit.quant.blockwise import PackedScales, blocks, dequantize_blocks, unpack_scales
+from memfit.quant.codebooks import BITS, CODEBOOKS, dynamic_map
+
+_DYNAMIC = dynamic_map(signed=True)  # the double quantization's map, kept alive for the kernel's pointer
+TILE = 1 << 18  # fp32 values per dequantized tile: 1 MB, this CPU's L2 per core (smaller tiles starve the GEMM)
+
+
+class QuantWeight(nn.Module):
+    """A frozen weight of `shape` stored as `kind` codes ('nf4', 'int8') in blocks of `block_size`."""
+
+    def __init__(self, kind: str, shape: torch.Size | tuple[int, ...], block_size: int, codes: torch.Tensor,
+                 absmax: torch.Tensor | PackedScales, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.kind, self.shape, self.block_size, self.dtype = kind, torch.Size(shape), block_size, dtype
+        n, nb = self.shape.numel(), blocks(self.shape.numel(), block_size)
+        expected = {"codes": (torch.uint8, (n * BITS[kind] + 7) // 8)}
+        self.register_buffer("codes", codes)
+        if isinstance(absmax, PackedScales):
+            self.register_buffer("absmax_codes", absmax.codes)
+            self.register_buffer("absmax_scale", absmax.scale)
+            self.register_buffer("absmax_offset", absmax.offset)
+            expected |= {"absmax_codes": (torch.uint8, nb), "absmax_scale": (torch.float32, blocks(nb, 256)),
+                         "absmax_offset": (torch.float32, 1)}
+        else:
+            self.register_buffer("absmax", absmax)
+            expected["absmax"] = (torch.float32, nb)
+        for name, (want, size) in expected.items():
+            t = getattr(self, name)
+            if t.dtype != want or t.numel() != size:
+                raise ConfigError(f"quantized weight: {name} must hold {size} {want} values for a {kind} weight of "
+                                  f"shape {list(self.shape)} in blocks of {block_size}, got {t.numel()} {t.dtype}; "
+                                  "the quantized checkpoint does not match its config (quantize the model again).")
+
+    @property
+    def double_quant(self) -> bool:
+        return hasattr(self, "absmax_codes")
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def requires_grad(self) -> bool:
+        return False
+
+    def is_floating_point(self) -> bool:
+        return False
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def size(self, dim: int | None = None) -> torch.Size | int:
+        return self.shape if dim is None else self.shape[dim]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def requires_grad_(self, requires_grad: bool = True) -> QuantWeight:
+        if requires_grad:
+            raise ConfigError(f"a {self.kind} quantized weight {list(self.shape)} is frozen and cannot be trained; "
+                              "train an adapter on it (--method lora, ...), or load the model without --quantize "
+                              "to train its weights.")
+        return self
+
+    def _apply(self, fn, recurse=True):  # .to(device) moves the codes and scales, but never recasts them
+        dtypes = {name: b.dtype for name, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for name, dtype in dtypes.items():
+            if self._buffers[name].dtype != dtype:
+                self._buffers[name] = self._buffers[name].to(dtype)
+        return self
+
+    def absmax_values(self) -> torch.Tensor:
+        if self.double_quant:
+            return unpack_scales(PackedScales(self.absmax_codes, self.absmax_scale, self.absmax_offset))
+        return self.absmax
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole weight in `dtype` (default: the dtype it was quantized from)."""
+        dtype = dtype or self.dtype
+        if self.device.type == "cuda":
+            try:
+                return _bnb_dequantize(self).to(dtype)
+            except ImportError:
+                pass
+        return dequantize_blocks(self.codes, self.absmax_values(), self.kind, self.shape, self.block_size).to(dtype)
+
+    def tiles(self):
+        """(first row, last row, fp32 rows [r, in]) over the weight, each tile dequantized into one reused buffer."""
+        rows, cols = self.shape[0], self.shape.numel() // max(self.shape[0], 1)
+        step = max(1, TILE // max(cols, 1))
+        lib = kernels.load()
+        absmax = None if lib else self.absmax_values()
+        args = self._kernel_args() if lib else ()
+        buf = torch.empty(min(step, rows) * cols, dtype=torch.float32)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            out = buf[: (r1 - r0) * cols]
+            if lib is None:
+                out.copy_(self._dequantize_rows(r0, r1, cols, absmax))
+            else:
+                lib.dequant_range(*args, r0 * cols, r1 * cols, out.data_ptr())
+            yield r0, r1, out.view(r1 - r0, cols)
+
+    def _kernel_args(self) -> tuple:
+        """The kernel's leading arguments (memfit.quant.kernels), from tensors checked against the shape at init."""
+        if self.device.type != "cpu":
+            raise ConfigError(f"the CPU kernel got a quantized weight on {self.device}.")
+        book = CODEBOOKS[self.kind]()
+        if self.double_quant:
+            scales = (None, self.absmax_codes.data_ptr(), _DYNAMIC.data_ptr(), self.absmax_scale.data_ptr(),
+                      float(self.absmax_offset))
+        else:
+            scales = (self.absmax.data_ptr(), None, None, None, 0.0)
+        return (self.codes.data_ptr(), *scales, book.data_ptr(), BITS[self.kind], self.block_size)
+
+    def _dequantize_rows(self, r0: int, r1: int, cols: int, absmax: torch.Tensor) -> torch.Tensor:
+        """Torch-op fallback of one tile (no compiler): the whole weight's arithmetic, on its rows only."""
+        lo, hi = r0 * cols, r1 * cols
+        b0 = lo // self.block_size
+        start = b0 * self.block_size  # decode from the tile's first block boundary, then cut
+        codes = self.codes[start * BITS[self.kind] // 8: (hi * BITS[self.kind] + 7) // 8]
+        if BITS[self.kind] == 4 and start % 2:
+            raise AssertionError("NF4 blocks start at even offsets")
+        values = dequantize_blocks(codes, absmax[b0: b0 + blocks(hi - start, self.block_size)], self.kind,
+                                   torch.Size([hi - start]), self.block_size)
+        return values[lo - start:]
+
+    def extra_repr(self) -> str:
+        return (f"{self.kind}, shape={list(self.shape)}, block_size={self.block_size}, "
+                f"double_quant={self.double_quant}")
+
+
+def _bnb_dequantize(weight: QuantWeight) -> torch.Tensor:
+    """bitsandbytes' CUDA dequantization of memfit's tensors (the same layout: no copy, no conversion)."""
+    import bitsandbytes.functional as bnbf
+
+    if weight.kind == "int8":
+        state = bnbf.QuantState(absmax=weight.absmax_values(), code=CODEBOOKS["int8"]().to(weight.device),
+                                blocksize=weight.block_size, dtype=torch.float32)
+        return bnbf.dequantize_blockwise(weight.codes, state)[: weight.numel()].view(weight.shape)
+    state = bnbf.QuantState(absmax=weight.absmax_values(), shape=weight.shape, code=CODEBOOKS["nf4"]().to(
+        weight.device), blocksize=weight.block_size, quant_type="nf4", dtype=torch.float32)
+    return bnbf.dequantize_4bit(weight.codes.view(-1, 1), state)
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """y = x W^T for a CPU QuantWeight, tile by tile; backward gives x's gradient only (W is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: QuantWeight) -> torch.Tensor:
+        ctx.weight = weight
+        x2 = x.reshape(-1, x.shape[-1])
+        y = x2.new_empty(x2.shape[0], weight.shape[0])
+        for r0, r1, tile in weight.tiles():
+            torch.mm(x2, tile.t(), out=y[:, r0:r1])  # a strided out: as fast here as one whole matmul
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        weight = ctx.weight
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gx = g2.new_zeros(g2.shape[0], weight.shape[1])
+        for r0, r1, tile in weight.tiles():
+            gx.addmm_(g2[:, r0:r1], tile)
+        return gx.view(*grad.shape[:-1], weight.shape[1]), None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for a plain or a quantized weight: the base forward of every Linear memfit wraps."""
+    if not isinstance(weight, QuantWeight):
+        return F.linear(x, weight, bias)
+    if weight.device.type != "cpu" or x.dtype != torch.float32:
+        y = F.linear(x, weight.dequantize(x.dtype), None)
+    else:
+        y = _QuantMatmul.apply(x, weight)
+    return y if bias is None else y + bias
+
+
+class QuantLinear(nn.Linear):
+    """nn.Linear with a frozen quantized weight; the bias (if any) stays in its own dtype."""
+
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None) -> None:
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape[0], math.prod(weight.shape[1:])
+        self.weight = weight
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def reset_parameters(self) -> None:  # nn.Linear's would re-initialise a weight that is not there
+        pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
