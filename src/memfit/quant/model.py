@@ -80,12 +80,11 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
             continue
         if isinstance(module, QuantLinear):
             continue
-        if type(module) is not nn.Linear:
-            if config.targets is not None and isinstance(module, nn.Module) and hasattr(module, "weight") \
-                    and not list(module.children()):
-                raise ConfigError(f"cannot quantize {name}: a {type(module).__name__}, not an nn.Linear; quantize "
-                                  "before injecting adapters, and target nn.Linear modules only.")
+        if not isinstance(module, nn.Linear):
             continue
+        if type(module) is not nn.Linear:  # an adapter layer, or another library's Linear with its own forward
+            raise ConfigError(f"cannot quantize {name}: a {type(module).__name__}, not a plain nn.Linear; quantize "
+                              "before injecting adapters, or leave it out with skip.")
         if module.weight.is_meta:
             raise ConfigError(f"cannot quantize {name}: its weight is on the meta device (not loaded); load the "
                               "weights first (streamed bases read quantized checkpoints: memfit quantize).")
