@@ -34,6 +34,11 @@ class GaLore(ProjectedAdam):
         proj = vh[:r, :] if self.right(p.shape) else u[:, :r]
         return proj.to(grad.dtype).contiguous()
 
+    def _project(self, grad: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+        # The SVD's Vh is column-major, so the authors' projᵀ is a contiguous [n, r]: the same operands, whatever
+        # layout this projector has (fresh, or loaded from a checkpoint), give their bits on every BLAS.
+        return grad @ proj.t().contiguous()
+
     def _direction(self, p: torch.Tensor, grad: torch.Tensor, low: torch.Tensor, direction: torch.Tensor,
                    state: dict[str, Any], group: dict[str, Any], shard: Shard) -> torch.Tensor:
         proj = state["projector"]  # left: this rank's rows of it

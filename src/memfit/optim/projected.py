@@ -193,7 +193,7 @@ class ProjectedAdam(torch.optim.Optimizer, ABC):
                 state["projector"] = proj if self.right(p.shape) else shard.rows(proj)  # [m, r]: this rank's rows
             proj = state["projector"]
             # right: each row of the gradient projects alone (rows stay sharded); left: a sum over rows
-            low = grad @ proj.t() if self.right(p.shape) else shard.sum(proj.t() @ grad)
+            low = self._project(grad, proj) if self.right(p.shape) else shard.sum(proj.t() @ grad)
         else:
             low = grad
         beta1, beta2 = group["betas"]
@@ -214,6 +214,10 @@ class ProjectedAdam(torch.optim.Optimizer, ABC):
         w.add_(direction, alpha=-step_size)
         if group["weight_decay"] > 0.0:
             w.add_(w, alpha=-group["lr"] * group["weight_decay"])
+
+    def _project(self, grad: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+        """The right projection grad · projᵀ (a method: the BLAS path, hence the last bit, depends on layouts)."""
+        return grad @ proj.t()
 
     @abstractmethod
     def _refresh(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
