@@ -43,7 +43,8 @@ def test_readme_tables_match_committed_results():
 
 def test_readme_marks_the_benchmark_tables():
     assert REFERENCED == ["adapters_step.json", "moe.json", "optim.json", "optim_finetune.json", "optim_full.json",
-                          "quality-lm.json", "quality.json", "rps.json", "serve.json", "stream.json", "zo.json"]
+                          "quality-lm.json", "quality.json", "quantize.json", "rps.json", "serve.json", "stream.json",
+                          "zo.json"]
 
 
 # --- the mechanism, on a README and results of its own ---------------------------------------------------------
@@ -164,6 +165,11 @@ PAYLOADS = {
                         {"lr": 1e-4, "eval_loss": 5.555, "state_bytes": 2 * MiB, "peak_rss": 2 * 2**30,
                          "s_per_step": 1.1}],
         "GaLore r=128": [{"lr": 1e-3, "error": "TrainingError: nan"}]}},
+    "quantize.json": {"runs": [
+        {"kind": "fp32", "linear_bytes": 400 * MiB, "frozen_bytes": 512 * MiB, "peak_rss_process": 2048 * MiB,
+         "s_per_step": 2.0, "base_loss": 4.0, "eval_loss": 3.0},
+        {"kind": "nf4", "linear_bytes": 52 * MiB, "frozen_bytes": 164 * MiB, "peak_rss_process": 1700 * MiB,
+         "s_per_step": 2.5, "base_loss": 4.1, "eval_loss": 3.03}]},
     "stream.json": {"budget_frac": 0.25, "results": {
         "memory": {"step_s": 0.605, "peak_rss_bytes": 905e6, "disk_read_per_step": 0.0},
         "stream": {"step_s": 1.650, "peak_rss_bytes": 249e6, "disk_read_per_step": 1163e6, "read_per_step": 1131e6}}},
@@ -250,6 +256,12 @@ EXPECTED = {  # README rows these payloads must reproduce, character for charact
         "| APOLLO-Mini | 2.0 | 0.002 | 2.00 | 0.667 | 1.10 | 5.5550 | +1.00% | 3e-05: failed, 0.0001: 5.555 |",
         "| GaLore r=128 | | | | | | failed | | 0.001: failed |",
         "| untrained model | | | | | | 7.2199 | | |"],
+    ("quantize.json", "quantize"): [
+        "| base | Linear weights MiB | ÷ fp32 | all frozen MiB | ÷ fp32 | peak RSS MiB | RSS drop ÷ bytes saved "
+        "| s/step | ÷ fp32 | base held-out loss | vs fp32 | after LoRA | vs fp32 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| fp32 | 400.0 | 1.000 | 512.0 | 1.000 | 2,048 | | 2.00 | 1.00 | 4.0000 | +0.00% | 3.0000 | +0.00% |",
+        "| nf4 | 52.0 | 0.130 | 164.0 | 0.320 | 1,700 | 1.00 | 2.50 | 1.25 | 4.1000 | +2.50% | 3.0300 | +1.00% |"],
     ("stream.json", "step"): [
         "| variant | s/step | ÷ memory | peak RSS MB | ÷ memory | read MB/step | disk MB/step |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -17,8 +17,7 @@ from torch import nn
 
 from memfit.errors import DataError
 from memfit.train.data import Row
-
-IGNORE = -100  # label value the loss skips (padding, prompt tokens)
+from memfit.train.loss import IGNORE, token_losses
 
 
 @dataclass
@@ -104,19 +103,12 @@ class CausalLM(Task):
     def targets(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
 
-    def _token_losses(self, model: nn.Module, batch: dict[str, torch.Tensor], reduction: str) -> torch.Tensor:
-        # No KV cache: nothing is generated, and MeZO's paired passes call each layer twice per forward.
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        shifted = logits[:, :-1].float()  # position t predicts token t+1
-        return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), batch["labels"][:, 1:].reshape(-1),
-                               ignore_index=IGNORE, reduction=reduction)
-
     def example_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._token_losses(model, batch, "none").view(batch["input_ids"].shape[0], -1).sum(1)
+        return token_losses(model, batch, "none").view(batch["input_ids"].shape[0], -1).sum(1)
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor], state: EvalState | None = None
                  ) -> torch.Tensor:
-        loss = self._token_losses(model, batch, "sum")
+        loss = token_losses(model, batch, "sum")
         if state is not None:
             state.loss_sum += loss.item()
             state.count += self.targets(batch)

@@ -1,0 +1,158 @@
+"""A LoRA fine-tune of SmolLM2-135M-Instruct on an fp32, an int8 and an NF4 base (memfit.quant).
+
+Each base is written once by `memfit quantize` (NF4 with double quantization, int8, blocks of 64; the tied
+embedding/head stays fp32) and every run loads its checkpoint in a fresh process, so its peak RSS is its own and
+the quantized runs never hold the fp32 weights. Task: causal-LM on the shipped debian-sections synopses, six per
+training row (about 128 tokens), batch 4 x 128, LoRA r=16 on all seven projections, the same updates, seed,
+batches and learning rate for every row (only the base differs). Held-out loss on 300 validation synopses, for the
+base as is and after the fine-tune. Step time and peak RSS are ratios to the fp32 row of the same run.
+
+    .venv/bin/python bench/quantize.py           # ~12 min on 2 CPU cores
+    .venv/bin/python bench/quantize.py --quick   # 5 updates: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, heldout_loss, machine, md_table, print_readme_tables, smollm2_dir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "runs" / "quant-bench"
+MiB = 2**20
+STEPS, BATCH, LENGTH, PER_ROW, VAL_ROWS, LR = 40, 4, 128, 6, 300, 1e-3
+KINDS = ["fp32", "int8", "nf4"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _data() -> tuple[Path, Path]:
+    from memfit.cli.demo import DATA
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    train, val = WORK / "train.jsonl", WORK / "val.jsonl"
+    if not train.is_file():
+        texts = [json.loads(line)["text"] for line in (DATA / "debian-sections-train.jsonl").read_text().splitlines()]
+        groups = ["\n".join(texts[i:i + PER_ROW]) for i in range(0, len(texts) - PER_ROW + 1, PER_ROW)]
+        train.write_text("".join(json.dumps({"text": g}) + "\n" for g in groups))
+    if not val.is_file():
+        rows = [json.loads(line) for line in (DATA / "debian-sections-val.jsonl").read_text().splitlines()][:VAL_ROWS]
+        val.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+    return train, val
+
+
+def base_dir(kind: str) -> Path:
+    fp32 = smollm2_dir(ROOT / "runs" / "zo-bench")
+    if kind == "fp32":
+        return fp32
+    from memfit.quant import QuantConfig
+    from memfit.quant.checkpoint import is_quantized_dir, quantize_checkpoint
+
+    out = WORK / f"smollm2-{kind}"
+    if not is_quantized_dir(out):
+        quantize_checkpoint(fp32, out, QuantConfig(kind=kind), overwrite=True)
+    return out
+
+
+def frozen_bytes(model) -> dict:
+    """Bytes of the Linear weights (quantized or not; the tied head counted once, with the embedding) and of every
+    tensor of the base model (all frozen in a LoRA fine-tune)."""
+    from torch import nn
+
+    from memfit.quant import QuantWeight
+
+    seen, linear = set(), 0
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and id(w) not in seen and module is not model.get_output_embeddings():
+            seen.add(id(w))
+            linear += w.nbytes if isinstance(w, QuantWeight) else w.numel() * w.element_size()
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for b in model.buffers())
+    return {"linear_bytes": linear, "frozen_bytes": total}
+
+
+def run(kind: str, steps: int) -> dict:
+    """One fine-tune in this process, plus the base's held-out loss and frozen bytes."""
+    import resource
+
+    import torch
+
+    import memfit
+    from memfit.local import load_tokenizer
+    from memfit.train.config import TrainConfig
+    from memfit.train.finetune import finetune, load_base
+    from memfit.train.tasks import CausalLM
+
+    torch.set_num_threads(2)
+    model_dir = base_dir(kind)
+    train, val = _data()
+    cfg = TrainConfig(max_steps=steps, batch_size=BATCH, eval_batch_size=16, lr=LR, max_length=LENGTH,
+                      log_every=10**9, checkpoint_every=10**9, eval_every=10**9, seed=0)
+    adapter = memfit.LoraConfig(r=16, alpha=32, target_modules=TARGETS)
+    s = finetune(model_dir, train, WORK / f"run-{kind}", adapter, cfg, eval_data=val, quiet=True, overwrite=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = load_base(model_dir, CausalLM())[0].eval()
+    return {"kind": kind, "eval_loss": s["eval_loss"], "base_loss": heldout_loss(base, load_tokenizer(model_dir), val,
+                                                                                 64, batch=16),
+            "peak_rss_train": s["peak_mem_bytes"], "peak_rss_process": peak, "s_per_step": s["train_time_s"] / steps,
+            **frozen_bytes(base)}
+
+
+def readme_tables(payload: dict) -> dict[str, str]:
+    """README.md's table, from results/quantize.json alone (bench/readme_check.py compares the two)."""
+    runs = {r["kind"]: r for r in payload["runs"]}
+    ref = runs.get("fp32")
+    rows = []
+    for kind in KINDS:
+        r = runs.get(kind)
+        if r is None or ref is None:
+            continue
+        saved = ref["frozen_bytes"] - r["frozen_bytes"]
+        drop = ref["peak_rss_process"] - r["peak_rss_process"]
+        rows.append([kind, f"{r['linear_bytes'] / MiB:.1f}", f"{r['linear_bytes'] / ref['linear_bytes']:.3f}",
+                     f"{r['frozen_bytes'] / MiB:.1f}", f"{r['frozen_bytes'] / ref['frozen_bytes']:.3f}",
+                     f"{r['peak_rss_process'] / MiB:,.0f}", f"{drop / saved:.2f}" if saved > 0 else "",
+                     f"{r['s_per_step']:.2f}", f"{r['s_per_step'] / ref['s_per_step']:.2f}",
+                     f"{r['base_loss']:.4f}", f"{(r['base_loss'] / ref['base_loss'] - 1) * 100:+.2f}%",
+                     f"{r['eval_loss']:.4f}", f"{(r['eval_loss'] / ref['eval_loss'] - 1) * 100:+.2f}%"])
+    header = ["base", "Linear weights MiB", "÷ fp32", "all frozen MiB", "÷ fp32", "peak RSS MiB",
+              "RSS drop ÷ bytes saved", "s/step", "÷ fp32", "base held-out loss", "vs fp32", "after LoRA", "vs fp32"]
+    return {"quantize": md_table(header, "lrrrrrrrrrrrr", rows)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="5 updates")
+    ap.add_argument("--run", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.run:
+        spec = json.loads(args.run)
+        print(json.dumps(run(spec["kind"], spec["steps"])))
+        return
+    steps = 5 if args.quick else STEPS
+    for kind in KINDS:  # written once, outside the measured processes
+        base_dir(kind)
+    payload = {"machine": machine(), "steps": steps, "batch": BATCH, "length": LENGTH, "lr": LR, "runs": []}
+    start = time.perf_counter()
+    for kind in KINDS:
+        spec = json.dumps({"kind": kind, "steps": steps})
+        proc = subprocess.run([sys.executable, __file__, "--run", spec], capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{kind}: {proc.stderr[-2000:]}")
+        payload["runs"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"{kind}: {json.dumps(payload['runs'][-1])} ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
+    payload["minutes"] = round((time.perf_counter() - start) / 60, 1)
+    path = RESULTS / ("quantize-quick.json" if args.quick else "quantize.json")
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print_readme_tables(readme_tables, path)
+
+
+if __name__ == "__main__":
+    main()
