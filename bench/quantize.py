@@ -5,7 +5,9 @@ embedding/head stays fp32) and every run loads its checkpoint in a fresh process
 the quantized runs never hold the fp32 weights. Task: causal-LM on the shipped debian-sections synopses, six per
 training row (about 128 tokens), batch 4 x 128, LoRA r=16 on all seven projections, the same updates, seed,
 batches and learning rate for every row (only the base differs). Held-out loss on 300 validation synopses, for the
-base as is and after the fine-tune. Step time and peak RSS are ratios to the fp32 row of the same run.
+base as is and after the fine-tune. Step time and peak RSS are ratios to the fp32 row of the same run. Streaming:
+the same fine-tune (10 updates) with every decoder layer read from disk per use (`--weights-budget` at its
+minimum), fp32 against NF4: disk bytes per update (the reader's counter) and s/update.
 
     .venv/bin/python bench/quantize.py           # ~12 min on 2 CPU cores
     .venv/bin/python bench/quantize.py --quick   # 5 updates: a smoke run
@@ -27,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "runs" / "quant-bench"
 MiB = 2**20
 STEPS, BATCH, LENGTH, PER_ROW, VAL_ROWS, LR = 40, 4, 128, 6, 300, 1e-3
+STREAM_STEPS = 10
 KINDS = ["fp32", "int8", "nf4"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -104,6 +107,36 @@ def run(kind: str, steps: int) -> dict:
             **frozen_bytes(base)}
 
 
+def stream_run(kind: str, steps: int) -> dict:
+    """The same fine-tune with every decoder layer streamed from disk (the smallest budget: the resident part and
+    two layers), in this process: disk bytes read per update and s/update."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import memfit
+    from memfit.local import from_pretrained
+    from memfit.train.config import TrainConfig
+    from memfit.train.finetune import finetune
+
+    torch.set_num_threads(2)
+    model_dir = base_dir(kind)
+    train, val = _data()
+    model = from_pretrained(AutoModelForCausalLM, model_dir)
+    layers = model.model.layers
+    layer = sum(t.numel() * t.element_size() for t in [*layers[0].parameters(), *layers[0].buffers()])
+    budget = frozen_bytes(model)["frozen_bytes"] - (len(layers) - 2) * layer + 2**20  # streams all but none
+    del model, layers
+    gc.collect()
+    cfg = TrainConfig(max_steps=steps, batch_size=BATCH, lr=LR, max_length=LENGTH, log_every=10**9,
+                      checkpoint_every=10**9, eval_every=10**9, seed=0, weights_budget=budget)
+    adapter = memfit.LoraConfig(r=16, alpha=32, target_modules=TARGETS)
+    s = finetune(model_dir, train, WORK / f"stream-{kind}", adapter, cfg, quiet=True, overwrite=True)
+    return {"kind": kind, "budget": budget, "disk_per_step": s["stream"]["bytes_read"] / steps,
+            "s_per_step": s["train_time_s"] / steps, "train_loss": s.get("train_loss")}
+
+
 def readme_tables(payload: dict) -> dict[str, str]:
     """README.md's table, from results/quantize.json alone (bench/readme_check.py compares the two)."""
     runs = {r["kind"]: r for r in payload["runs"]}
@@ -123,7 +156,16 @@ def readme_tables(payload: dict) -> dict[str, str]:
                      f"{r['eval_loss']:.4f}", f"{(r['eval_loss'] / ref['eval_loss'] - 1) * 100:+.2f}%"])
     header = ["base", "Linear weights MiB", "÷ fp32", "all frozen MiB", "÷ fp32", "peak RSS MiB",
               "RSS drop ÷ bytes saved", "s/step", "÷ fp32", "base held-out loss", "vs fp32", "after LoRA", "vs fp32"]
-    return {"quantize": md_table(header, "lrrrrrrrrrrrr", rows)}
+    tables = {"quantize": md_table(header, "lrrrrrrrrrrrr", rows)}
+    streams = {r["kind"]: r for r in payload.get("stream", [])}
+    if "fp32" in streams:
+        ref = streams["fp32"]
+        rows = [[kind, f"{r['budget'] / MiB:.0f}", f"{r['disk_per_step'] / MiB:,.0f}",
+                 f"{r['disk_per_step'] / ref['disk_per_step']:.3f}", f"{r['s_per_step']:.2f}",
+                 f"{r['s_per_step'] / ref['s_per_step']:.2f}"] for kind, r in streams.items()]
+        tables["stream"] = md_table(["base, every layer streamed", "budget MiB", "disk MiB/step", "÷ fp32",
+                                     "s/step", "÷ fp32"], "lrrrrr", rows)
+    return tables
 
 
 def main() -> None:
@@ -133,20 +175,23 @@ def main() -> None:
     args = ap.parse_args()
     if args.run:
         spec = json.loads(args.run)
-        print(json.dumps(run(spec["kind"], spec["steps"])))
+        print(json.dumps((stream_run if spec.get("stream") else run)(spec["kind"], spec["steps"])))
         return
     steps = 5 if args.quick else STEPS
     for kind in KINDS:  # written once, outside the measured processes
         base_dir(kind)
-    payload = {"machine": machine(), "steps": steps, "batch": BATCH, "length": LENGTH, "lr": LR, "runs": []}
+    payload = {"machine": machine(), "steps": steps, "batch": BATCH, "length": LENGTH, "lr": LR, "runs": [],
+               "stream": []}
     start = time.perf_counter()
-    for kind in KINDS:
-        spec = json.dumps({"kind": kind, "steps": steps})
+    plan = [("runs", kind, False) for kind in KINDS] + [("stream", kind, True) for kind in ("fp32", "nf4")]
+    for table, kind, stream in plan:
+        spec = json.dumps({"kind": kind, "steps": min(steps, STREAM_STEPS) if stream else steps, "stream": stream})
         proc = subprocess.run([sys.executable, __file__, "--run", spec], capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"{kind}: {proc.stderr[-2000:]}")
-        payload["runs"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"{kind}: {json.dumps(payload['runs'][-1])} ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
+        payload[table].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"{table} {kind}: {json.dumps(payload[table][-1])} ({(time.perf_counter() - start) / 60:.1f} min)",
+              flush=True)
     payload["minutes"] = round((time.perf_counter() - start) / 60, 1)
     path = RESULTS / ("quantize-quick.json" if args.quick else "quantize.json")
     RESULTS.mkdir(exist_ok=True)

@@ -94,14 +94,15 @@ def _shell(info: dict, name: str, bias: torch.Tensor | None) -> QuantLinear:
     return QuantLinear(QuantWeight(kind, shape, block, codes, scales, dtype=dtype), bias)
 
 
-def load_quantized(cls: Any, root: Path, config: Any, **kwargs: Any) -> tuple[nn.Module, dict]:
-    """(model, {'missing_keys': [...]}) of the quantized checkpoint in `root`; `config` is its transformers config.
-    Keys the checkpoint lacks are reported (a fresh head), as from_pretrained does."""
+def empty_quantized(cls: Any, root: Path, config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of the quantized checkpoint in `root` with every tensor on the meta device (buffers computed at
+    construction stay real), its quantized Linears in place: what `load_quantized` fills, or weight streaming
+    reads layer by layer."""
     from memfit.tiers.modules import empty_weights
 
     meta = read_meta(root)
     with empty_weights():
-        model = cls.from_config(config, dtype=kwargs.get("dtype", torch.float32))
+        model = cls.from_config(config, dtype=dtype)
     for name, info in meta["weights"].items():
         try:
             module = model.get_submodule(name)
@@ -110,6 +111,14 @@ def load_quantized(cls: Any, root: Path, config: Any, **kwargs: Any) -> tuple[nn
                                   "have; the checkpoint does not match its config (quantize again).") from None
         _set(model, name, _shell(info, name, None if module.bias is None else module.bias))
     model.quantization = QuantConfig(**meta.get("quantization", {}))
+    return model
+
+
+def load_quantized(cls: Any, root: Path, config: Any, **kwargs: Any) -> tuple[nn.Module, dict]:
+    """(model, {'missing_keys': [...]}) of the quantized checkpoint in `root`; `config` is its transformers config.
+    Keys the checkpoint lacks are reported (a fresh head), as from_pretrained does."""
+    meta = read_meta(root)
+    model = empty_quantized(cls, root, config, kwargs.get("dtype", torch.float32))
     expected = model.state_dict()
     path = root / WEIGHTS
     loaded = {}

@@ -14,6 +14,7 @@ Elsewhere (CUDA) the weight is dequantized whole, by bitsandbytes' kernel when i
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,8 @@ TILE = 1 << 18  # fp32 values per dequantized tile: 1 MB, this CPU's L2 per core
 
 class QuantWeight(nn.Module):
     """A frozen weight of `shape` stored as `kind` codes ('nf4', 'int8') in blocks of `block_size`."""
+
+    memfit_streamable_buffers = True  # its buffers are weights: `memfit.tiers.stream` reads them per use
 
     def __init__(self, kind: str, shape: torch.Size | tuple[int, ...], block_size: int, codes: torch.Tensor,
                  absmax: torch.Tensor | PackedScales, dtype: torch.dtype = torch.float32) -> None:
@@ -97,20 +100,54 @@ class QuantWeight(nn.Module):
                 self._buffers[name] = self._buffers[name].to(dtype)
         return self
 
+    def parts(self) -> Parts:
+        """The tensors this weight holds now (a streamed weight swaps them per use), with its layout."""
+        names = ("codes", "absmax_codes", "absmax_scale", "absmax_offset") if self.double_quant else ("codes", "absmax")
+        return Parts(self.kind, self.shape, self.block_size, self.dtype, tuple(getattr(self, n) for n in names))
+
     def absmax_values(self) -> torch.Tensor:
-        if self.double_quant:
-            return unpack_scales(PackedScales(self.absmax_codes, self.absmax_scale, self.absmax_offset))
-        return self.absmax
+        return self.parts().absmax_values()
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The whole weight in `dtype` (default: the dtype it was quantized from)."""
+        return self.parts().dequantize(dtype)
+
+    def tiles(self):
+        return self.parts().tiles()
+
+    def extra_repr(self) -> str:
+        return (f"{self.kind}, shape={list(self.shape)}, block_size={self.block_size}, "
+                f"double_quant={self.double_quant}")
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A quantized weight's layout and tensors: (codes, absmax) or (codes, absmax codes, scale, offset)."""
+
+    kind: str
+    shape: torch.Size
+    block_size: int
+    dtype: torch.dtype
+    tensors: tuple[torch.Tensor, ...]
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors[0].device
+
+    def absmax_values(self) -> torch.Tensor:
+        if len(self.tensors) == 4:
+            return unpack_scales(PackedScales(*self.tensors[1:]))
+        return self.tensors[1]
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self.dtype
         if self.device.type == "cuda":
             try:
                 return _bnb_dequantize(self).to(dtype)
             except ImportError:
                 pass
-        return dequantize_blocks(self.codes, self.absmax_values(), self.kind, self.shape, self.block_size).to(dtype)
+        return dequantize_blocks(self.tensors[0], self.absmax_values(), self.kind, self.shape, self.block_size
+                                 ).to(dtype)
 
     def tiles(self):
         """(first row, last row, fp32 rows [r, in]) over the weight, each tile dequantized into one reused buffer."""
@@ -130,79 +167,87 @@ class QuantWeight(nn.Module):
             yield r0, r1, out.view(r1 - r0, cols)
 
     def _kernel_args(self) -> tuple:
-        """The kernel's leading arguments (memfit.quant.kernels), from tensors checked against the shape at init."""
+        """The kernel's leading arguments (memfit.quant.kernels); the sizes were checked when the weight was built,
+        and a streamed weight's tensors are checked here (its placeholders are empty)."""
         if self.device.type != "cpu":
             raise ConfigError(f"the CPU kernel got a quantized weight on {self.device}.")
+        if self.tensors[0].numel() != (self.shape.numel() * BITS[self.kind] + 7) // 8:
+            raise ConfigError(f"a quantized weight {list(self.shape)} is not loaded (its codes hold "
+                              f"{self.tensors[0].numel()} bytes); a streamed layer ran outside its stream.")
         book = CODEBOOKS[self.kind]()
-        if self.double_quant:
-            scales = (None, self.absmax_codes.data_ptr(), _DYNAMIC.data_ptr(), self.absmax_scale.data_ptr(),
-                      float(self.absmax_offset))
+        if len(self.tensors) == 4:
+            codes, scale, offset = self.tensors[1:]
+            scales = (None, codes.data_ptr(), _DYNAMIC.data_ptr(), scale.data_ptr(), float(offset))
         else:
-            scales = (self.absmax.data_ptr(), None, None, None, 0.0)
-        return (self.codes.data_ptr(), *scales, book.data_ptr(), BITS[self.kind], self.block_size)
+            scales = (self.tensors[1].data_ptr(), None, None, None, 0.0)
+        return (self.tensors[0].data_ptr(), *scales, book.data_ptr(), BITS[self.kind], self.block_size)
 
     def _dequantize_rows(self, r0: int, r1: int, cols: int, absmax: torch.Tensor) -> torch.Tensor:
         """Torch-op fallback of one tile (no compiler): the whole weight's arithmetic, on its rows only."""
         lo, hi = r0 * cols, r1 * cols
         b0 = lo // self.block_size
-        start = b0 * self.block_size  # decode from the tile's first block boundary, then cut
-        codes = self.codes[start * BITS[self.kind] // 8: (hi * BITS[self.kind] + 7) // 8]
-        if BITS[self.kind] == 4 and start % 2:
-            raise AssertionError("NF4 blocks start at even offsets")
+        start = b0 * self.block_size  # decode from the tile's first block boundary (even: block sizes are even)
+        codes = self.tensors[0][start * BITS[self.kind] // 8: (hi * BITS[self.kind] + 7) // 8]
         values = dequantize_blocks(codes, absmax[b0: b0 + blocks(hi - start, self.block_size)], self.kind,
                                    torch.Size([hi - start]), self.block_size)
         return values[lo - start:]
 
-    def extra_repr(self) -> str:
-        return (f"{self.kind}, shape={list(self.shape)}, block_size={self.block_size}, "
-                f"double_quant={self.double_quant}")
 
-
-def _bnb_dequantize(weight: QuantWeight) -> torch.Tensor:
+def _bnb_dequantize(parts: Parts) -> torch.Tensor:
     """bitsandbytes' CUDA dequantization of memfit's tensors (the same layout: no copy, no conversion)."""
     import bitsandbytes.functional as bnbf
 
-    if weight.kind == "int8":
-        state = bnbf.QuantState(absmax=weight.absmax_values(), code=CODEBOOKS["int8"]().to(weight.device),
-                                blocksize=weight.block_size, dtype=torch.float32)
-        return bnbf.dequantize_blockwise(weight.codes, state)[: weight.numel()].view(weight.shape)
-    state = bnbf.QuantState(absmax=weight.absmax_values(), shape=weight.shape, code=CODEBOOKS["nf4"]().to(
-        weight.device), blocksize=weight.block_size, quant_type="nf4", dtype=torch.float32)
-    return bnbf.dequantize_4bit(weight.codes.view(-1, 1), state)
+    codes, absmax, code = parts.tensors[0], parts.absmax_values(), CODEBOOKS[parts.kind]().to(parts.device)
+    if parts.kind == "int8":
+        state = bnbf.QuantState(absmax=absmax, code=code, blocksize=parts.block_size, dtype=torch.float32)
+        return bnbf.dequantize_blockwise(codes, state)[: parts.shape.numel()].view(parts.shape)
+    state = bnbf.QuantState(absmax=absmax, shape=parts.shape, code=code, blocksize=parts.block_size,
+                            quant_type="nf4", dtype=torch.float32)
+    return bnbf.dequantize_4bit(codes.view(-1, 1), state)
 
 
 class _QuantMatmul(torch.autograd.Function):
-    """y = x W^T for a CPU QuantWeight, tile by tile; backward gives x's gradient only (W is frozen)."""
+    """y = x W^T for a quantized W; the backward gives x's gradient only (W is frozen) and dequantizes again, so
+    no fp32 weight is kept between the passes. The codes are saved as autograd tensors: under activation
+    checkpointing (weight streaming) they are dropped after the forward and re-read by the recompute.
+    CPU fp32: tile by tile (`Parts.tiles`); elsewhere the weight is dequantized whole, used and freed."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: QuantWeight) -> torch.Tensor:
-        ctx.weight = weight
+        parts = weight.parts()
+        ctx.layout = (parts.kind, parts.shape, parts.block_size, parts.dtype)
+        ctx.save_for_backward(*parts.tensors)
         x2 = x.reshape(-1, x.shape[-1])
-        y = x2.new_empty(x2.shape[0], weight.shape[0])
-        for r0, r1, tile in weight.tiles():
+        if not _tiled(parts, x):
+            return (x2 @ parts.dequantize(x.dtype).t()).view(*x.shape[:-1], parts.shape[0])
+        y = x2.new_empty(x2.shape[0], parts.shape[0])
+        for r0, r1, tile in parts.tiles():
             torch.mm(x2, tile.t(), out=y[:, r0:r1])  # a strided out: as fast here as one whole matmul
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return y.view(*x.shape[:-1], parts.shape[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None
-        weight = ctx.weight
+        parts = Parts(*ctx.layout, tuple(ctx.saved_tensors))
         g2 = grad.reshape(-1, grad.shape[-1])
-        gx = g2.new_zeros(g2.shape[0], weight.shape[1])
-        for r0, r1, tile in weight.tiles():
+        if not _tiled(parts, grad):
+            return (g2 @ parts.dequantize(grad.dtype)).view(*grad.shape[:-1], parts.shape[1]), None
+        gx = g2.new_zeros(g2.shape[0], parts.shape[1])
+        for r0, r1, tile in parts.tiles():
             gx.addmm_(g2[:, r0:r1], tile)
-        return gx.view(*grad.shape[:-1], weight.shape[1]), None
+        return gx.view(*grad.shape[:-1], parts.shape[1]), None
+
+
+def _tiled(parts: Parts, x: torch.Tensor) -> bool:
+    return parts.device.type == "cpu" and x.dtype == torch.float32
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for a plain or a quantized weight: the base forward of every Linear memfit wraps."""
     if not isinstance(weight, QuantWeight):
         return F.linear(x, weight, bias)
-    if weight.device.type != "cpu" or x.dtype != torch.float32:
-        y = F.linear(x, weight.dequantize(x.dtype), None)
-    else:
-        y = _QuantMatmul.apply(x, weight)
+    y = _QuantMatmul.apply(x, weight)
     return y if bias is None else y + bias
 
 

@@ -72,8 +72,9 @@ def _load_model(path: Path, config: ServeConfig, device: torch.device) -> nn.Mod
                               f"{config.quantize!r}.")
         for flag, value in (("--weights-budget", config.weights_budget), ("--expert-budget", config.expert_budget)):
             if value is not None:
-                raise ConfigError(f"--quantize does not combine with {flag} yet (streamed weights and offloaded "
-                                  "experts are read in their stored dtype); drop one of them.")
+                raise ConfigError(f"--quantize does not combine with {flag} (weights are read per use in their "
+                                  "stored dtype); write the quantized checkpoint once (memfit quantize --model M "
+                                  "--out DIR) and pass DIR as --model.")
         model = from_pretrained(AutoModelForCausalLM, path, dtype=torch.float32)
         return quant.quantize(model, quant.QuantConfig(kind=config.quantize)).to(device)
 
@@ -89,10 +90,14 @@ def _load_model(path: Path, config: ServeConfig, device: torch.device) -> nn.Mod
     if is_gguf(path):
         raise ConfigError(f"{path} is a GGUF file, which cannot be streamed; convert it once with `memfit convert "
                           f"--gguf {path} --out DIR` and stream DIR.")
+    from memfit.quant.checkpoint import empty_quantized, is_quantized_dir
     from memfit.tiers.stream import stream_weights
 
-    with empty_weights():
-        model = AutoModelForCausalLM.from_config(load_config(path), dtype=torch.float32)
+    if is_quantized_dir(path):  # streams the quantized bytes
+        model = empty_quantized(AutoModelForCausalLM, path, load_config(path))
+    else:
+        with empty_weights():
+            model = AutoModelForCausalLM.from_config(load_config(path), dtype=torch.float32)
     stream_weights(model, path, config.weights_budget, device=device)
     return model
 

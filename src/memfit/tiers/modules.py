@@ -89,7 +89,7 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, kind: str) -> 
     getattr(model.get_submodule(owner), kind)[attr] = value
 
 
-def load_resident(model: nn.Module, reader: SafetensorsReader, skip: set[nn.Parameter] = frozenset(), *,
+def load_resident(model: nn.Module, reader: SafetensorsReader, skip: Iterable[torch.Tensor] = (), *,
                   keys_for: KeysFor = suffix_keys, device: torch.device | str = "cpu") -> int:
     """Read every parameter and stored buffer of `model` not in `skip` from the checkpoint; returns their bytes.
 
@@ -98,8 +98,9 @@ def load_resident(model: nn.Module, reader: SafetensorsReader, skip: set[nn.Para
     tied weight gets the same new Parameter, so ties survive. Shapes are checked against the model's.
     """
     total = 0
+    skip = {id(t) for t in skip}
     for p, names in param_aliases(model).items():
-        if p in skip or (p.requires_grad and not p.is_meta):
+        if id(p) in skip or (p.requires_grad and not p.is_meta):
             continue
         key = checkpoint_key(names, reader, keys_for)
         if key is None:
@@ -112,6 +113,8 @@ def load_resident(model: nn.Module, reader: SafetensorsReader, skip: set[nn.Para
         for name in names:
             _set_tensor(model, name, loaded, "_parameters")
     for name, b in list(model.named_buffers()):
+        if id(b) in skip:
+            continue
         key = checkpoint_key([name], reader, keys_for)
         if key is not None:
             b = _read(reader, key, b, device)

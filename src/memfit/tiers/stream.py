@@ -73,13 +73,16 @@ def _nbytes(t: torch.Tensor) -> int:
 
 @dataclass(frozen=True)
 class _StreamedParam:
-    """One streamed parameter: its owner module inside the layer, attribute, checkpoint key, dtype, size."""
+    """One streamed tensor: its owner module inside the layer, attribute, checkpoint key, dtype, size, and the
+    table it lives in: a parameter, or a buffer of a module that marks its buffers as streamable weights
+    (`memfit_streamable_buffers`: a quantized weight's codes and scales)."""
 
     owner: str
     name: str
     key: str
     dtype: torch.dtype
     nbytes: int
+    table: str = "_parameters"
 
 
 @dataclass
@@ -211,7 +214,7 @@ class StreamHandle:
         layer = self.layers[i]
         for param in self.params[i]:
             owner = layer.get_submodule(param.owner)
-            owner._parameters[param.name] = self._placeholder(param)
+            getattr(owner, param.table)[param.name] = self._placeholder(param)
         if self._next != i:
             self._ready.pop(i, None)
         _trim_heap()
@@ -226,13 +229,17 @@ class StreamHandle:
         layer = self.layers[i]
         for param, tensor in zip(self.params[i], loaded.tensors, strict=True):
             owner = layer.get_submodule(param.owner)
+            if param.table == "_buffers":
+                owner._buffers[param.name] = tensor
+                continue
             if owner._parameters[param.name].requires_grad:
                 raise ConfigError(f"layer {i}'s {param.owner}.{param.name} is streamed but now trainable; streaming "
                                   "serves frozen base weights only. Train it with streaming off, or keep it frozen.")
             owner._parameters[param.name] = nn.Parameter(tensor, requires_grad=False)
 
-    def _placeholder(self, param: _StreamedParam) -> nn.Parameter:
-        return nn.Parameter(torch.empty(0, dtype=param.dtype, device=self.device), requires_grad=False)
+    def _placeholder(self, param: _StreamedParam) -> torch.Tensor:
+        empty = torch.empty(0, dtype=param.dtype, device=self.device)
+        return empty if param.table == "_buffers" else nn.Parameter(empty, requires_grad=False)
 
     def _read_layer(self, i: int) -> _Loaded:
         t0 = time.perf_counter()
@@ -289,6 +296,15 @@ def _plan_layer(layer: nn.Module, prefix: str, names: dict, reader: SafetensorsR
                                           "name suffix); is it the checkpoint of this model?")
                 continue  # a frozen tensor the checkpoint lacks stays resident with its current value
             params.append(_StreamedParam(owner_name, attr, key, p.dtype, p.numel() * p.element_size()))
+        if getattr(owner, "memfit_streamable_buffers", False):
+            for attr, b in owner._buffers.items():
+                full = f"{prefix}.{owner_name}.{attr}" if owner_name else f"{prefix}.{attr}"
+                key = checkpoint_key([full], reader)
+                if key is None:
+                    raise CheckpointError(f"the checkpoint has no tensor for {full!r}; is it the quantized "
+                                          "checkpoint of this model (memfit quantize)?")
+                params.append(_StreamedParam(owner_name, attr, key, b.dtype, b.numel() * b.element_size(),
+                                             "_buffers"))
     return params
 
 
@@ -318,7 +334,7 @@ def stream_weights(model: nn.Module, checkpoint_dir: str | os.PathLike, budget_b
         pinned = _choose_pinned(model, layers, params, budget)
         for i in pinned:
             del params[i]
-        streamed = {layers[i].get_submodule(s.owner)._parameters[s.name] for i in params for s in params[i]}
+        streamed = _tensors(layers, params)
         resident = _resident_bytes(model, streamed)
         load_resident(model, reader, streamed, device=device)
     except BaseException:
@@ -331,17 +347,21 @@ def stream_weights(model: nn.Module, checkpoint_dir: str | os.PathLike, budget_b
     return handle
 
 
-def _resident_bytes(model: nn.Module, streamed: set[nn.Parameter]) -> int:
-    params = sum(p.numel() * p.element_size() for p in model.parameters() if p not in streamed)
-    return params + sum(_nbytes(b) for b in model.buffers())
+def _tensors(layers: nn.ModuleList, params: dict[int, list[_StreamedParam]]) -> list[torch.Tensor]:
+    return [getattr(layers[i].get_submodule(s.owner), s.table)[s.name] for i in params for s in params[i]]
+
+
+def _resident_bytes(model: nn.Module, streamed: list[torch.Tensor]) -> int:
+    ids = {id(t) for t in streamed}
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in ids)
+    return params + sum(_nbytes(b) for b in model.buffers() if id(b) not in ids)
 
 
 def _choose_pinned(model: nn.Module, layers: nn.ModuleList, params: dict[int, list[_StreamedParam]],
                    budget: int) -> list[int]:
     """Layers kept resident: as many of the last layers as fit beside the two-layer streaming window."""
     sizes = {i: sum(s.nbytes for s in params[i]) for i in params}
-    all_streamed = {layers[i].get_submodule(s.owner)._parameters[s.name] for i in params for s in params[i]}
-    resident = _resident_bytes(model, all_streamed)
+    resident = _resident_bytes(model, _tensors(layers, params))
     biggest = max(sizes.values())
     need = resident + 2 * biggest
     if budget < need:

@@ -123,10 +123,13 @@ class TrainConfig:
             if self.quantize not in CODEBOOKS:
                 raise ConfigError(f"TrainConfig.quantize (--quantize) must be one of {', '.join(sorted(CODEBOOKS))}, "
                                   f"got {self.quantize!r}.")
-            for flag, value in (("--weights-budget", self.weights_budget), ("--shard", self.shard)):
-                if value is not None:
-                    raise ConfigError(f"--quantize does not combine with {flag} yet: streamed and sharded bases are "
-                                      "fp32. Drop one of them.")
+            if self.weights_budget is not None:
+                raise ConfigError("--quantize with --weights-budget would quantize every layer at every read; write "
+                                  "the quantized checkpoint once (memfit quantize --model M --out DIR) and stream "
+                                  "DIR with --weights-budget.")
+            if self.shard is not None:
+                raise ConfigError("--quantize does not combine with --shard yet (FSDP2 shards fp32 weights); drop "
+                                  "one of them.")
         if self.shard not in (None, "grad", "full"):
             raise ConfigError(f"TrainConfig.shard must be 'grad' (ZeRO-2), 'full' (ZeRO-3) or None, "
                               f"got {self.shard!r}.")

@@ -28,7 +28,7 @@ from memfit.adapters.registry import config_from_dict, get_method
 from memfit.errors import CheckpointError, ConfigError
 from memfit.local import from_pretrained, is_gguf, load_config, load_tokenizer
 from memfit.local import model_dir as local_dir
-from memfit.quant.checkpoint import is_quantized_dir
+from memfit.quant.checkpoint import empty_quantized, is_quantized_dir
 from memfit.tiers.modules import checkpoint_key, empty_weights, move_model
 from memfit.tiers.st_reader import SafetensorsReader
 from memfit.tiers.stream import stream_weights
@@ -90,14 +90,19 @@ def load_base(directory: str | os.PathLike, task: Task, *, fresh: bool = False,
         if quantize is not None:
             quant.quantize(model, quant.QuantConfig(kind=quantize, skip=[*quant.HEADS, *new]))
         return model, None, new
-    if is_quantized_dir(root):
-        raise ConfigError(f"{root} is a quantized checkpoint, which cannot be streamed yet (--weights-budget reads "
-                          "fp32 checkpoints); load it whole (0.13-0.26x the fp32 size), or stream the fp32 model.")
+    if quantize is not None:
+        raise ConfigError(f"--quantize with --weights-budget would quantize every layer at every read; write the "
+                          f"quantized checkpoint once (memfit quantize --model {root} --out DIR --kind {quantize}) "
+                          "and stream DIR.")
     if is_gguf(root):
         raise ConfigError(f"{root} is a GGUF file, which cannot be streamed (its tensors are quantized by llama.cpp's "
                           f"layout); convert it once with `memfit convert --gguf {root} --out DIR` and stream DIR.")
-    with empty_weights():
-        model = cls.from_config(load_config(root, **task.model_kwargs()), dtype=torch.float32)
+    config = load_config(root, **task.model_kwargs())
+    if is_quantized_dir(root):  # streams the quantized bytes: codes and scales are what is read per layer
+        model = empty_quantized(cls, root, config)
+    else:
+        with empty_weights():
+            model = cls.from_config(config, dtype=torch.float32)
     model.config._name_or_path = str(root.resolve())
     with SafetensorsReader(root, drop_cache=False) as reader:
         missing = [n for n, p in model.named_parameters() if p.is_meta and checkpoint_key([n], reader) is None]
