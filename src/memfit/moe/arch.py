@@ -98,7 +98,10 @@ def moe_layers(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
 
 
 def expert_shape(experts: nn.Module) -> tuple[int, int, int]:
-    """(num_experts, hidden, intermediate) of a transformers 5 fused experts module; unsupported layouts are errors."""
+    """(num_experts, hidden, intermediate) of a transformers 5 fused experts module (or memfit's quantized one);
+    unsupported layouts are errors."""
+    if hasattr(experts, "expert_shape"):
+        return experts.expert_shape
     unsupported = [flag for flag in ("has_bias", "is_transposed") if getattr(experts, flag, False)]
     if not getattr(experts, "has_gate", True) or not getattr(experts, "is_concatenated", True):
         unsupported.append("no gate / interleaved gate_up")

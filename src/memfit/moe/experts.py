@@ -1,6 +1,7 @@
 """The module that replaces `mlp.experts`: same call, weights from the expert cache.
 
-The arithmetic is transformers' eager experts loop, op for op: for expert e, the tokens routed to it (in
+The arithmetic is transformers' eager experts loop, op for op (`memfit.quant.experts.expert_mlp`, which also
+runs quantized experts, read from a quantized checkpoint): for expert e, the tokens routed to it (in
 (top-k position, token) order), gate_up projection, act(gate) * up, down projection, times the routing
 weight. Experts may be computed in any order (ready ones first, while others are read), but their
 outputs are added in ascending expert order, as the eager loop adds them, so the sums round the same.
@@ -9,11 +10,11 @@ outputs are added in ascending expert order, as the eager loop adds them, so the
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from memfit.errors import ConfigError
 from memfit.moe.runtime import OffloadRuntime
+from memfit.quant.experts import expert_mlp
 
 
 class OffloadedExperts(nn.Module):
@@ -44,9 +45,8 @@ class OffloadedExperts(nn.Module):
         try:
             for e in order:
                 pos, tok = torch.where(by_expert_k == e)
-                with self.runtime.expert(self.layer, e) as (gate_up, down):
-                    gate, up = F.linear(hidden_states[tok], gate_up).chunk(2, dim=-1)
-                    y = F.linear(self.act_fn(gate) * up, down)
+                with self.runtime.expert(self.layer, e) as (gate_up, down):  # tensors, or quantized parts
+                    y = expert_mlp(hidden_states[tok], gate_up, down, self.act_fn)
                 parts[e] = (tok, y * top_k_weights[tok, pos, None])
         finally:
             self.runtime.end(self.layer, needed)

@@ -24,6 +24,7 @@ from memfit.moe.policies import make_policy
 from memfit.moe.predictors import Predictor, make_predictor
 from memfit.moe.runtime import OffloadRuntime
 from memfit.moe.store import ExpertStore
+from memfit.quant.checkpoint import empty_quantized, is_quantized_dir, read_meta
 from memfit.tiers.budget import format_size, parse_budget
 from memfit.tiers.modules import empty_weights, load_resident
 from memfit.tiers.st_reader import SafetensorsReader
@@ -43,7 +44,9 @@ def load(checkpoint_dir: str | os.PathLike, expert_budget: int | str = DEFAULT_B
     policy: "lru", "lfu", "score" (router-score aware) or "predictive" (needs a predictor).
     predictor: "cross-layer" (next layer's router on this layer's residual, training-free), the path of a
         routing-path predictor (`memfit moe train-predictor`), or None.
-    dtype: compute dtype of the whole model (experts are converted while read if stored otherwise).
+    dtype: compute dtype of the whole model (experts are converted while read if stored otherwise). A quantized
+        checkpoint (`memfit quantize`) keeps its experts quantized in the cache: a slot holds one expert's codes
+        and scales, dequantized tile by tile at compute.
     drop_cache: keep expert reads out of the page cache (O_DIRECT where the file system allows it, else
         buffered reads whose pages are dropped), so they really come from disk and memory use is what this
         process holds. Direct reads are also the faster and cheaper way to read a few MB cold.
@@ -57,13 +60,19 @@ def load(checkpoint_dir: str | os.PathLike, expert_budget: int | str = DEFAULT_B
         raise ConfigError(f"io_threads must be >= 1 (prefetch reads in flight), got {io_threads}.")
     config = load_config(model_dir(root))
     arch = arch_for(config)
-    with empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    quant = None
+    if is_quantized_dir(root):  # `memfit quantize` output: quantized shells, experts read as codes and scales
+        model = empty_quantized(AutoModelForCausalLM, root, config, dtype)
+        quant = read_meta(root).get("experts") or None
+    else:
+        with empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = moe_layers(model)
     E, H, I = expert_shape(next(iter(layers.values()))[1].mlp.experts)
     reader = SafetensorsReader(root, drop_cache=drop_cache, direct=drop_cache)
     try:
-        store = ExpertStore(reader, arch, {l: prefix for l, (prefix, _) in layers.items()}, E, H, I, dtype, root)
+        store = ExpertStore(reader, arch, {l: prefix for l, (prefix, _) in layers.items()}, E, H, I, dtype, root,
+                            quant)
         top_k = config.num_experts_per_tok
         slots = expert_slots(expert_budget, store, top_k)
         blocks = {l: layer for l, (_, layer) in layers.items()}

@@ -45,7 +45,7 @@ class OffloadRuntime:
         self.num_experts = store.num_experts
         self.stats = TransferStats()
         self.layer_stats: dict[int, list[int]] = {l: [0, 0, 0] for l in self.order}  # hits, late, misses
-        self.cache = SlotCache(slots, store.expert_numel, store.dtype, store.fill, policy, self.stats, prefetch,
+        self.cache = SlotCache(slots, store.expert_numel, store.slot_dtype, store.fill, policy, self.stats, prefetch,
                                io_threads)
         # A model dropped without close() must not leave its prefetch thread, cache and files behind.
         self._finalize = weakref.finalize(self, _shutdown, self.cache, store.reader)

@@ -7,7 +7,10 @@ A slot holds one expert in the in-memory fused layout, so the compute needs no c
 
 Per-expert checkpoints (what Hugging Face checkpoints hold) give three tensors per expert, possibly in
 three shards; fused checkpoints ([E, 2I, H] and [E, H, I]) give one contiguous slab per expert in each
-tensor. Either way an expert is a few positional reads into its slot (through a small staging buffer when
+tensor. Quantized checkpoints (`memfit quantize`) give each expert's gate_up and down as codes and scales; the
+slot is then bytes, each tensor at a 16-byte aligned offset, and `views` gives the two weights as
+`memfit.quant.Parts` (dequantized tile by tile at compute), so the same budget holds ~7x more NF4 experts.
+Either way an expert is a few positional reads into its slot (through a small staging buffer when
 the stored dtype differs from the compute dtype); tensors that lie back to back in a file (an expert's
 three matrices, in per-expert checkpoints) are read as one span, one request instead of three.
 """
@@ -25,6 +28,8 @@ import torch
 
 from memfit.errors import CheckpointError
 from memfit.moe.arch import MoeArch
+from memfit.quant.checkpoint import QUANT_FILE, empty_weight
+from memfit.quant.linear import Parts
 from memfit.tiers.st_reader import INDEX_NAME, SafetensorsReader, TensorInfo, read_index
 
 ExpertKey = tuple[int, int]  # (decoder layer index, expert index)
@@ -36,13 +41,60 @@ class _Part:
     start: int  # first element in the slot
 
 
+@dataclass(frozen=True)
+class _QuantTensor:
+    proj: str  # "gate_up" or "down"
+    name: str  # "codes", "absmax", ...
+    dtype: torch.dtype
+    shape: torch.Size
+    offset: int  # byte offset in the slot
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape.numel() * self.dtype.itemsize
+
+
+class QuantLayout:
+    """Where the tensors of one quantized expert lie in its byte slot, from a quantized checkpoint's record of a
+    layer's experts ({"gate_up": weight record, "down": weight record})."""
+
+    ALIGN = 16  # every tensor's offset, and the slot size: float views of the bytes need aligned storage
+
+    def __init__(self, record: dict, name: str) -> None:
+        self.weights = {proj: empty_weight(record[proj], f"{name}.{proj}_proj") for proj in ("gate_up", "down")}
+        self.tensors, offset = [], 0
+        for proj, w in self.weights.items():
+            for part in w.part_names():
+                t = getattr(w, part)
+                self.tensors.append(_QuantTensor(proj, part, t.dtype, t.shape, offset))
+                offset = -(-(offset + self.tensors[-1].nbytes) // self.ALIGN) * self.ALIGN
+        self.nbytes = offset
+
+    def same(self, other: QuantLayout) -> bool:
+        return self.tensors == other.tensors and all(
+            (a.kind, a.shape, a.block_size, a.dtype) == (b.kind, b.shape, b.block_size, b.dtype)
+            for a, b in zip(self.weights.values(), other.weights.values(), strict=True))
+
+    def views(self, slot: torch.Tensor) -> tuple[Parts, Parts]:
+        tensors = {proj: [] for proj in self.weights}
+        for t in self.tensors:
+            tensors[t.proj].append(slot[t.offset: t.offset + t.nbytes].view(t.dtype).view(t.shape))
+        return tuple(Parts(w.kind, w.shape, w.block_size, w.dtype, tuple(tensors[proj]))
+                     for proj, w in self.weights.items())
+
+
 class ExpertStore:
-    """Reads experts (layer, e) of `layers` ({index: module path}) from `reader` into slots of `dtype`."""
+    """Reads experts (layer, e) of `layers` ({index: module path}) from `reader` into slots of `dtype`, or, given
+    `quant` (a quantized checkpoint's records of its experts modules, by module path), into byte slots of
+    quantized experts."""
 
     def __init__(self, reader: SafetensorsReader, arch: MoeArch, layers: dict[int, str], num_experts: int,
-                 hidden: int, intermediate: int, dtype: torch.dtype, checkpoint: str | Path) -> None:
+                 hidden: int, intermediate: int, dtype: torch.dtype, checkpoint: str | Path,
+                 quant: dict[str, dict] | None = None) -> None:
         self.reader, self.arch, self.layers = reader, arch, layers
         self.num_experts, self.hidden, self.intermediate, self.dtype = num_experts, hidden, intermediate, dtype
+        self.quant = self._quant_layout(quant) if quant else None
+        self.slot_dtype = torch.uint8 if self.quant else dtype
         self._where = _key_files(Path(checkpoint))
         self._parts = {(l, e): self._locate(l, e) for l in layers for e in range(num_experts)}
         self._runs = {key: self._coalesce(parts) for key, parts in self._parts.items()}
@@ -50,11 +102,12 @@ class ExpertStore:
 
     @property
     def expert_numel(self) -> int:
-        return 3 * self.hidden * self.intermediate
+        """Elements of slot_dtype in one expert's slot."""
+        return self.quant.nbytes if self.quant else 3 * self.hidden * self.intermediate
 
     @property
     def expert_bytes(self) -> int:
-        return self.expert_numel * self.dtype.itemsize
+        return self.expert_numel * self.slot_dtype.itemsize
 
     @property
     def total_bytes(self) -> int:
@@ -63,8 +116,10 @@ class ExpertStore:
     def keys(self) -> list[ExpertKey]:
         return list(self._parts)
 
-    def views(self, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up [2I, H], down [H, I]) views of a filled slot."""
+    def views(self, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | tuple[Parts, Parts]:
+        """(gate_up [2I, H], down [H, I]) views of a filled slot (quantized weights' parts, for a quantized one)."""
+        if self.quant:
+            return self.quant.views(slot)
         H, I = self.hidden, self.intermediate
         return slot[: 2 * I * H].view(2 * I, H), slot[2 * I * H:].view(H, I)
 
@@ -72,8 +127,9 @@ class ExpertStore:
         """Read expert `key` into the 1-D slot `out`; returns the bytes read."""
         nbytes = 0
         for run in self._runs[key]:
-            if run[0].info.dtype == self.dtype:
-                dests = [out[p.start: p.start + p.info.nbytes // self.dtype.itemsize].view(torch.uint8) for p in run]
+            if self._raw(run[0].info):
+                dests = [out[p.start: p.start + p.info.nbytes // self.slot_dtype.itemsize].view(torch.uint8)
+                         for p in run]
                 self.reader.read_span([p.info for p in run], dests)
             else:  # one part, converted while copied into the slot
                 part = run[0]
@@ -89,12 +145,30 @@ class ExpertStore:
         runs: list[list[_Part]] = []
         for part in sorted(parts, key=lambda p: (str(p.info.path), p.info.offset)):
             last = runs[-1][-1].info if runs else None
-            if (last is not None and part.info.dtype == self.dtype == last.dtype and part.info.path == last.path
+            if (last is not None and self._raw(part.info) and self._raw(last) and part.info.path == last.path
                     and part.info.offset == last.offset + last.nbytes):
                 runs[-1].append(part)
             else:
                 runs.append([part])
         return runs
+
+    def _raw(self, info: TensorInfo) -> bool:
+        """Whether the stored bytes go into the slot as they are (quantized tensors always do)."""
+        return self.quant is not None or info.dtype == self.dtype
+
+    def _quant_layout(self, records: dict[str, dict]) -> QuantLayout:
+        """The one slot layout of every MoE layer's quantized experts (they all have the same shapes)."""
+        layouts = []
+        for layer, prefix in sorted(self.layers.items()):
+            name = f"{prefix}.mlp.experts"
+            if name not in records:
+                raise CheckpointError(f"the quantized checkpoint's {QUANT_FILE} has no record of {name} although "
+                                      "other layers' experts are quantized; quantize the model again.")
+            layouts.append(QuantLayout(records[name], name))
+            if not layouts[0].same(layouts[-1]):
+                raise CheckpointError(f"{name} (layer {layer}) is quantized unlike the first MoE layer's experts; "
+                                      "offloaded experts share one slot layout: quantize every layer alike.")
+        return layouts[0]
 
     def fingerprint(self) -> str:
         """A digest of the routing: model shape plus the stored bytes of every router. A predictor trained on
@@ -116,6 +190,9 @@ class ExpertStore:
     # -- locating -------------------------------------------------------------------------------------------
     def _locate(self, layer: int, e: int) -> list[_Part]:
         prefix = self.layers[layer]
+        if self.quant:
+            return [_Part(self._checked_quant(f"{prefix}.mlp.experts.{t.proj}_proj.{e}.{t.name}", t), t.offset)
+                    for t in self.quant.tensors]
         H, I = self.hidden, self.intermediate
         for keys in self.arch.expert_keys(prefix, e):
             if all(k in self.reader for k in keys):
@@ -139,6 +216,17 @@ class ExpertStore:
             raise CheckpointError(f"tensor {key!r} in {info.path} has shape {list(info.shape)} and dtype "
                                   f"{info.dtype}; the model's config expects shape {list(shape)} (floating point). "
                                   "config.json and the weights disagree.")
+        return info
+
+    def _checked_quant(self, key: str, want: _QuantTensor) -> TensorInfo:
+        if key not in self.reader:
+            raise CheckpointError(f"the quantized checkpoint lacks {key!r} ({self._where(key)}); it is incomplete: "
+                                  "quantize the model again.")
+        info = self.reader.info(key)
+        if info.dtype != want.dtype or info.nbytes != want.nbytes:
+            raise CheckpointError(f"tensor {key!r} in {info.path} is {info.dtype} of {info.nbytes} bytes, but "
+                                  f"{QUANT_FILE} makes it {want.dtype} of {want.nbytes} bytes; the checkpoint does not "
+                                  "match its config (quantize the model again).")
         return info
 
     @staticmethod

@@ -19,8 +19,9 @@ from torch import nn
 from memfit.errors import CheckpointError
 from memfit.quant.blockwise import ABSMAX_BLOCK, PackedScales, blocks
 from memfit.quant.codebooks import BITS
+from memfit.quant.experts import QuantExperts
 from memfit.quant.linear import QuantLinear, QuantWeight
-from memfit.quant.model import QuantConfig, _set, quantized_modules
+from memfit.quant.model import QuantConfig, _set
 from memfit.tiers.files import replace_dir
 
 QUANT_FILE = "memfit_quant.json"
@@ -34,8 +35,9 @@ def is_quantized_dir(path: str | os.PathLike) -> bool:
 
 def save_quantized(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None) -> Path:
     """Write a quantized `model` (see `memfit.quant.quantize`) to `out` atomically (replacing it whole)."""
-    weights = quantized_modules(model)
-    if not weights:
+    weights = {n: m.weight for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    experts = {n: m for n, m in model.named_modules() if isinstance(m, QuantExperts)}
+    if not weights and not experts:
         raise CheckpointError("the model has no quantized weight to save; quantize it first (memfit.quant.quantize).")
     state, seen, tied = {}, {}, {}
     for key, tensor in model.state_dict().items():
@@ -47,10 +49,9 @@ def save_quantized(model: nn.Module, out: str | os.PathLike, tokenizer: Any = No
         state[key] = tensor.detach().contiguous().cpu()
     config: QuantConfig = getattr(model, "quantization", QuantConfig())
     meta = {"format": FORMAT, "quantization": config.to_dict(), "tied": tied,
-            "weights": {name.removesuffix(".weight"): {"kind": w.kind, "shape": list(w.shape),
-                                                       "block_size": w.block_size, "double_quant": w.double_quant,
-                                                       "dtype": str(w.dtype).removeprefix("torch.")}
-                        for name, w in weights.items()}}
+            "weights": {name: _record(w) for name, w in weights.items()},
+            "experts": {name: {"num_experts": m.num_experts, "gate_up": _record(m.gate_up_proj[0]),
+                               "down": _record(m.down_proj[0])} for name, m in experts.items()}}
     out = Path(out)
     with replace_dir(out) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -62,6 +63,11 @@ def save_quantized(model: nn.Module, out: str | os.PathLike, tokenizer: Any = No
             tokenizer.save_pretrained(tmp)
         (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _record(w: QuantWeight) -> dict:
+    return {"kind": w.kind, "shape": list(w.shape), "block_size": w.block_size, "double_quant": w.double_quant,
+            "dtype": str(w.dtype).removeprefix("torch.")}
 
 
 def read_meta(root: Path) -> dict:
@@ -78,6 +84,10 @@ def read_meta(root: Path) -> dict:
 
 def _shell(info: dict, name: str, bias: torch.Tensor | None) -> QuantLinear:
     """An empty QuantLinear (meta tensors) of the recorded shape, to be filled from the checkpoint."""
+    return QuantLinear(empty_weight(info, name), bias)
+
+
+def empty_weight(info: dict, name: str) -> QuantWeight:
     try:
         kind, shape, block = info["kind"], torch.Size(info["shape"]), int(info["block_size"])
         dtype = getattr(torch, info.get("dtype", "float32"))
@@ -91,7 +101,7 @@ def _shell(info: dict, name: str, bias: torch.Tensor | None) -> QuantLinear:
                               torch.empty(blocks(nb, ABSMAX_BLOCK), device="meta"), torch.empty((), device="meta"))
     else:
         scales = torch.empty(nb, device="meta")
-    return QuantLinear(QuantWeight(kind, shape, block, codes, scales, dtype=dtype), bias)
+    return QuantWeight(kind, shape, block, codes, scales, dtype=dtype)
 
 
 def empty_quantized(cls: Any, root: Path, config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -110,6 +120,16 @@ def empty_quantized(cls: Any, root: Path, config: Any, dtype: torch.dtype = torc
             raise CheckpointError(f"{root}: {QUANT_FILE} names a module {name!r} the {type(model).__name__} does not "
                                   "have; the checkpoint does not match its config (quantize again).") from None
         _set(model, name, _shell(info, name, None if module.bias is None else module.bias))
+    for name, info in meta.get("experts", {}).items():
+        try:
+            module = model.get_submodule(name)
+            n = int(info["num_experts"])
+            shell = QuantExperts([empty_weight(info["gate_up"], name) for _ in range(n)],
+                                 [empty_weight(info["down"], name) for _ in range(n)], module.act_fn)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{root}: {QUANT_FILE} records experts {name!r} that do not fit the "
+                                  f"{type(model).__name__} ({e}); quantize the model again.") from None
+        _set(model, name, shell)
     model.quantization = QuantConfig(**meta.get("quantization", {}))
     return model
 
@@ -146,7 +166,7 @@ def load_quantized(cls: Any, root: Path, config: Any, **kwargs: Any) -> tuple[nn
                                   "quantize the model again.")
     missing = [k for k, t in model.state_dict().items() if t.is_meta]
     for key in missing:
-        if any(key.startswith(name + ".") for name in meta["weights"]):
+        if any(key.startswith(name + ".") for name in [*meta["weights"], *meta.get("experts", {})]):
             raise CheckpointError(f"{path} lacks {key}, a tensor of a quantized weight; the checkpoint is incomplete: "
                                   "quantize the model again.")
     return model, {"missing_keys": missing}

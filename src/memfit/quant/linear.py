@@ -100,10 +100,14 @@ class QuantWeight(nn.Module):
                 self._buffers[name] = self._buffers[name].to(dtype)
         return self
 
+    def part_names(self) -> tuple[str, ...]:
+        """Names of its tensors, in `Parts` order."""
+        return ("codes", "absmax_codes", "absmax_scale", "absmax_offset") if self.double_quant else ("codes", "absmax")
+
     def parts(self) -> Parts:
         """The tensors this weight holds now (a streamed weight swaps them per use), with its layout."""
-        names = ("codes", "absmax_codes", "absmax_scale", "absmax_offset") if self.double_quant else ("codes", "absmax")
-        return Parts(self.kind, self.shape, self.block_size, self.dtype, tuple(getattr(self, n) for n in names))
+        return Parts(self.kind, self.shape, self.block_size, self.dtype,
+                     tuple(getattr(self, n) for n in self.part_names()))
 
     def absmax_values(self) -> torch.Tensor:
         return self.parts().absmax_values()
@@ -213,8 +217,8 @@ class _QuantMatmul(torch.autograd.Function):
     CPU fp32: tile by tile (`Parts.tiles`); elsewhere the weight is dequantized whole, used and freed."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: QuantWeight) -> torch.Tensor:
-        parts = weight.parts()
+    def forward(ctx, x: torch.Tensor, weight: QuantWeight | Parts) -> torch.Tensor:
+        parts = weight if isinstance(weight, Parts) else weight.parts()
         ctx.layout = (parts.kind, parts.shape, parts.block_size, parts.dtype)
         ctx.save_for_backward(*parts.tensors)
         x2 = x.reshape(-1, x.shape[-1])
@@ -243,9 +247,11 @@ def _tiled(parts: Parts, x: torch.Tensor) -> bool:
     return parts.device.type == "cpu" and x.dtype == torch.float32
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for a plain or a quantized weight: the base forward of every Linear memfit wraps."""
-    if not isinstance(weight, QuantWeight):
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantWeight | Parts,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for a plain or a quantized weight (a module, or the tensors of one in a cache slot): the base
+    forward of every Linear memfit wraps."""
+    if not isinstance(weight, QuantWeight | Parts):
         return F.linear(x, weight, bias)
     y = _QuantMatmul.apply(x, weight)
     return y if bias is None else y + bias

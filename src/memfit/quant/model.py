@@ -1,7 +1,8 @@
 """Quantize a model's frozen Linear weights in place, and back.
 
-`quantize(model, QuantConfig(...))` swaps every eligible nn.Linear for a QuantLinear of the same name: all of
-them, or `targets` only, except `skip` (output heads by default: they are trained, or tied to the embedding)
+`quantize(model, QuantConfig(...))` swaps every eligible nn.Linear for a QuantLinear of the same name, and every
+fused MoE experts module for QuantExperts (one quantized weight per expert and projection): all of them, or
+`targets` only, except `skip` (output heads by default: they are trained, or tied to the embedding)
 and weights shared with another module (a tied head would lose its tie). `dequantize(model)` swaps them back
 to nn.Linear in fp32 (what `memfit merge` writes).
 """
@@ -17,6 +18,7 @@ from torch import nn
 from memfit.errors import ConfigError
 from memfit.quant.blockwise import pack_scales, quantize_blocks
 from memfit.quant.codebooks import CODEBOOKS
+from memfit.quant.experts import QuantExperts, fused_experts
 from memfit.quant.linear import QuantLinear, QuantWeight
 
 HEADS = ("lm_head", "classifier", "score", "qa_outputs", "cls")
@@ -91,13 +93,19 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
         if id(module.weight) in shared:
             continue
         chosen.append((name, module))
-    if not chosen:
+    experts = [(name, m) for name, m in model.named_modules() if name and fused_experts(m)
+               and not _matches(name, config.skip) and (config.targets is None or _matches(name, config.targets))]
+    if not chosen and not experts:
         raise ConfigError(f"found no nn.Linear module to quantize in this {type(model).__name__} (targets="
                           f"{config.targets!r}, skip={config.skip!r}); quantization swaps nn.Linear weights only.")
     for name, module in chosen:
         bias = None if module.bias is None else module.bias.detach()
         q = QuantLinear(quantize_weight(module.weight.detach(), config), bias)
         _set(model, name, q)
+    for name, module in experts:  # each expert's gate_up and down become weights of their own
+        gate_up = [quantize_weight(w, config) for w in module.gate_up_proj.detach()]
+        down = [quantize_weight(w, config) for w in module.down_proj.detach()]
+        _set(model, name, QuantExperts(gate_up, down, module.act_fn))
     model.quantization = config  # how it was quantized: saved with the model, checked when it loads
     return model
 
@@ -106,6 +114,9 @@ def dequantize(model: nn.Module) -> nn.Module:
     """Every quantized weight back in its original dtype, in place (returns the model): a QuantLinear becomes an
     nn.Linear, an adapter layer over a quantized base gets a plain frozen weight (so it can merge)."""
     for name, module in list(model.named_modules()):
+        if isinstance(module, QuantExperts):
+            raise ConfigError(f"{name} holds quantized MoE experts, which do not dequantize back into transformers' "
+                              "fused experts; merge or export from the fp32 checkpoint of this model.")
         weight = getattr(module, "weight", None)
         if not isinstance(weight, QuantWeight):
             continue
