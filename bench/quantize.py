@@ -7,9 +7,13 @@ training row (about 128 tokens), batch 4 x 128, LoRA r=16 on all seven projectio
 batches and learning rate for every row (only the base differs). Held-out loss on 300 validation synopses, for the
 base as is and after the fine-tune. Step time and peak RSS are ratios to the fp32 row of the same run. Streaming:
 the same fine-tune (10 updates) with every decoder layer read from disk per use (`--weights-budget` at its
-minimum), fp32 against NF4: disk bytes per update (the reader's counter) and s/update.
+minimum), fp32 against NF4: disk bytes per update (the reader's counter) and s/update. MoE: the
+bench/make_moe.py model decoding held-out text with its experts offloaded (predictive policy, cross-layer
+prefetch, reads kept out of the page cache), fp32 experts at a 25% budget against NF4 experts at the same bytes and
+at 25% of their own bytes; runners take turns window by window.
 
-    .venv/bin/python bench/quantize.py           # ~12 min on 2 CPU cores
+    .venv/bin/python bench/quantize.py           # ~15 min on 2 CPU cores (the MoE part needs bench/make_moe.py)
+    .venv/bin/python bench/quantize.py --only moe  # one part again, merged into results/quantize.json
     .venv/bin/python bench/quantize.py --quick   # 5 updates: a smoke run
 """
 
@@ -30,6 +34,8 @@ WORK = ROOT / "runs" / "quant-bench"
 MiB = 2**20
 STEPS, BATCH, LENGTH, PER_ROW, VAL_ROWS, LR = 40, 4, 128, 6, 300, 1e-3
 STREAM_STEPS = 10
+MOE_MODEL, MOE_BUDGET, MOE_WINDOWS, MOE_PREFILL, MOE_DECODE = ROOT / "runs" / "moe-model", 0.25, 6, 16, 48
+PARTS = ("runs", "stream", "moe")
 KINDS = ["fp32", "int8", "nf4"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -137,6 +143,47 @@ def stream_run(kind: str, steps: int) -> dict:
             "s_per_step": s["train_time_s"] / steps, "train_loss": s.get("train_loss")}
 
 
+def moe_run(windows: int) -> list[dict]:
+    """Offloaded decoding of the make_moe.py model, fp32 against NF4 experts, interleaved window by window."""
+    import torch
+    from moe import Runner, _drop_page_cache, _tokenizer, heldout_windows
+
+    import memfit.moe as moe
+    from memfit.quant import QuantConfig
+    from memfit.quant.checkpoint import is_quantized_dir, quantize_checkpoint
+    from memfit.tiers.st_reader import checkpoint_files
+
+    torch.set_num_threads(1)  # fastest for decode on 2 cores (bench/moe.py)
+    nf4 = WORK / "moe-nf4"
+    if not is_quantized_dir(nf4):
+        quantize_checkpoint(MOE_MODEL, nf4, QuantConfig(kind="nf4"), overwrite=True)
+    fp32_bytes = moe.load(MOE_MODEL, "100%", "lru", None)
+    total = fp32_bytes.memfit_moe.store.total_bytes
+    fp32_bytes.memfit_moe.close()
+    variants = {"fp32 experts": (MOE_MODEL, f"{MOE_BUDGET * 100:g}%"),
+                "NF4 experts, same bytes": (nf4, str(int(MOE_BUDGET * total))),
+                f"NF4 experts, {MOE_BUDGET * 100:g}% of theirs": (nf4, f"{MOE_BUDGET * 100:g}%")}
+    runners = {}
+    for name, (path, budget) in variants.items():
+        model = moe.load(path, budget, "predictive", "cross-layer", drop_cache=True)
+        runners[name] = Runner(model, model.memfit_moe)
+    files = checkpoint_files(MOE_MODEL) + checkpoint_files(nf4)
+    for w in heldout_windows(MOE_MODEL, _tokenizer(MOE_MODEL), windows, MOE_PREFILL + MOE_DECODE):
+        for runner in runners.values():
+            _drop_page_cache(files)
+            runner.run(w, MOE_PREFILL)
+    rows = []
+    for name, runner in runners.items():
+        m = runner.runtime.memory()
+        r = runner.result()
+        rows.append({"variant": name, "budget_bytes": m["expert_cache"], "slots": m["slots"],
+                     "expert_bytes": m["expert"], "experts_total_bytes": m["experts_total"],
+                     **{k: r[k] for k in ("decode_tok_s", "hit_ratio", "bytes_per_token", "disk_bytes_per_token",
+                                          "tokens")}})
+        runner.close()
+    return rows
+
+
 def readme_tables(payload: dict) -> dict[str, str]:
     """README.md's table, from results/quantize.json alone (bench/readme_check.py compares the two)."""
     runs = {r["kind"]: r for r in payload["runs"]}
@@ -165,35 +212,58 @@ def readme_tables(payload: dict) -> dict[str, str]:
                  f"{r['s_per_step'] / ref['s_per_step']:.2f}"] for kind, r in streams.items()]
         tables["stream"] = md_table(["base, every layer streamed", "budget MiB", "disk MiB/step", "÷ fp32",
                                      "s/step", "÷ fp32"], "lrrrrr", rows)
+    experts = payload.get("moe", [])
+    if experts:
+        ref = experts[0]
+        rows = [[r["variant"], f"{r['budget_bytes'] / MiB:.1f}", f"{r['slots']}",
+                 f"{r['slots'] * r['expert_bytes'] / r['experts_total_bytes'] * 100:.0f}%",
+                 f"{r['hit_ratio'] * 100:.1f}%", f"{r['bytes_per_token'] / MiB:.2f}",
+                 f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}"] for r in experts]
+        tables["moe"] = md_table(["offloaded MoE decode", "expert cache MiB", "experts cached", "of all experts",
+                                  "hit ratio", "expert MiB read/token", "tok/s", "÷ fp32"], "lrrrrrrr", rows)
     return tables
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="5 updates")
+    ap.add_argument("--only", choices=PARTS, action="append",
+                    help="run this part only (repeatable); the others are kept from the existing results file")
     ap.add_argument("--run", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
         spec = json.loads(args.run)
-        print(json.dumps((stream_run if spec.get("stream") else run)(spec["kind"], spec["steps"])))
+        if spec["part"] == "moe":
+            print(json.dumps(moe_run(spec["steps"])))
+        else:
+            print(json.dumps((stream_run if spec["part"] == "stream" else run)(spec["kind"], spec["steps"])))
         return
     steps = 5 if args.quick else STEPS
+    parts = args.only or PARTS
+    if "moe" in parts and not (MOE_MODEL / "config.json").is_file():
+        sys.exit(f"no MoE model at {MOE_MODEL}: run bench/make_moe.py --out {MOE_MODEL.relative_to(ROOT)} first.")
     for kind in KINDS:  # written once, outside the measured processes
         base_dir(kind)
-    payload = {"machine": machine(), "steps": steps, "batch": BATCH, "length": LENGTH, "lr": LR, "runs": [],
-               "stream": []}
-    start = time.perf_counter()
-    plan = [("runs", kind, False) for kind in KINDS] + [("stream", kind, True) for kind in ("fp32", "nf4")]
-    for table, kind, stream in plan:
-        spec = json.dumps({"kind": kind, "steps": min(steps, STREAM_STEPS) if stream else steps, "stream": stream})
-        proc = subprocess.run([sys.executable, __file__, "--run", spec], capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"{kind}: {proc.stderr[-2000:]}")
-        payload[table].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"{table} {kind}: {json.dumps(payload[table][-1])} ({(time.perf_counter() - start) / 60:.1f} min)",
-              flush=True)
-    payload["minutes"] = round((time.perf_counter() - start) / 60, 1)
     path = RESULTS / ("quantize-quick.json" if args.quick else "quantize.json")
+    payload = json.loads(path.read_text()) if args.only and path.is_file() else {}
+    payload |= {"machine": machine(), "steps": steps, "batch": BATCH, "length": LENGTH, "lr": LR}
+    start = time.perf_counter()
+    plan = [("runs", kind, steps) for kind in KINDS] + [("stream", kind, min(steps, STREAM_STEPS))
+                                                         for kind in ("fp32", "nf4")]
+    plan += [("moe", "fp32-nf4", 2 if args.quick else MOE_WINDOWS)]
+    minutes = payload.get("minutes", {}) if isinstance(payload.get("minutes"), dict) else {}
+    for part in parts:
+        payload[part], t0 = [], time.perf_counter()
+        for _, kind, n in (p for p in plan if p[0] == part):
+            spec = json.dumps({"part": part, "kind": kind, "steps": n})
+            proc = subprocess.run([sys.executable, __file__, "--run", spec], capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{part} {kind}: {proc.stderr[-2000:]}")
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            payload[part] += result if isinstance(result, list) else [result]
+            print(f"{part} {kind}: {json.dumps(result)} ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
+        minutes[part] = round((time.perf_counter() - t0) / 60, 1)
+    payload["minutes"] = minutes  # per part: what a run of it cost
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print_readme_tables(readme_tables, path)

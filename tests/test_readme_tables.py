@@ -169,7 +169,14 @@ PAYLOADS = {
         {"kind": "fp32", "linear_bytes": 400 * MiB, "frozen_bytes": 512 * MiB, "peak_rss_process": 2048 * MiB,
          "s_per_step": 2.0, "base_loss": 4.0, "eval_loss": 3.0},
         {"kind": "nf4", "linear_bytes": 52 * MiB, "frozen_bytes": 164 * MiB, "peak_rss_process": 1700 * MiB,
-         "s_per_step": 2.5, "base_loss": 4.1, "eval_loss": 3.03}]},
+         "s_per_step": 2.5, "base_loss": 4.1, "eval_loss": 3.03}],
+        "stream": [{"kind": "fp32", "budget": 136 * MiB, "disk_per_step": 800 * MiB, "s_per_step": 4.0},
+                   {"kind": "nf4", "budget": 112 * MiB, "disk_per_step": 104 * MiB, "s_per_step": 4.4}],
+        "moe": [{"variant": "fp32 experts", "budget_bytes": 40 * MiB, "slots": 32, "expert_bytes": 1.25 * MiB,
+                 "experts_total_bytes": 160 * MiB, "hit_ratio": 0.9, "bytes_per_token": 2 * MiB, "decode_tok_s": 20.0},
+                {"variant": "NF4 experts, same bytes", "budget_bytes": 40 * MiB, "slots": 128,
+                 "expert_bytes": 0.3125 * MiB, "experts_total_bytes": 40 * MiB, "hit_ratio": 1.0,
+                 "bytes_per_token": 0.0, "decode_tok_s": 30.0}]},
     "stream.json": {"budget_frac": 0.25, "results": {
         "memory": {"step_s": 0.605, "peak_rss_bytes": 905e6, "disk_read_per_step": 0.0},
         "stream": {"step_s": 1.650, "peak_rss_bytes": 249e6, "disk_read_per_step": 1163e6, "read_per_step": 1131e6}}},
@@ -262,6 +269,17 @@ EXPECTED = {  # README rows these payloads must reproduce, character for charact
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         "| fp32 | 400.0 | 1.000 | 512.0 | 1.000 | 2,048 | | 2.00 | 1.00 | 4.0000 | +0.00% | 3.0000 | +0.00% |",
         "| nf4 | 52.0 | 0.130 | 164.0 | 0.320 | 1,700 | 1.00 | 2.50 | 1.25 | 4.1000 | +2.50% | 3.0300 | +1.00% |"],
+    ("quantize.json", "stream"): [
+        "| base, every layer streamed | budget MiB | disk MiB/step | ÷ fp32 | s/step | ÷ fp32 |",
+        "|---|---:|---:|---:|---:|---:|",
+        "| fp32 | 136 | 800 | 1.000 | 4.00 | 1.00 |",
+        "| nf4 | 112 | 104 | 0.130 | 4.40 | 1.10 |"],
+    ("quantize.json", "moe"): [
+        "| offloaded MoE decode | expert cache MiB | experts cached | of all experts | hit ratio "
+        "| expert MiB read/token | tok/s | ÷ fp32 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| fp32 experts | 40.0 | 32 | 25% | 90.0% | 2.00 | 20.0 | 1.00 |",
+        "| NF4 experts, same bytes | 40.0 | 128 | 100% | 100.0% | 0.00 | 30.0 | 1.50 |"],
     ("stream.json", "step"): [
         "| variant | s/step | ÷ memory | peak RSS MB | ÷ memory | read MB/step | disk MB/step |",
         "|---|---:|---:|---:|---:|---:|---:|",
