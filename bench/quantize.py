@@ -115,8 +115,11 @@ def run(kind: str, steps: int) -> dict:
 
 def stream_run(kind: str, steps: int) -> dict:
     """The same fine-tune with every decoder layer streamed from disk (the smallest budget: the resident part and
-    two layers), in this process: disk bytes read per update and s/update."""
+    two layers), in this process: disk bytes read per update, s/update and peak RSS. `kind` "nf4+vocab": the NF4
+    base at a budget that holds neither the tied embedding nor the head, so they stream too (rows per lookup, the
+    head in vocabulary chunks by the loss)."""
     import gc
+    import resource
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -127,12 +130,15 @@ def stream_run(kind: str, steps: int) -> dict:
     from memfit.train.finetune import finetune
 
     torch.set_num_threads(2)
-    model_dir = base_dir(kind)
+    base, vocab = kind.removesuffix("+vocab"), kind.endswith("+vocab")
+    model_dir = base_dir(base)
     train, val = _data()
     model = from_pretrained(AutoModelForCausalLM, model_dir)
     layers = model.model.layers
     layer = sum(t.numel() * t.element_size() for t in [*layers[0].parameters(), *layers[0].buffers()])
     budget = frozen_bytes(model)["frozen_bytes"] - (len(layers) - 2) * layer + 2**20  # streams all but none
+    if vocab:
+        budget -= model.get_input_embeddings().weight.nbytes  # tied: the head's weight too
     del model, layers
     gc.collect()
     cfg = TrainConfig(max_steps=steps, batch_size=BATCH, lr=LR, max_length=LENGTH, log_every=10**9,
@@ -140,7 +146,9 @@ def stream_run(kind: str, steps: int) -> dict:
     adapter = memfit.LoraConfig(r=16, alpha=32, target_modules=TARGETS)
     s = finetune(model_dir, train, WORK / f"stream-{kind}", adapter, cfg, quiet=True, overwrite=True)
     return {"kind": kind, "budget": budget, "disk_per_step": s["stream"]["bytes_read"] / steps,
-            "s_per_step": s["train_time_s"] / steps, "train_loss": s.get("train_loss")}
+            "vocab_streamed": s["stream"]["vocab"], "s_per_step": s["train_time_s"] / steps,
+            "train_loss": s.get("train_loss"), "peak_rss_train": s["peak_mem_bytes"],
+            "peak_rss_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def moe_run(windows: int) -> list[dict]:
@@ -209,9 +217,12 @@ def readme_tables(payload: dict) -> dict[str, str]:
         ref = streams["fp32"]
         rows = [[kind, f"{r['budget'] / MiB:.0f}", f"{r['disk_per_step'] / MiB:,.0f}",
                  f"{r['disk_per_step'] / ref['disk_per_step']:.3f}", f"{r['s_per_step']:.2f}",
-                 f"{r['s_per_step'] / ref['s_per_step']:.2f}"] for kind, r in streams.items()]
+                 f"{r['s_per_step'] / ref['s_per_step']:.2f}",
+                 f"{r['peak_rss_process'] / MiB:,.0f}" if "peak_rss_process" in r else "",
+                 f"{r['peak_rss_process'] / ref['peak_rss_process']:.2f}" if "peak_rss_process" in r
+                 and "peak_rss_process" in ref else ""] for kind, r in streams.items()]
         tables["stream"] = md_table(["base, every layer streamed", "budget MiB", "disk MiB/step", "÷ fp32",
-                                     "s/step", "÷ fp32"], "lrrrrr", rows)
+                                     "s/step", "÷ fp32", "peak RSS MiB", "÷ fp32"], "lrrrrrrr", rows)
     experts = payload.get("moe", [])
     if experts:
         ref = experts[0]
@@ -249,7 +260,7 @@ def main() -> None:
     payload |= {"machine": machine(), "steps": steps, "batch": BATCH, "length": LENGTH, "lr": LR}
     start = time.perf_counter()
     plan = [("runs", kind, steps) for kind in KINDS] + [("stream", kind, min(steps, STREAM_STEPS))
-                                                         for kind in ("fp32", "nf4")]
+                                                         for kind in ("fp32", "nf4", "nf4+vocab")]
     plan += [("moe", "fp32-nf4", 2 if args.quick else MOE_WINDOWS)]
     minutes = payload.get("minutes", {}) if isinstance(payload.get("minutes"), dict) else {}
     for part in parts:

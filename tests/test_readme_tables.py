@@ -170,8 +170,10 @@ PAYLOADS = {
          "s_per_step": 2.0, "base_loss": 4.0, "eval_loss": 3.0},
         {"kind": "nf4", "linear_bytes": 52 * MiB, "frozen_bytes": 164 * MiB, "peak_rss_process": 1700 * MiB,
          "s_per_step": 2.5, "base_loss": 4.1, "eval_loss": 3.03}],
-        "stream": [{"kind": "fp32", "budget": 136 * MiB, "disk_per_step": 800 * MiB, "s_per_step": 4.0},
-                   {"kind": "nf4", "budget": 112 * MiB, "disk_per_step": 104 * MiB, "s_per_step": 4.4}],
+        "stream": [{"kind": "fp32", "budget": 136 * MiB, "disk_per_step": 800 * MiB, "s_per_step": 4.0,
+                    "peak_rss_process": 1000 * MiB},
+                   {"kind": "nf4", "budget": 112 * MiB, "disk_per_step": 104 * MiB, "s_per_step": 4.4,
+                    "peak_rss_process": 800 * MiB}],
         "moe": [{"variant": "fp32 experts", "budget_bytes": 40 * MiB, "slots": 32, "expert_bytes": 1.25 * MiB,
                  "experts_total_bytes": 160 * MiB, "hit_ratio": 0.9, "bytes_per_token": 2 * MiB, "decode_tok_s": 20.0},
                 {"variant": "NF4 experts, same bytes", "budget_bytes": 40 * MiB, "slots": 128,
@@ -270,10 +272,11 @@ EXPECTED = {  # README rows these payloads must reproduce, character for charact
         "| fp32 | 400.0 | 1.000 | 512.0 | 1.000 | 2,048 | | 2.00 | 1.00 | 4.0000 | +0.00% | 3.0000 | +0.00% |",
         "| nf4 | 52.0 | 0.130 | 164.0 | 0.320 | 1,700 | 1.00 | 2.50 | 1.25 | 4.1000 | +2.50% | 3.0300 | +1.00% |"],
     ("quantize.json", "stream"): [
-        "| base, every layer streamed | budget MiB | disk MiB/step | ÷ fp32 | s/step | ÷ fp32 |",
-        "|---|---:|---:|---:|---:|---:|",
-        "| fp32 | 136 | 800 | 1.000 | 4.00 | 1.00 |",
-        "| nf4 | 112 | 104 | 0.130 | 4.40 | 1.10 |"],
+        "| base, every layer streamed | budget MiB | disk MiB/step | ÷ fp32 | s/step | ÷ fp32 | peak RSS MiB "
+        "| ÷ fp32 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| fp32 | 136 | 800 | 1.000 | 4.00 | 1.00 | 1,000 | 1.00 |",
+        "| nf4 | 112 | 104 | 0.130 | 4.40 | 1.10 | 800 | 0.80 |"],
     ("quantize.json", "moe"): [
         "| offloaded MoE decode | expert cache MiB | experts cached | of all experts | hit ratio "
         "| expert MiB read/token | tok/s | ÷ fp32 |",

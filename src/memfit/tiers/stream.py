@@ -42,6 +42,7 @@ from memfit.errors import CheckpointError, ConfigError
 from memfit.tiers.budget import format_size, parse_budget
 from memfit.tiers.modules import checkpoint_key, find_layers, load_resident, param_aliases
 from memfit.tiers.st_reader import SafetensorsReader
+from memfit.tiers.vocab import VocabStream, streamable
 
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # "cache" since transformers 5.24
 
@@ -118,6 +119,7 @@ class StreamHandle:
         self.layer_bytes = {i: sum(s.nbytes for s in params[i]) for i in self.streamed}
         self.stats = StreamStats()
         self._stats_lock = threading.Lock()
+        self.vocab: VocabStream | None = None  # the embedding and head, when they are streamed too
         self._cuda = device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(device) if self._cuda else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memfit-stream")
@@ -132,7 +134,12 @@ class StreamHandle:
     @property
     def streamed_bytes(self) -> int:
         """Bytes of base weights that live on disk and are read per use."""
-        return sum(self.layer_bytes.values())
+        return sum(self.layer_bytes.values()) + (self.vocab.nbytes if self.vocab else 0)
+
+    def count_read(self, nbytes: int) -> None:
+        """Count a read made outside the layer reads (vocabulary rows and chunks)."""
+        with self._stats_lock:
+            self.stats.bytes_read += nbytes
 
     @property
     def window_bytes(self) -> int:
@@ -142,7 +149,7 @@ class StreamHandle:
 
     def memory(self) -> dict[str, int]:
         return {"budget": self.budget, "resident": self.resident_bytes, "window": self.window_bytes,
-                "streamed": self.streamed_bytes}
+                "streamed": self.streamed_bytes, "vocab": self.vocab.nbytes if self.vocab else 0}
 
     def wrap_forward(self, i: int, wrap) -> None:
         """Replace streamed layer i's own forward by `wrap(forward)`, which runs while the layer's weights are
@@ -270,6 +277,9 @@ class StreamHandle:
             self.layers[i].__dict__.pop("forward", None)
             if materialize:
                 self._install(i, self._read_layer(i))
+        if self.vocab is not None:
+            self.vocab.close(materialize)
+            self.vocab = None
         self._ready, self._pending, self._inner = {}, {}, {}
         self.reader.close()
         if getattr(self.model, "memfit_stream", None) is self:
@@ -309,7 +319,8 @@ def _plan_layer(layer: nn.Module, prefix: str, names: dict, reader: SafetensorsR
 
 
 def stream_weights(model: nn.Module, checkpoint_dir: str | os.PathLike, budget_bytes: int | float | str, *,
-                   device: str | torch.device | None = None, drop_cache: bool = True) -> StreamHandle:
+                   device: str | torch.device | None = None, drop_cache: bool = True,
+                   vocab: bool = False) -> StreamHandle:
     """Keep at most `budget_bytes` of `model`'s weights resident; read the rest layer by layer from disk.
 
     checkpoint_dir: the base model's safetensors (one file, or shards with model.safetensors.index.json).
@@ -318,6 +329,9 @@ def stream_weights(model: nn.Module, checkpoint_dir: str | os.PathLike, budget_b
         resident part plus two layers.
     device: where weights are used (default: the device of the model's first real parameter, else CPU).
     drop_cache: drop read ranges from the page cache, so memory use is what this process holds.
+    vocab: stream the input embedding (rows read per lookup) and the output head (read in vocabulary chunks, see
+        `memfit.tiers.vocab`) instead of keeping them resident: for training, where a step reads the head twice
+        (the chunked loss and its backward); generation reads it once per token, so it keeps them resident.
     Returns a handle with the plan (`streamed`, `pinned`, `memory()`) and `stats`; `close()` stops streaming.
     """
     if getattr(model, "memfit_stream", None) is not None:
@@ -330,17 +344,28 @@ def stream_weights(model: nn.Module, checkpoint_dir: str | os.PathLike, budget_b
         prefix, layers = find_layers(model)
         names = param_aliases(model)
         params = {i: _plan_layer(layer, f"{prefix}.{i}", names, reader) for i, layer in enumerate(layers)}
-        budget = parse_budget(budget_bytes, _resident_bytes(model, set()), "the model's weight bytes")
-        pinned = _choose_pinned(model, layers, params, budget)
+        total = _resident_bytes(model, set())
+        budget = parse_budget(budget_bytes, total, "the model's weight bytes")
+        embedding, head = streamable(model.get_input_embeddings(), model.get_output_embeddings()) \
+            if vocab and budget < total else (None, None)
+        keys = {m: checkpoint_key(names.get(m.weight, []), reader) for m in (embedding, head) if m is not None}
+        embedding, head = (m if keys.get(m) else None for m in (embedding, head))  # absent: a fresh head
+        embedding, head = _vocab_on_disk(model, layers, params, budget, embedding, head)
+        on_disk = [m.weight for m in (embedding, head) if m is not None]
+        pinned = _choose_pinned(model, layers, params, budget, on_disk)
         for i in pinned:
             del params[i]
-        streamed = _tensors(layers, params)
+        streamed = _tensors(layers, params) + on_disk
         resident = _resident_bytes(model, streamed)
         load_resident(model, reader, streamed, device=device)
     except BaseException:
         reader.close()
         raise
     handle = StreamHandle(model, reader, layers, params, pinned, budget, resident, device)
+    if on_disk:
+        handle.vocab = VocabStream(reader, embedding, keys.get(embedding), head, keys.get(head), device,
+                                   handle.count_read)
+        handle.vocab.install()
     for i in handle.streamed:
         handle._release(i)  # frees the weights the model was built with
     model.memfit_stream = handle
@@ -357,11 +382,30 @@ def _resident_bytes(model: nn.Module, streamed: list[torch.Tensor]) -> int:
     return params + sum(_nbytes(b) for b in model.buffers() if id(b) not in ids)
 
 
+def _vocab_on_disk(model: nn.Module, layers: nn.ModuleList, params: dict[int, list[_StreamedParam]], budget: int,
+                   embedding: nn.Embedding | None, head: nn.Linear | None) -> tuple[nn.Module | None, nn.Module | None]:
+    """Which of the candidate embedding and head stream: an untied embedding whenever the model does not fit
+    (a lookup reads only its tokens' rows, and the result is exact); the head, and a tied embedding with it, only
+    when the budget cannot hold the resident part and two layers otherwise (it is read twice a step, and the
+    loss becomes the vocabulary-chunked one, equal to float rounding)."""
+    if embedding is not None and head is not None and embedding.weight is head.weight:
+        cheap, costly = None, (embedding, head)
+    else:
+        cheap, costly = embedding, (None, head)
+    if costly[1] is None:
+        return cheap, None
+    sizes = [sum(s.nbytes for s in layer) for layer in params.values()]
+    need = _resident_bytes(model, _tensors(layers, params) + ([cheap.weight] if cheap is not None else []))
+    if budget >= need + 2 * max(sizes):
+        return cheap, None
+    return costly[0] or cheap, costly[1]
+
+
 def _choose_pinned(model: nn.Module, layers: nn.ModuleList, params: dict[int, list[_StreamedParam]],
-                   budget: int) -> list[int]:
+                   budget: int, on_disk: list[torch.Tensor]) -> list[int]:
     """Layers kept resident: as many of the last layers as fit beside the two-layer streaming window."""
     sizes = {i: sum(s.nbytes for s in params[i]) for i in params}
-    resident = _resident_bytes(model, _tensors(layers, params))
+    resident = _resident_bytes(model, _tensors(layers, params) + on_disk)
     biggest = max(sizes.values())
     need = resident + 2 * biggest
     if budget < need:

@@ -49,7 +49,9 @@ class TrainConfig:
                         "passes per update, no gradients or states, the memory of inference; needs a far lower --lr, "
                         "about 1e-4 for adapters, 1e-6 for --method full).", panel=MEMORY)
     weights_budget: int | str | None = option(None, help="Keep at most this much of the frozen weights in memory, e.g. "
-                                        "'2GB' or '25%'; stream the other layers from disk.", panel=MEMORY)
+                                        "'2GB' or '25%'; stream the other layers from disk. The input embedding "
+                                        "reads only its tokens' rows from disk; when the budget needs it, the output "
+                                        "head is read in vocabulary chunks by the loss.", panel=MEMORY)
     quantize: str | None = option(None, help="Quantize the frozen base as it loads: 'nf4' (QLoRA: 4.13 bits per "
                                   "weight, 0.13x fp32) or 'int8' (8.13 bits); adapters train on top in fp32. A "
                                   "checkpoint written by `memfit quantize` loads quantized without it, and without "

@@ -111,7 +111,7 @@ def load_base(directory: str | os.PathLike, task: Task, *, fresh: bool = False,
         module = model.get_submodule(name)
         module.to_empty(device="cpu")
         model._init_weights(module) if hasattr(model, "_init_weights") else module.reset_parameters()
-    return model, stream_weights(model, root, weights_budget, device=device), new
+    return model, stream_weights(model, root, weights_budget, device=device, vocab=True), new
 
 
 def _check_vocab(model: nn.Module, tokenizer: Any) -> None:
@@ -241,7 +241,8 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
                    optimizer_state_bytes=optimizer_state_bytes(trainer.optimizer)[0],
                    notes=list(model.memfit_notes), **(method.report(model) if method.report else {}))
     if stream is not None:
-        summary["stream"] = {**stream.memory(), "bytes_read": stream.stats.bytes_read}
+        summary["stream"] = {**stream.memory(), "bytes_read": stream.stats.bytes_read,
+                             "layer_reads": stream.stats.layer_reads}
     if train.shard is not None:
         from memfit.train.distributed import teardown_distributed
 

@@ -9,6 +9,10 @@ under autograd each chunk is checkpointed, so its logits are freed at once and r
 
 That is valid only where the model's logits are exactly head(decoder(x)) (no logit scaling or soft-capping after
 the head): it is checked once per model on a few tokens, and a model that differs keeps the plain path.
+
+A head streamed from disk (`--weights-budget`, `memfit.tiers.vocab`) is read in vocabulary chunks instead: the
+loss of every kept position is an online log-sum-exp over the chunks, and the backward reads the chunks again
+and adds each one's softmax gradient, so neither the head nor the logits ever exist whole.
 """
 
 from __future__ import annotations
@@ -42,6 +46,52 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return parts or None
 
 
+class _VocabChunkedCE(torch.autograd.Function):
+    """Per-position cross-entropy [N] of hidden [N, H] against targets [N], the head's weight read by `chunks()`
+    (an iterator of (first row, end row, weight rows)); gradient for `hidden` only (the head is frozen)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, targets: torch.Tensor, chunks, bias: torch.Tensor | None):
+        n = hidden.shape[0]
+        top = hidden.new_full((n,), float("-inf"), dtype=torch.float32)
+        total = hidden.new_zeros(n, dtype=torch.float32)
+        picked = hidden.new_zeros(n, dtype=torch.float32)
+        for v0, v1, w in chunks():
+            logits = _logits(hidden, w, bias, v0, v1)
+            new_top = torch.maximum(top, logits.max(dim=1).values)
+            total = total * torch.exp(top - new_top) + torch.exp(logits - new_top[:, None]).sum(dim=1)
+            top = new_top
+            inside = ((targets >= v0) & (targets < v1)).nonzero().squeeze(1)
+            picked[inside] = logits[inside, targets[inside] - v0]
+        lse = top + torch.log(total)
+        ctx.save_for_backward(hidden, targets, lse)
+        ctx.chunks, ctx.bias = chunks, bias
+        return lse - picked
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        hidden, targets, lse = ctx.saved_tensors
+        g_hidden = torch.zeros_like(hidden)
+        for v0, v1, w in ctx.chunks():
+            probs = torch.exp(_logits(hidden, w, ctx.bias, v0, v1) - lse[:, None])  # softmax on this chunk
+            inside = ((targets >= v0) & (targets < v1)).nonzero().squeeze(1)
+            probs[inside, targets[inside] - v0] -= 1
+            g_hidden.addmm_((probs * grad[:, None]).to(hidden.dtype), w.to(hidden.dtype))
+        return g_hidden, None, None, None
+
+
+def _logits(hidden: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, v0: int, v1: int) -> torch.Tensor:
+    return F.linear(hidden, w, None if bias is None else bias[v0:v1]).float()
+
+
+def _streamed_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    vocab = head.memfit_vocab
+    # A chunk's logits stay under CHUNK_BYTES, and its weight rows under the stream's read size: both are transient.
+    rows = max(1, min(CHUNK_BYTES // (4 * max(1, hidden.shape[0])), vocab.head_rows()))
+    losses = _VocabChunkedCE.apply(hidden, targets, lambda: vocab.head_chunks(rows), head.bias)
+    return losses.sum() if reduction == "sum" else losses
+
+
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction=reduction)
 
@@ -51,7 +101,9 @@ def token_losses(model: nn.Module, batch: dict[str, torch.Tensor], reduction: st
     position ([batch * (length - 1)], 0 where ignored: 'none'), chunked when the logits would be large."""
     ids, labels = batch["input_ids"], batch["labels"][:, 1:]
     vocab = model.config.vocab_size
-    parts = _parts(model) if labels.numel() * vocab * 4 > CHUNK_BYTES else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    streamed = getattr(head, "memfit_vocab", None) is not None  # the head is on disk (weight streaming)
+    parts = _parts(model) if streamed or labels.numel() * vocab * 4 > CHUNK_BYTES else None
     if parts is None:
         # No KV cache: nothing is generated, and MeZO's paired passes call each layer twice per forward.
         logits = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).logits
@@ -64,13 +116,23 @@ def token_losses(model: nn.Module, batch: dict[str, torch.Tensor], reduction: st
     keep = (flat != IGNORE).nonzero().squeeze(1)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
     targets = flat.index_select(0, keep)
-    rows = max(1, CHUNK_BYTES // (vocab * 4))
+    if getattr(head, "memfit_vocab", None) is not None:  # the head is on disk: chunks of the vocabulary
+        losses = [_streamed_loss(head, hidden, targets, reduction)] if targets.numel() else []
+    else:
+        losses = _position_chunks(head, hidden, targets, reduction, max(1, CHUNK_BYTES // (vocab * 4)))
+    if reduction == "sum":
+        return torch.stack(losses).sum() if losses else hidden.sum() * 0
+    per_token = hidden.new_zeros(flat.numel(), dtype=torch.float32)
+    return per_token.index_copy(0, keep, torch.cat(losses)) if losses else per_token
+
+
+def _position_chunks(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, reduction: str,
+                     rows: int) -> list[torch.Tensor]:
+    """The loss over chunks of `rows` positions, each checkpointed (its logits freed at once, recomputed in the
+    backward)."""
     losses = []
     for start in range(0, targets.numel(), rows):
         args = (head, hidden[start:start + rows], targets[start:start + rows], reduction)
         losses.append(checkpoint(_chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled()
                       else _chunk_loss(*args))
-    if reduction == "sum":
-        return torch.stack(losses).sum() if losses else hidden.sum() * 0
-    per_token = hidden.new_zeros(flat.numel(), dtype=torch.float32)
-    return per_token.index_copy(0, keep, torch.cat(losses)) if losses else per_token
+    return losses

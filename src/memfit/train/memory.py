@@ -58,8 +58,9 @@ def memory_rows(model: nn.Module, optimizer: torch.optim.Optimizer, optim_name: 
         mem = stream.memory()
         rows.append(("weights resident", format_size(mem["resident"] + mem["window"]),
                      f"budget {format_size(mem['budget'])}: resident part + a window of 2 streamed layers"))
+        vocab = " + embedding rows and head chunks" if mem.get("vocab") else ""
         rows.append(("weights streamed", format_size(mem["streamed"]), f"read from disk per use ({len(stream.streamed)}"
-                     " layers)"))
+                     f" layers{vocab})"))
     else:
         quantized = quantized_modules(model)
         note = "frozen base weights and buffers"
