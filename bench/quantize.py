@@ -1,16 +1,16 @@
 """A LoRA fine-tune of SmolLM2-135M-Instruct on an fp32, an int8 and an NF4 base (memfit.quant).
 
 Each base is written once by `memfit quantize` (NF4 with double quantization, int8, blocks of 64; the tied
-embedding/head stays fp32) and every run loads its checkpoint in a fresh process, so its peak RSS is its own and
-the quantized runs never hold the fp32 weights. Task: causal-LM on the shipped debian-sections synopses, six per
-training row (about 128 tokens), batch 4 x 128, LoRA r=16 on all seven projections, the same updates, seed,
-batches and learning rate for every row (only the base differs). Held-out loss on 300 validation synopses, for the
-base as is and after the fine-tune. Step time and peak RSS are ratios to the fp32 row of the same run. Streaming:
-the same fine-tune (10 updates) with every decoder layer read from disk per use (`--weights-budget` at its
-minimum), fp32 against NF4: disk bytes per update (the reader's counter) and s/update. MoE: the
-bench/make_moe.py model decoding held-out text with its experts offloaded (predictive policy, cross-layer
-prefetch, reads kept out of the page cache), fp32 experts at a 25% budget against NF4 experts at the same bytes and
-at 25% of their own bytes; runners take turns window by window.
+embedding/head stays fp32, except in the nf4+emb row: --embeddings) and every run loads its checkpoint in a fresh
+process, so its peak RSS is its own and the quantized runs never hold the fp32 weights. Task: causal-LM on the
+shipped debian-sections synopses, six per training row (about 128 tokens), batch 4 x 128, LoRA r=16 on all seven
+projections, the same updates, seed, batches and learning rate for every row (only the base differs). Held-out loss
+on 300 validation synopses, for the base as is and after the fine-tune. Step time and peak RSS are ratios to the
+fp32 row of the same run. Streaming: the same fine-tune (10 updates) with every decoder layer read from disk per use
+(`--weights-budget` at its minimum), fp32 against NF4 (and NF4 with the vocabulary streamed too): disk bytes per
+update (the reader's counter) and s/update. MoE: the bench/make_moe.py model decoding held-out text with its experts
+offloaded (predictive policy, cross-layer prefetch, reads kept out of the page cache), fp32 experts at a 25% budget
+against NF4 experts at the same bytes and at 25% of their own bytes; runners take turns window by window.
 
     .venv/bin/python bench/quantize.py           # ~15 min on 2 CPU cores (the MoE part needs bench/make_moe.py)
     .venv/bin/python bench/quantize.py --only moe  # one part again, merged into results/quantize.json
@@ -36,7 +36,7 @@ STEPS, BATCH, LENGTH, PER_ROW, VAL_ROWS, LR = 40, 4, 128, 6, 300, 1e-3
 STREAM_STEPS = 10
 MOE_MODEL, MOE_BUDGET, MOE_WINDOWS, MOE_PREFILL, MOE_DECODE = ROOT / "runs" / "moe-model", 0.25, 6, 16, 48
 PARTS = ("runs", "stream", "moe")
-KINDS = ["fp32", "int8", "nf4"]
+KINDS = ["fp32", "int8", "nf4", "nf4+emb"]  # nf4+emb: the tied embedding/head quantized too (--embeddings)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -64,7 +64,8 @@ def base_dir(kind: str) -> Path:
 
     out = WORK / f"smollm2-{kind}"
     if not is_quantized_dir(out):
-        quantize_checkpoint(fp32, out, QuantConfig(kind=kind), overwrite=True)
+        config = QuantConfig(kind=kind.removesuffix("+emb"), embeddings=kind.endswith("+emb"))
+        quantize_checkpoint(fp32, out, config, overwrite=True)
     return out
 
 

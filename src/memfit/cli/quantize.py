@@ -20,6 +20,10 @@ def quantize(
                                       "of 4.5 bits per NF4 weight."),
     skip: list[str] = typer.Option(None, "--skip", help="Module names kept in full precision (repeatable; default: "
                                    "the output heads lm_head, classifier, score, ...). Tied weights always are."),
+    embeddings: bool = typer.Option(False, "--embeddings/--no-embeddings",
+                                    help="Quantize the input embedding and the output head too (a tied head stays "
+                                    "tied): for large vocabularies, where they are much of the frozen bytes; costs "
+                                    "more quality than the Linear weights alone."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what --out holds."),
 ) -> None:
     """Quantize every frozen Linear weight of a model once and write it as a memfit quantized checkpoint.
@@ -34,6 +38,6 @@ def quantize(
     from memfit.quant.checkpoint import quantize_checkpoint
 
     config = QuantConfig(kind=kind, block_size=block_size, double_quant=double_quant,
-                         skip=list(skip) if skip else list(HEADS))
+                         skip=list(skip) if skip else list(HEADS), embeddings=embeddings)
     quantize_checkpoint(model, out, config, overwrite=overwrite)
     typer.echo(f"wrote the {kind} checkpoint to {out}")

@@ -19,6 +19,7 @@ from torch import nn
 from memfit.errors import CheckpointError
 from memfit.quant.blockwise import ABSMAX_BLOCK, PackedScales, blocks
 from memfit.quant.codebooks import BITS
+from memfit.quant.embedding import QuantEmbedding
 from memfit.quant.experts import QuantExperts
 from memfit.quant.linear import QuantLinear, QuantWeight
 from memfit.quant.model import QuantConfig, _set
@@ -37,7 +38,8 @@ def save_quantized(model: nn.Module, out: str | os.PathLike, tokenizer: Any = No
     """Write a quantized `model` (see `memfit.quant.quantize`) to `out` atomically (replacing it whole)."""
     weights = {n: m.weight for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     experts = {n: m for n, m in model.named_modules() if isinstance(m, QuantExperts)}
-    if not weights and not experts:
+    embeddings = {n: m for n, m in model.named_modules() if isinstance(m, QuantEmbedding)}
+    if not weights and not experts and not embeddings:
         raise CheckpointError("the model has no quantized weight to save; quantize it first (memfit.quant.quantize).")
     state, seen, tied = {}, {}, {}
     for key, tensor in model.state_dict().items():
@@ -50,6 +52,7 @@ def save_quantized(model: nn.Module, out: str | os.PathLike, tokenizer: Any = No
     config: QuantConfig = getattr(model, "quantization", QuantConfig())
     meta = {"format": FORMAT, "quantization": config.to_dict(), "tied": tied,
             "weights": {name: _record(w) for name, w in weights.items()},
+            "embeddings": {name: _record(m.weight) | {"padding_idx": m.padding_idx} for name, m in embeddings.items()},
             "experts": {name: {"num_experts": m.num_experts, "gate_up": _record(m.gate_up_proj[0]),
                                "down": _record(m.down_proj[0])} for name, m in experts.items()}}
     out = Path(out)
@@ -120,6 +123,17 @@ def empty_quantized(cls: Any, root: Path, config: Any, dtype: torch.dtype = torc
             raise CheckpointError(f"{root}: {QUANT_FILE} names a module {name!r} the {type(model).__name__} does not "
                                   "have; the checkpoint does not match its config (quantize again).") from None
         _set(model, name, _shell(info, name, None if module.bias is None else module.bias))
+    for name, info in meta.get("embeddings", {}).items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{root}: {QUANT_FILE} names an embedding {name!r} the {type(model).__name__} does "
+                                  "not have; the checkpoint does not match its config (quantize again).") from None
+        _set(model, name, QuantEmbedding(empty_weight(info, name), info.get("padding_idx")))
+    for key, source in meta.get("tied", {}).items():  # a head tied to a quantized embedding shares its weight
+        head, emb = key.removesuffix(".weight.codes"), source.removesuffix(".weight.codes")
+        if key.endswith(".weight.codes") and head in meta["weights"] and emb in meta.get("embeddings", {}):
+            _set(model, f"{head}.weight", model.get_submodule(emb).weight)
     for name, info in meta.get("experts", {}).items():
         try:
             module = model.get_submodule(name)
@@ -159,7 +173,8 @@ def load_quantized(cls: Any, root: Path, config: Any, **kwargs: Any) -> tuple[nn
         raise CheckpointError(f"cannot read {path} ({e}); it is missing or truncated: quantize the model again.") \
             from e
     model.load_state_dict(loaded, strict=False, assign=True)
-    model.tie_weights()
+    if not meta.get("embeddings"):  # quantized embeddings are tied by sharing their module (empty_quantized)
+        model.tie_weights()
     for key, source in meta.get("tied", {}).items():
         if key not in loaded and _tensor(model, key).is_meta:
             raise CheckpointError(f"{root}: {key} was stored as a tie of {source}, but this model does not tie them; "

@@ -170,6 +170,25 @@ class Parts:
                 lib.dequant_range(*args, r0 * cols, r1 * cols, out.data_ptr())
             yield r0, r1, out.view(r1 - r0, cols)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (sorted unique, 1-D) of the weight in fp32, [len(ids), cols]: a lookup dequantizes only its
+        rows (one kernel call per run of consecutive ids)."""
+        cols = self.shape.numel() // max(self.shape[0], 1)
+        if self.device.type != "cpu":
+            return self.dequantize(torch.float32).view(self.shape[0], cols).index_select(0, ids.to(self.device))
+        host = ids.tolist()
+        out = torch.empty(len(host), cols, dtype=torch.float32)
+        lib = kernels.load()
+        args, absmax = (self._kernel_args(), None) if lib else ((), self.absmax_values())
+        starts = [0] + [k for k in range(1, len(host)) if host[k] != host[k - 1] + 1]
+        for a, b in zip(starts, [*starts[1:], len(host)], strict=True):
+            r0, r1 = host[a], host[b - 1] + 1
+            if lib is None:
+                out[a:b] = self._dequantize_rows(r0, r1, cols, absmax).view(r1 - r0, cols)
+            else:
+                lib.dequant_range(*args, r0 * cols, r1 * cols, out[a:b].data_ptr())
+        return out
+
     def _kernel_args(self) -> tuple:
         """The kernel's leading arguments (memfit.quant.kernels); the sizes were checked when the weight was built,
         and a streamed weight's tensors are checked here (its placeholders are empty)."""

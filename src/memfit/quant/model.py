@@ -3,8 +3,9 @@
 `quantize(model, QuantConfig(...))` swaps every eligible nn.Linear for a QuantLinear of the same name, and every
 fused MoE experts module for QuantExperts (one quantized weight per expert and projection): all of them, or
 `targets` only, except `skip` (output heads by default: they are trained, or tied to the embedding)
-and weights shared with another module (a tied head would lose its tie). `dequantize(model)` swaps them back
-to nn.Linear in fp32 (what `memfit merge` writes).
+and weights shared with another module (a tied head would lose its tie). `embeddings=True` also quantizes the
+input embedding (QuantEmbedding) and the output head, a tied head sharing the embedding's quantized weight.
+`dequantize(model)` swaps them back to nn.Linear / nn.Embedding in fp32 (what `memfit merge` writes), ties kept.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from memfit.errors import ConfigError
 from memfit.quant.blockwise import pack_scales, quantize_blocks
 from memfit.quant.codebooks import CODEBOOKS
+from memfit.quant.embedding import QuantEmbedding
 from memfit.quant.experts import QuantExperts, fused_experts
 from memfit.quant.linear import QuantLinear, QuantWeight
 
@@ -30,13 +32,15 @@ class QuantConfig:
     """kind: 'nf4' (4.13 bits per weight with double quantization) or 'int8' (8.13).
     block_size: weights per absmax. double_quant: quantize the absmax values too (8 bits, blocks of 256).
     targets: module names (path suffixes) or one regex to quantize (None: every nn.Linear).
-    skip: names (path suffixes) kept in full precision."""
+    skip: names (path suffixes) kept in full precision.
+    embeddings: quantize the input embedding and the output head too (a tied head stays tied)."""
 
     kind: str = "nf4"
     block_size: int = 64
     double_quant: bool = True
     targets: list[str] | str | None = None
     skip: list[str] = field(default_factory=lambda: list(HEADS))
+    embeddings: bool = False
 
     def validate(self) -> None:
         if self.kind not in CODEBOOKS:
@@ -102,6 +106,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
         bias = None if module.bias is None else module.bias.detach()
         q = QuantLinear(quantize_weight(module.weight.detach(), config), bias)
         _set(model, name, q)
+    if config.embeddings:
+        _quantize_vocabulary(model, config)
     for name, module in experts:  # each expert's gate_up and down become weights of their own
         gate_up = [quantize_weight(w, config) for w in module.gate_up_proj.detach()]
         down = [quantize_weight(w, config) for w in module.down_proj.detach()]
@@ -110,18 +116,47 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     return model
 
 
+def _quantize_vocabulary(model: nn.Module, config: QuantConfig) -> None:
+    """The input embedding as a QuantEmbedding; the output head as a QuantLinear sharing its weight if tied."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if type(embedding) is not nn.Embedding or embedding.max_norm is not None:
+        raise ConfigError(f"cannot quantize the embeddings of this {type(model).__name__}: its input embedding is a "
+                          f"{type(embedding).__name__}, not a plain nn.Embedding (a scaled or renormalized one has "
+                          "its own forward); quantize without embeddings.")
+    if embedding.weight.is_meta:
+        raise ConfigError("cannot quantize the embeddings: their weight is not loaded (meta device).")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {id(m): n for n, m in model.named_modules()}
+    quantized = QuantEmbedding(quantize_weight(embedding.weight.detach(), config), embedding.padding_idx)
+    if type(head) is nn.Linear:
+        tied = head.weight is embedding.weight
+        weight = quantized.weight if tied else quantize_weight(head.weight.detach(), config)
+        bias = None if head.bias is None else head.bias.detach()
+        _set(model, names[id(head)], QuantLinear(weight, bias))
+    _set(model, names[id(embedding)], quantized)
+
+
 def dequantize(model: nn.Module) -> nn.Module:
     """Every quantized weight back in its original dtype, in place (returns the model): a QuantLinear becomes an
     nn.Linear, an adapter layer over a quantized base gets a plain frozen weight (so it can merge)."""
-    for name, module in list(model.named_modules()):
+    dense_of: dict[int, nn.Parameter] = {}  # one fp32 Parameter per quantized weight: tied modules stay tied
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, QuantExperts):
             raise ConfigError(f"{name} holds quantized MoE experts, which do not dequantize back into transformers' "
                               "fused experts; merge or export from the fp32 checkpoint of this model.")
         weight = getattr(module, "weight", None)
         if not isinstance(weight, QuantWeight):
             continue
-        dense = nn.Parameter(weight.dequantize().view(module.out_features, module.in_features), requires_grad=False)
-        if isinstance(module, QuantLinear):
+        if id(weight) not in dense_of:
+            dense_of[id(weight)] = nn.Parameter(weight.dequantize().view(weight.shape[0], -1), requires_grad=False)
+        dense = dense_of[id(weight)]
+        if isinstance(module, QuantEmbedding):
+            embedding = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx,
+                                     device="meta")
+            embedding.weight = dense
+            _set(model, name, embedding)
+        elif isinstance(module, QuantLinear):
             linear = nn.Linear(module.in_features, module.out_features, bias=False, device=dense.device,
                                dtype=dense.dtype)
             linear.weight, linear.bias = dense, module.bias
