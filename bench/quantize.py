@@ -11,6 +11,8 @@ fp32 row of the same run. Streaming: the same fine-tune (10 updates) with every 
 update (the reader's counter) and s/update. MoE: the bench/make_moe.py model decoding held-out text with its experts
 offloaded (predictive policy, cross-layer prefetch, reads kept out of the page cache), fp32 experts at a 25% budget
 against NF4 experts at the same bytes and at 25% of their own bytes; runners take turns window by window.
+Quality without SmolLM2's confound (its fp32 weights are dequantized Q4_1): LoRA on MiniLM-L6 classifying the
+debian-sections synopses, fp32 against NF4 base.
 
     .venv/bin/python bench/quantize.py           # ~15 min on 2 CPU cores (the MoE part needs bench/make_moe.py)
     .venv/bin/python bench/quantize.py --only moe  # one part again, merged into results/quantize.json
@@ -35,7 +37,8 @@ MiB = 2**20
 STEPS, BATCH, LENGTH, PER_ROW, VAL_ROWS, LR = 40, 4, 128, 6, 300, 1e-3
 STREAM_STEPS = 10
 MOE_MODEL, MOE_BUDGET, MOE_WINDOWS, MOE_PREFILL, MOE_DECODE = ROOT / "runs" / "moe-model", 0.25, 6, 16, 48
-PARTS = ("runs", "stream", "moe")
+PARTS = ("runs", "stream", "quality", "moe")
+QUALITY_STEPS = 200
 KINDS = ["fp32", "int8", "nf4", "nf4+emb"]  # nf4+emb: the tied embedding/head quantized too (--embeddings)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -152,6 +155,28 @@ def stream_run(kind: str, steps: int) -> dict:
             "peak_rss_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def quality_run(kind: str, steps: int) -> dict:
+    """LoRA (r=8, query/value, and the new classifier) on MiniLM-L6, a model trained in 16/32 bits, classifying the
+    shipped debian-sections synopses, on its fp32 or its NF4 base (quantized at load): the QLoRA quality question
+    without SmolLM2's confound (its fp32 weights are already dequantized 4-bit ones)."""
+    import torch
+
+    import memfit
+    from memfit.cli.demo import DATA, minilm_dir
+    from memfit.train.config import TrainConfig
+    from memfit.train.finetune import finetune
+
+    torch.set_num_threads(2)
+    cfg = TrainConfig(max_steps=steps, batch_size=32, lr=3e-3, eval_batch_size=128, max_length=64, seed=0,
+                      log_every=10**9, checkpoint_every=10**9, eval_every=10**9,
+                      quantize=None if kind == "fp32" else kind)
+    adapter = memfit.LoraConfig(r=8, alpha=16, target_modules=["query", "value"])
+    s = finetune(minilm_dir(), DATA / "debian-sections-train.jsonl", WORK / f"minilm-{kind}", adapter, cfg,
+                 eval_data=DATA / "debian-sections-val.jsonl", task="classify", quiet=True, overwrite=True)
+    return {"kind": kind, "eval_loss": s["eval_loss"], "eval_accuracy": s["eval_accuracy"],
+            "eval_macro_f1": s["eval_macro_f1"], "s_per_step": s["train_time_s"] / steps}
+
+
 def moe_run(windows: int) -> list[dict]:
     """Offloaded decoding of the make_moe.py model, fp32 against NF4 experts, interleaved window by window."""
     import torch
@@ -224,6 +249,14 @@ def readme_tables(payload: dict) -> dict[str, str]:
                  and "peak_rss_process" in ref else ""] for kind, r in streams.items()]
         tables["stream"] = md_table(["base, every layer streamed", "budget MiB", "disk MiB/step", "÷ fp32",
                                      "s/step", "÷ fp32", "peak RSS MiB", "÷ fp32"], "lrrrrrrr", rows)
+    quality = {r["kind"]: r for r in payload.get("quality", [])}
+    if "fp32" in quality:
+        ref = quality["fp32"]
+        rows = [[kind, f"{r['eval_loss']:.4f}", f"{(r['eval_loss'] / ref['eval_loss'] - 1) * 100:+.2f}%",
+                 f"{r['eval_accuracy']:.3f}", f"{r['eval_macro_f1']:.3f}", f"{r['s_per_step']:.2f}"]
+                for kind, r in quality.items()]
+        tables["quality"] = md_table(["MiniLM-L6 base, LoRA r=8", "held-out loss", "vs fp32", "accuracy", "macro-F1",
+                                      "s/step"], "lrrrrr", rows)
     experts = payload.get("moe", [])
     if experts:
         ref = experts[0]
@@ -247,6 +280,8 @@ def main() -> None:
         spec = json.loads(args.run)
         if spec["part"] == "moe":
             print(json.dumps(moe_run(spec["steps"])))
+        elif spec["part"] == "quality":
+            print(json.dumps(quality_run(spec["kind"], spec["steps"])))
         else:
             print(json.dumps((stream_run if spec["part"] == "stream" else run)(spec["kind"], spec["steps"])))
         return
@@ -262,6 +297,7 @@ def main() -> None:
     start = time.perf_counter()
     plan = [("runs", kind, steps) for kind in KINDS] + [("stream", kind, min(steps, STREAM_STEPS))
                                                          for kind in ("fp32", "nf4", "nf4+vocab")]
+    plan += [("quality", kind, 5 if args.quick else QUALITY_STEPS) for kind in ("fp32", "nf4")]
     plan += [("moe", "fp32-nf4", 2 if args.quick else MOE_WINDOWS)]
     minutes = payload.get("minutes", {}) if isinstance(payload.get("minutes"), dict) else {}
     for part in parts:

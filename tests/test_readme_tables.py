@@ -174,6 +174,9 @@ PAYLOADS = {
                     "peak_rss_process": 1000 * MiB},
                    {"kind": "nf4", "budget": 112 * MiB, "disk_per_step": 104 * MiB, "s_per_step": 4.4,
                     "peak_rss_process": 800 * MiB}],
+        "quality": [{"kind": "fp32", "eval_loss": 0.8, "eval_accuracy": 0.75, "eval_macro_f1": 0.7, "s_per_step": 0.3},
+                    {"kind": "nf4", "eval_loss": 0.81, "eval_accuracy": 0.745, "eval_macro_f1": 0.69,
+                     "s_per_step": 0.33}],
         "moe": [{"variant": "fp32 experts", "budget_bytes": 40 * MiB, "slots": 32, "expert_bytes": 1.25 * MiB,
                  "experts_total_bytes": 160 * MiB, "hit_ratio": 0.9, "bytes_per_token": 2 * MiB, "decode_tok_s": 20.0},
                 {"variant": "NF4 experts, same bytes", "budget_bytes": 40 * MiB, "slots": 128,
@@ -277,6 +280,11 @@ EXPECTED = {  # README rows these payloads must reproduce, character for charact
         "|---|---:|---:|---:|---:|---:|---:|---:|",
         "| fp32 | 136 | 800 | 1.000 | 4.00 | 1.00 | 1,000 | 1.00 |",
         "| nf4 | 112 | 104 | 0.130 | 4.40 | 1.10 | 800 | 0.80 |"],
+    ("quantize.json", "quality"): [
+        "| MiniLM-L6 base, LoRA r=8 | held-out loss | vs fp32 | accuracy | macro-F1 | s/step |",
+        "|---|---:|---:|---:|---:|---:|",
+        "| fp32 | 0.8000 | +0.00% | 0.750 | 0.700 | 0.30 |",
+        "| nf4 | 0.8100 | +1.25% | 0.745 | 0.690 | 0.33 |"],
     ("quantize.json", "moe"): [
         "| offloaded MoE decode | expert cache MiB | experts cached | of all experts | hit ratio "
         "| expert MiB read/token | tok/s | ÷ fp32 |",

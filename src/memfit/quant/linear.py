@@ -24,6 +24,7 @@ from memfit.errors import ConfigError
 from memfit.quant import kernels
 from memfit.quant.blockwise import PackedScales, blocks, dequantize_blocks, unpack_scales
 from memfit.quant.codebooks import BITS, CODEBOOKS, dynamic_map
+from memfit.tiers.vocab import consecutive_runs
 
 _DYNAMIC = dynamic_map(signed=True)  # the double quantization's map, kept alive for the kernel's pointer
 TILE = 1 << 18  # fp32 values per dequantized tile: 1 MB, this CPU's L2 per core (smaller tiles starve the GEMM)
@@ -180,13 +181,11 @@ class Parts:
         out = torch.empty(len(host), cols, dtype=torch.float32)
         lib = kernels.load()
         args, absmax = (self._kernel_args(), None) if lib else ((), self.absmax_values())
-        starts = [0] + [k for k in range(1, len(host)) if host[k] != host[k - 1] + 1]
-        for a, b in zip(starts, [*starts[1:], len(host)], strict=True):
-            r0, r1 = host[a], host[b - 1] + 1
+        for a, r0, r1 in consecutive_runs(host):
             if lib is None:
-                out[a:b] = self._dequantize_rows(r0, r1, cols, absmax).view(r1 - r0, cols)
+                out[a:a + r1 - r0] = self._dequantize_rows(r0, r1, cols, absmax).view(r1 - r0, cols)
             else:
-                lib.dequant_range(*args, r0 * cols, r1 * cols, out[a:b].data_ptr())
+                lib.dequant_range(*args, r0 * cols, r1 * cols, out[a:a + r1 - r0].data_ptr())
         return out
 
     def _kernel_args(self) -> tuple:

@@ -71,10 +71,7 @@ class VocabStream:
         if ids.numel() and (int(ids[0]) < 0 or int(ids[-1]) >= vocab):
             raise ConfigError(f"token id {int(ids[-1]) if int(ids[-1]) >= vocab else int(ids[0])} is outside the "
                               f"embedding's {vocab} rows; the data was tokenized for another model.")
-        host = ids.tolist()
-        starts = [0] + [k for k in range(1, len(host)) if host[k] != host[k - 1] + 1]
-        parts = [self._read_rows("embedding", host[a], host[b - 1] + 1)
-                 for a, b in zip(starts, [*starts[1:], len(host)], strict=True)]
+        parts = [self._read_rows("embedding", r0, r1) for _, r0, r1 in consecutive_runs(ids.tolist())]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def head_chunks(self, rows: int) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -138,6 +135,12 @@ class VocabStream:
                 if key not in weights:
                     weights[key] = nn.Parameter(self.read_all(name), requires_grad=False)
                 module._parameters["weight"] = weights[key]
+
+
+def consecutive_runs(ids: list[int]) -> list[tuple[int, int, int]]:
+    """(position in `ids`, first id, end id) of each run of consecutive values in the sorted `ids`."""
+    starts = [0] + [k for k in range(1, len(ids)) if ids[k] != ids[k - 1] + 1]
+    return [(a, ids[a], ids[b - 1] + 1) for a, b in zip(starts, [*starts[1:], len(ids)], strict=True)]
 
 
 def _placeholder(module: nn.Module, device: torch.device) -> None:
