@@ -46,10 +46,11 @@ def test_a_lookup_dequantizes_exactly_its_rows(kind, monkeypatch):
     ids = _ids()
     want = table[ids]
     assert torch.equal(emb(ids), want)
+    assert emb(torch.zeros(2, 0, dtype=torch.long)).shape == (2, 0, emb.embedding_dim)
     for lib in (kernels.load(scalar=True), None):  # the plain-C build, and no compiler (torch ops)
         monkeypatch.setattr(kernels, "load", lambda lib=lib: lib)
         assert torch.equal(emb(ids), want)
-    with pytest.raises(IndexError, match="outside the quantized embedding's 300 rows"):
+    with pytest.raises(ConfigError, match="token id 300 is outside the quantized embedding's 300 rows"):
         emb(torch.tensor([[VOCAB]]))
 
 
@@ -127,3 +128,19 @@ def test_cli_quantize_embeddings_then_finetune_and_merge(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert type(merged.model.embed_tokens) is torch.nn.Embedding
     assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
+
+
+def test_a_checkpoint_missing_its_quantized_table_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from memfit.errors import CheckpointError
+    from memfit.quant.checkpoint import WEIGHTS
+
+    model = quant.quantize(_model(False), quant.QuantConfig(embeddings=True))
+    save_quantized(model, tmp_path)
+    with safe_open(str(tmp_path / WEIGHTS), "pt") as f:
+        kept = {k: f.get_tensor(k) for k in f.keys() if k != "model.embed_tokens.weight.codes"}  # noqa: SIM118
+    save_file(kept, str(tmp_path / WEIGHTS), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="lacks model.embed_tokens.weight.codes"):
+        load_quantized(AutoModelForCausalLM, tmp_path, model.config)

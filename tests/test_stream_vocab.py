@@ -142,3 +142,38 @@ def test_the_vocabulary_lowers_the_smallest_budget(ckpt):
         model = LlamaForCausalLM(_config(tied))
     with pytest.raises(ConfigError, match="too small"):
         stream_weights(model, path, budget, vocab=False)
+
+
+def test_edges_empty_lookups_bad_labels_and_a_scaled_head(ckpt, monkeypatch):
+    tied, path = ckpt
+    _, model, handle = _models(tied, path)
+    with torch.no_grad():
+        assert model.get_input_embeddings()(torch.zeros(1, 0, dtype=torch.long)).shape == (1, 0, HIDDEN)
+    batch = _batch()
+    batch["labels"][0, 5] = VOCAB + 3  # not a token id, not the ignore value
+    with pytest.raises(ConfigError, match="outside the model's 300-token vocabulary"):
+        token_losses(model, batch, "sum")
+    model._memfit_lm_parts = False  # as a model whose logits are scaled after the head
+    with pytest.raises(ConfigError, match="raise --weights-budget to hold the head"):
+        token_losses(model, _batch(), "sum")
+    handle.close()
+
+
+def test_a_tie_with_a_side_that_cannot_stream_keeps_both_resident(tmp_path):
+    torch.manual_seed(0)
+    LlamaForCausalLM(_config(True)).save_pretrained(tmp_path)
+    with empty_weights():
+        model = LlamaForCausalLM(_config(True))
+    head = model.lm_head
+
+    class Wrapped(torch.nn.Linear):  # a head of another kind: cannot stream, so its tied table stays too
+        pass
+
+    wrapped = Wrapped(HIDDEN, VOCAB, bias=False, device="meta")
+    wrapped.weight = head.weight
+    model.lm_head = wrapped
+    handle = stream_weights(model, tmp_path, "61%", vocab=True)  # just above resident + 2 layers
+    assert handle.vocab is None and model.model.embed_tokens.weight.shape == (VOCAB, HIDDEN)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    handle.close()

@@ -181,7 +181,8 @@ def load_quantized(cls: Any, root: Path, config: Any, **kwargs: Any) -> tuple[nn
                                   "quantize the model again.")
     missing = [k for k, t in model.state_dict().items() if t.is_meta]
     for key in missing:
-        if any(key.startswith(name + ".") for name in [*meta["weights"], *meta.get("experts", {})]):
+        if any(key.startswith(name + ".") for name in [*meta["weights"], *meta.get("experts", {}),
+                                                      *meta.get("embeddings", {})]):
             raise CheckpointError(f"{path} lacks {key}, a tensor of a quantized weight; the checkpoint is incomplete: "
                                   "quantize the model again.")
     return model, {"missing_keys": missing}

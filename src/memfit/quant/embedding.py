@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memfit.errors import ConfigError
 from memfit.quant.linear import QuantWeight
 
 
@@ -28,7 +29,9 @@ class QuantEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         unique, inverse = torch.unique(input_ids, sorted=True, return_inverse=True)
         if unique.numel() and (int(unique[0]) < 0 or int(unique[-1]) >= self.num_embeddings):
-            raise IndexError(f"token id outside the quantized embedding's {self.num_embeddings} rows")
+            bad = int(unique[-1]) if int(unique[-1]) >= self.num_embeddings else int(unique[0])
+            raise ConfigError(f"token id {bad} is outside the quantized embedding's {self.num_embeddings} rows; the "
+                              "data was tokenized for another model.")
         rows = self.weight.parts().rows(unique.cpu()).to(input_ids.device, self.weight.dtype)
         return F.embedding(inverse, rows)
 

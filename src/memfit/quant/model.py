@@ -140,11 +140,12 @@ def _quantize_vocabulary(model: nn.Module, config: QuantConfig) -> None:
 def dequantize(model: nn.Module) -> nn.Module:
     """Every quantized weight back in its original dtype, in place (returns the model): a QuantLinear becomes an
     nn.Linear, an adapter layer over a quantized base gets a plain frozen weight (so it can merge)."""
-    dense_of: dict[int, nn.Parameter] = {}  # one fp32 Parameter per quantized weight: tied modules stay tied
-    for name, module in list(model.named_modules(remove_duplicate=False)):
+    for name, module in model.named_modules():  # checked before anything changes
         if isinstance(module, QuantExperts):
             raise ConfigError(f"{name} holds quantized MoE experts, which do not dequantize back into transformers' "
                               "fused experts; merge or export from the fp32 checkpoint of this model.")
+    dense_of: dict[int, nn.Parameter] = {}  # one fp32 Parameter per quantized weight: tied modules stay tied
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         weight = getattr(module, "weight", None)
         if not isinstance(weight, QuantWeight):
             continue

@@ -346,12 +346,13 @@ def stream_weights(model: nn.Module, checkpoint_dir: str | os.PathLike, budget_b
         params = {i: _plan_layer(layer, f"{prefix}.{i}", names, reader) for i, layer in enumerate(layers)}
         total = _resident_bytes(model, set())
         budget = parse_budget(budget_bytes, total, "the model's weight bytes")
-        embedding, head = streamable(model.get_input_embeddings(), model.get_output_embeddings()) \
-            if vocab and budget < total else (None, None)
+        embedding, head = _vocab_candidates(model, names) if vocab and budget < total else (None, None)
         keys = {m: checkpoint_key(names.get(m.weight, []), reader) for m in (embedding, head) if m is not None}
         embedding, head = (m if keys.get(m) else None for m in (embedding, head))  # absent: a fresh head
         embedding, head = _vocab_on_disk(model, layers, params, budget, embedding, head)
         on_disk = [m.weight for m in (embedding, head) if m is not None]
+        vocab_stream = VocabStream(reader, embedding, keys.get(embedding), head, keys.get(head), device,
+                                   lambda nbytes: None) if on_disk else None
         pinned = _choose_pinned(model, layers, params, budget, on_disk)
         for i in pinned:
             del params[i]
@@ -362,10 +363,10 @@ def stream_weights(model: nn.Module, checkpoint_dir: str | os.PathLike, budget_b
         reader.close()
         raise
     handle = StreamHandle(model, reader, layers, params, pinned, budget, resident, device)
-    if on_disk:
-        handle.vocab = VocabStream(reader, embedding, keys.get(embedding), head, keys.get(head), device,
-                                   handle.count_read)
-        handle.vocab.install()
+    if vocab_stream is not None:
+        vocab_stream.count = handle.count_read
+        handle.vocab = vocab_stream
+        vocab_stream.install()
     for i in handle.streamed:
         handle._release(i)  # frees the weights the model was built with
     model.memfit_stream = handle
@@ -380,6 +381,22 @@ def _resident_bytes(model: nn.Module, streamed: list[torch.Tensor]) -> int:
     ids = {id(t) for t in streamed}
     params = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in ids)
     return params + sum(_nbytes(b) for b in model.buffers() if id(b) not in ids)
+
+
+def _vocab_candidates(model: nn.Module, names: dict) -> tuple[nn.Embedding | None, nn.Linear | None]:
+    """The input embedding and output head that can stream; a weight shared with a module that cannot (a tied
+    table whose other side stays resident) streams on neither side."""
+    try:
+        embedding, head = streamable(model.get_input_embeddings(), model.get_output_embeddings())
+    except (AttributeError, NotImplementedError):  # a model without the accessors keeps its vocabulary resident
+        return None, None
+    chosen = [m for m in (embedding, head) if m is not None]
+
+    def alone(m: nn.Module | None) -> nn.Module | None:
+        holders = sum(c.weight is m.weight for c in chosen) if m is not None else 0
+        return m if m is not None and len(names.get(m.weight, [])) <= holders else None
+
+    return alone(embedding), alone(head)
 
 
 def _vocab_on_disk(model: nn.Module, layers: nn.ModuleList, params: dict[int, list[_StreamedParam]], budget: int,

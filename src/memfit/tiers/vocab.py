@@ -72,6 +72,9 @@ class VocabStream:
             raise ConfigError(f"token id {int(ids[-1]) if int(ids[-1]) >= vocab else int(ids[0])} is outside the "
                               f"embedding's {vocab} rows; the data was tokenized for another model.")
         parts = [self._read_rows("embedding", r0, r1) for _, r0, r1 in consecutive_runs(ids.tolist())]
+        if not parts:
+            return torch.empty(0, self._infos["embedding"].shape[1], dtype=self._dtypes["embedding"],
+                               device=self.device)
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def head_chunks(self, rows: int) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -80,6 +83,10 @@ class VocabStream:
         vocab = self._infos["head"].shape[0]
         for v0 in range(0, vocab, rows):
             yield v0, min(vocab, v0 + rows), self._read_rows("head", v0, min(vocab, v0 + rows))
+
+    def head_vocab(self) -> int:
+        """Rows of the streamed head: its vocabulary size."""
+        return self._infos["head"].shape[0]
 
     def head_rows(self) -> int:
         """Vocabulary rows per chunk for the head's own forward."""
@@ -139,6 +146,8 @@ class VocabStream:
 
 def consecutive_runs(ids: list[int]) -> list[tuple[int, int, int]]:
     """(position in `ids`, first id, end id) of each run of consecutive values in the sorted `ids`."""
+    if not ids:
+        return []
     starts = [0] + [k for k in range(1, len(ids)) if ids[k] != ids[k - 1] + 1]
     return [(a, ids[a], ids[b - 1] + 1) for a, b in zip(starts, [*starts[1:], len(ids)], strict=True)]
 

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from memfit.errors import ConfigError
+
 CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk
 IGNORE = -100  # the label value the loss skips (padding, prompt tokens)
 
@@ -37,9 +39,15 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     if decoder is not None and head is not None and decoder is not model:
         vocab = model.config.vocab_size
         ids = torch.arange(8, device=head.weight.device).remainder(vocab).unsqueeze(0)
-        with torch.no_grad():
-            full = model(input_ids=ids, use_cache=False).logits.float()
-            mine = head(decoder(input_ids=ids, use_cache=False).last_hidden_state).float()
+        modes = {m: m.training for m in model.modules()}
+        model.eval()  # dropout would make the two passes differ
+        try:
+            with torch.no_grad():
+                full = model(input_ids=ids, use_cache=False).logits.float()
+                mine = head(decoder(input_ids=ids, use_cache=False).last_hidden_state).float()
+        finally:
+            for m, training in modes.items():
+                m.training = training
         if full.shape == mine.shape and torch.allclose(full, mine, rtol=1e-4, atol=1e-5):
             parts = (decoder, head)
     model._memfit_lm_parts = parts
@@ -71,13 +79,13 @@ class _VocabChunkedCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         hidden, targets, lse = ctx.saved_tensors
-        g_hidden = torch.zeros_like(hidden)
+        g_hidden = torch.zeros_like(hidden, dtype=torch.float32)  # summed over chunks: in fp32, cast once
         for v0, v1, w in ctx.chunks():
             probs = torch.exp(_logits(hidden, w, ctx.bias, v0, v1) - lse[:, None])  # softmax on this chunk
             inside = ((targets >= v0) & (targets < v1)).nonzero().squeeze(1)
             probs[inside, targets[inside] - v0] -= 1
-            g_hidden.addmm_((probs * grad[:, None]).to(hidden.dtype), w.to(hidden.dtype))
-        return g_hidden, None, None, None
+            g_hidden.addmm_(probs * grad[:, None], w.float())
+        return g_hidden.to(hidden.dtype), None, None, None
 
 
 def _logits(hidden: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, v0: int, v1: int) -> torch.Tensor:
@@ -86,6 +94,10 @@ def _logits(hidden: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, v0
 
 def _streamed_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
     vocab = head.memfit_vocab
+    size = vocab.head_vocab()
+    if int(targets.min()) < 0 or int(targets.max()) >= size:
+        raise ConfigError(f"a label is outside the model's {size}-token vocabulary (labels other than {IGNORE} must be "
+                          "token ids); the data was tokenized for another model.")
     # A chunk's logits stay under CHUNK_BYTES, and its weight rows under the stream's read size: both are transient.
     rows = max(1, min(CHUNK_BYTES // (4 * max(1, hidden.shape[0])), vocab.head_rows()))
     losses = _VocabChunkedCE.apply(hidden, targets, lambda: vocab.head_chunks(rows), head.bias)
@@ -104,6 +116,10 @@ def token_losses(model: nn.Module, batch: dict[str, torch.Tensor], reduction: st
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     streamed = getattr(head, "memfit_vocab", None) is not None  # the head is on disk (weight streaming)
     parts = _parts(model) if streamed or labels.numel() * vocab * 4 > CHUNK_BYTES else None
+    if parts is None and streamed:
+        raise ConfigError(f"the output head of this {type(model).__name__} is streamed from disk (--weights-budget), "
+                          "but its logits are not head(decoder(x)) (scaled or capped), so the loss cannot read the "
+                          "head in chunks; raise --weights-budget to hold the head beside two layers.")
     if parts is None:
         # No KV cache: nothing is generated, and MeZO's paired passes call each layer twice per forward.
         logits = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).logits

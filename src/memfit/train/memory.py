@@ -58,7 +58,9 @@ def memory_rows(model: nn.Module, optimizer: torch.optim.Optimizer, optim_name: 
         mem = stream.memory()
         rows.append(("weights resident", format_size(mem["resident"] + mem["window"]),
                      f"budget {format_size(mem['budget'])}: resident part + a window of 2 streamed layers"))
-        vocab = " + embedding rows and head chunks" if mem.get("vocab") else ""
+        v = stream.vocab
+        parts = [] if v is None else [p for p, m in (("embedding rows", v.embedding), ("head chunks", v.head)) if m]
+        vocab = "".join(f" + {p}" for p in parts)
         rows.append(("weights streamed", format_size(mem["streamed"]), f"read from disk per use ({len(stream.streamed)}"
                      f" layers{vocab})"))
     else:
