@@ -191,16 +191,16 @@ def moe_run(windows: int) -> list[dict]:
     nf4 = WORK / "moe-nf4"
     if not is_quantized_dir(nf4):
         quantize_checkpoint(MOE_MODEL, nf4, QuantConfig(kind="nf4"), overwrite=True)
-    fp32_bytes = moe.load(MOE_MODEL, "100%", "lru", None)
-    total = fp32_bytes.memfit_moe.store.total_bytes
-    fp32_bytes.memfit_moe.close()
-    variants = {"fp32 experts": (MOE_MODEL, f"{MOE_BUDGET * 100:g}%"),
-                "NF4 experts, same bytes": (nf4, str(int(MOE_BUDGET * total))),
-                f"NF4 experts, {MOE_BUDGET * 100:g}% of theirs": (nf4, f"{MOE_BUDGET * 100:g}%")}
-    runners = {}
-    for name, (path, budget) in variants.items():
+
+    def load(path: Path, budget: str) -> Runner:
         model = moe.load(path, budget, "predictive", "cross-layer", drop_cache=True)
-        runners[name] = Runner(model, model.memfit_moe)
+        return Runner(model, model.memfit_moe)
+
+    pct = f"{MOE_BUDGET * 100:g}%"
+    runners = {"fp32 experts": load(MOE_MODEL, pct)}
+    same = int(MOE_BUDGET * runners["fp32 experts"].runtime.store.total_bytes)  # fp32's budget, in bytes
+    runners["NF4 experts, same bytes"] = load(nf4, str(same))
+    runners[f"NF4 experts, {pct} of theirs"] = load(nf4, pct)
     files = checkpoint_files(MOE_MODEL) + checkpoint_files(nf4)
     for w in heldout_windows(MOE_MODEL, _tokenizer(MOE_MODEL), windows, MOE_PREFILL + MOE_DECODE):
         for runner in runners.values():

@@ -51,7 +51,7 @@ def save_quantized(model: nn.Module, out: str | os.PathLike, tokenizer: Any = No
         state[key] = tensor.detach().contiguous().cpu()
     config: QuantConfig = getattr(model, "quantization", QuantConfig())
     meta = {"format": FORMAT, "quantization": config.to_dict(), "tied": tied,
-            "weights": {name: _record(w) for name, w in weights.items()},
+            "weights": {name: _record(w) | _tie(w, embeddings) for name, w in weights.items()},
             "embeddings": {name: _record(m.weight) | {"padding_idx": m.padding_idx} for name, m in embeddings.items()},
             "experts": {name: {"num_experts": m.num_experts, "gate_up": _record(m.gate_up_proj[0]),
                                "down": _record(m.down_proj[0])} for name, m in experts.items()}}
@@ -66,6 +66,11 @@ def save_quantized(model: nn.Module, out: str | os.PathLike, tokenizer: Any = No
             tokenizer.save_pretrained(tmp)
         (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _tie(w: QuantWeight, embeddings: dict[str, QuantEmbedding]) -> dict:
+    """{"tied_to": embedding} for a head that holds a quantized embedding's weight (rebuilt shared on load)."""
+    return next(({"tied_to": n} for n, m in embeddings.items() if m.weight is w), {})
 
 
 def _record(w: QuantWeight) -> dict:
@@ -130,10 +135,9 @@ def empty_quantized(cls: Any, root: Path, config: Any, dtype: torch.dtype = torc
             raise CheckpointError(f"{root}: {QUANT_FILE} names an embedding {name!r} the {type(model).__name__} does "
                                   "not have; the checkpoint does not match its config (quantize again).") from None
         _set(model, name, QuantEmbedding(empty_weight(info, name), info.get("padding_idx")))
-    for key, source in meta.get("tied", {}).items():  # a head tied to a quantized embedding shares its weight
-        head, emb = key.removesuffix(".weight.codes"), source.removesuffix(".weight.codes")
-        if key.endswith(".weight.codes") and head in meta["weights"] and emb in meta.get("embeddings", {}):
-            _set(model, f"{head}.weight", model.get_submodule(emb).weight)
+    for name, info in meta["weights"].items():  # a head tied to a quantized embedding shares its weight module
+        if info.get("tied_to") in meta.get("embeddings", {}):
+            _set(model, f"{name}.weight", model.get_submodule(info["tied_to"]).weight)
     for name, info in meta.get("experts", {}).items():
         try:
             module = model.get_submodule(name)

@@ -22,6 +22,7 @@ from memfit.quant.codebooks import CODEBOOKS
 from memfit.quant.embedding import QuantEmbedding
 from memfit.quant.experts import QuantExperts, fused_experts
 from memfit.quant.linear import QuantLinear, QuantWeight
+from memfit.tiers.modules import vocabulary
 
 HEADS = ("lm_head", "classifier", "score", "qa_outputs", "cls")
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -118,15 +119,13 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
 
 def _quantize_vocabulary(model: nn.Module, config: QuantConfig) -> None:
     """The input embedding as a QuantEmbedding; the output head as a QuantLinear sharing its weight if tied."""
-    get = getattr(model, "get_input_embeddings", None)
-    embedding = get() if callable(get) else None
+    embedding, head = vocabulary(model)
     if type(embedding) is not nn.Embedding or embedding.max_norm is not None:
         raise ConfigError(f"cannot quantize the embeddings of this {type(model).__name__}: its input embedding is a "
                           f"{type(embedding).__name__}, not a plain nn.Embedding (a scaled or renormalized one has "
                           "its own forward); quantize without embeddings.")
     if embedding.weight.is_meta:
         raise ConfigError("cannot quantize the embeddings: their weight is not loaded (meta device).")
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {id(m): n for n, m in model.named_modules()}
     quantized = QuantEmbedding(quantize_weight(embedding.weight.detach(), config), embedding.padding_idx)
     if type(head) is nn.Linear:

@@ -61,6 +61,18 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+def vocabulary(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """(input embedding, output head) of a transformers model, None where it has none. transformers signals a
+    model without input embeddings (a vision or speech backbone) by raising NotImplementedError from the
+    accessor, and answers None for a missing head."""
+    try:
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:  # transformers' "no input embeddings", not a stub
+        embedding = None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return embedding, head
+
+
 def param_aliases(model: nn.Module) -> dict[nn.Parameter, list[str]]:
     """Every parameter with all the names it has (tied weights have several)."""
     names: dict[nn.Parameter, list[str]] = {}

@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from memfit.errors import CheckpointError, ConfigError
 from memfit.tiers.budget import format_size, parse_budget
-from memfit.tiers.modules import checkpoint_key, find_layers, load_resident, param_aliases
+from memfit.tiers.modules import checkpoint_key, find_layers, load_resident, param_aliases, vocabulary
 from memfit.tiers.st_reader import SafetensorsReader
 from memfit.tiers.vocab import VocabStream, streamable
 
@@ -111,7 +111,7 @@ class StreamHandle:
 
     def __init__(self, model: nn.Module, reader: SafetensorsReader, layers: nn.ModuleList,
                  params: dict[int, list[_StreamedParam]], pinned: list[int], budget: int, resident_bytes: int,
-                 device: torch.device) -> None:
+                 device: torch.device, vocab: VocabStream | None = None) -> None:
         self.model, self.reader, self.layers, self.params = model, reader, layers, params
         self.streamed = sorted(params)
         self.pinned = pinned
@@ -119,7 +119,9 @@ class StreamHandle:
         self.layer_bytes = {i: sum(s.nbytes for s in params[i]) for i in self.streamed}
         self.stats = StreamStats()
         self._stats_lock = threading.Lock()
-        self.vocab: VocabStream | None = None  # the embedding and head, when they are streamed too
+        self.vocab = vocab  # the embedding and head, when they are streamed too; their reads count here
+        if vocab is not None:
+            vocab.count = self.count_read
         self._cuda = device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(device) if self._cuda else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memfit-stream")
@@ -351,8 +353,8 @@ def stream_weights(model: nn.Module, checkpoint_dir: str | os.PathLike, budget_b
         embedding, head = (m if keys.get(m) else None for m in (embedding, head))  # absent: a fresh head
         embedding, head = _vocab_on_disk(model, layers, params, budget, embedding, head)
         on_disk = [m.weight for m in (embedding, head) if m is not None]
-        vocab_stream = VocabStream(reader, embedding, keys.get(embedding), head, keys.get(head), device,
-                                   lambda nbytes: None) if on_disk else None
+        vocab_stream = VocabStream(reader, embedding, keys.get(embedding), head, keys.get(head), device) \
+            if on_disk else None
         pinned = _choose_pinned(model, layers, params, budget, on_disk)
         for i in pinned:
             del params[i]
@@ -362,10 +364,8 @@ def stream_weights(model: nn.Module, checkpoint_dir: str | os.PathLike, budget_b
     except BaseException:
         reader.close()
         raise
-    handle = StreamHandle(model, reader, layers, params, pinned, budget, resident, device)
+    handle = StreamHandle(model, reader, layers, params, pinned, budget, resident, device, vocab_stream)
     if vocab_stream is not None:
-        vocab_stream.count = handle.count_read
-        handle.vocab = vocab_stream
         vocab_stream.install()
     for i in handle.streamed:
         handle._release(i)  # frees the weights the model was built with
@@ -386,10 +386,7 @@ def _resident_bytes(model: nn.Module, streamed: list[torch.Tensor]) -> int:
 def _vocab_candidates(model: nn.Module, names: dict) -> tuple[nn.Embedding | None, nn.Linear | None]:
     """The input embedding and output head that can stream; a weight shared with a module that cannot (a tied
     table whose other side stays resident) streams on neither side."""
-    try:
-        embedding, head = streamable(model.get_input_embeddings(), model.get_output_embeddings())
-    except (AttributeError, NotImplementedError):  # a model without the accessors keeps its vocabulary resident
-        return None, None
+    embedding, head = streamable(*vocabulary(model))
     chosen = [m for m in (embedding, head) if m is not None]
 
     def alone(m: nn.Module | None) -> nn.Module | None:

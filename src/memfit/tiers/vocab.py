@@ -28,11 +28,11 @@ HEAD_CHUNK_BYTES = 16 * 2**20  # bytes of head weight read at once by the head's
 
 class VocabStream:
     """Streams `embedding` (an nn.Embedding) and/or `head` (a plain nn.Linear) of a model from `reader`, by the
-    checkpoint keys given; `count(nbytes)` is told of every read (the stream's disk counter)."""
+    checkpoint keys given; `count(nbytes)` is told of every read (the owning stream sets it to its disk counter)."""
 
     def __init__(self, reader: SafetensorsReader, embedding: nn.Embedding | None, embedding_key: str | None,
                  head: nn.Linear | None, head_key: str | None, device: torch.device,
-                 count: Callable[[int], None]) -> None:
+                 count: Callable[[int], None] = lambda nbytes: None) -> None:
         self.reader, self.device, self.count = reader, device, count
         self.embedding, self.head = embedding, head
         self._infos: dict[str, TensorInfo] = {}

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memfit.errors import ConfigError
+from memfit.tiers.modules import vocabulary
 
 CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk
 IGNORE = -100  # the label value the loss skips (padding, prompt tokens)
@@ -33,7 +34,7 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     cached = getattr(model, "_memfit_lm_parts", None)
     if cached is not None:
         return cached or None
-    get_decoder, head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", lambda: None)()
+    get_decoder, head = getattr(model, "get_decoder", None), vocabulary(model)[1]
     decoder = get_decoder() if callable(get_decoder) else None
     parts: tuple | bool = False
     if decoder is not None and head is not None and decoder is not model:
@@ -113,7 +114,7 @@ def token_losses(model: nn.Module, batch: dict[str, torch.Tensor], reduction: st
     position ([batch * (length - 1)], 0 where ignored: 'none'), chunked when the logits would be large."""
     ids, labels = batch["input_ids"], batch["labels"][:, 1:]
     vocab = model.config.vocab_size
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = vocabulary(model)[1]
     streamed = getattr(head, "memfit_vocab", None) is not None  # the head is on disk (weight streaming)
     parts = _parts(model) if streamed or labels.numel() * vocab * 4 > CHUNK_BYTES else None
     if parts is None and streamed:
