@@ -27,7 +27,8 @@ from memfit.train.config import TrainConfig
 from memfit.train.finetune import finetune as run_pipeline
 
 METHOD_PANEL = "Method"
-_SCRATCH_ONLY = ("weights_budget", "shard", "cpu_offload")  # a model trained from scratch is held whole
+# A model trained from scratch is held whole.
+_SCRATCH_ONLY = ("weights_budget", "expert_budget", "shard", "cpu_offload")
 
 
 class _MethodFlags:
@@ -164,6 +165,10 @@ def print_summary(summary: dict[str, Any], out: Path, console: Console) -> None:
     if footprint:
         table.add_row("shared memory z", f"{footprint['z_params']:,} parameters, {format_size(footprint['z_bytes'])} "
                       f"(dense weights: {format_size(footprint['dense_bytes'])})")
+    experts = summary.get("experts")
+    if experts:
+        table.add_row("offloaded experts", f"{format_size(experts['bytes_read'])} read; hit ratio forward "
+                      f"{experts['forward']['hit_ratio']:.2f}, backward {experts['backward']['hit_ratio']:.2f}")
     table.add_row("train time", f"{summary['train_time_s']:.1f} s")
     table.add_row("peak memory", f"{format_size(summary['peak_mem_bytes'])} (since training started)")
     console.print(table)

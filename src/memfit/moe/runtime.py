@@ -12,6 +12,13 @@ Per MoE layer and forward step:
      from the far end of the urgent queue, so the compute thread and the prefetch thread read different
      experts at the same time.
   3. `expert(layer, e)` pins one expert's slot while its matmuls run.
+
+Training adds a backward, whose reads are known: a forward that builds a graph records each layer's experts
+(`begin(..., record=True)`), and the backward visits the layers in reverse. When it starts, the cache's
+eviction is handed to `_Belady` over that schedule (the expert needed furthest ahead leaves first; experts
+the backward no longer needs leave by the inference policy's order, which keeps what the next forward
+likes); each layer's backward queues its own misses as urgent reads and every later backward layer's
+experts as prefetches in order, and the policy comes back when the first layer's backward ends.
 """
 
 from __future__ import annotations
@@ -45,6 +52,12 @@ class OffloadRuntime:
         self.num_experts = store.num_experts
         self.stats = TransferStats()
         self.layer_stats: dict[int, list[int]] = {l: [0, 0, 0] for l in self.order}  # hits, late, misses
+        self.phase = "forward"
+        self.phase_stats = _phase_counters()  # {"forward"|"backward": [hits, late, misses, bytes read]}
+        self._bytes_mark = 0
+        self._record: list[tuple[int, list[int]]] = []  # (layer, experts) of the graph-building forward, in order
+        self._next_use: dict[tuple[int, int], int] = {}  # backward only: key -> backward layers until its use
+        self._schedule: list[list[tuple[int, int]]] = []  # backward only: keys of this layer, then of the next ones
         self.cache = SlotCache(slots, store.expert_numel, store.slot_dtype, store.fill, policy, self.stats, prefetch,
                                io_threads)
         # A model dropped without close() must not leave its prefetch thread, cache and files behind.
@@ -82,8 +95,13 @@ class OffloadRuntime:
             self.policy.router_scores(layer, scores)
 
     # -- the experts module's calls --------------------------------------------------------------------
-    def begin(self, layer: int, needed: list[int]) -> list[int]:
-        """Layer `layer` needs experts `needed` now; returns the order to compute them in."""
+    def begin(self, layer: int, needed: list[int], record: bool = False) -> list[int]:
+        """Layer `layer` needs experts `needed` now; returns the order to compute them in. record: the forward
+        builds a graph, and the backward will need the same experts (in reverse layer order)."""
+        if record:
+            if self._record and self.rank[self._record[-1][0]] >= self.rank[layer]:
+                self._record.clear()  # a new forward: a record no backward consumed is stale
+            self._record.append((layer, needed))
         keys = [(layer, e) for e in needed]
         self.cache.protect(keys)
         rank = self.rank[layer]
@@ -102,9 +120,10 @@ class OffloadRuntime:
         s = self.stats
         before = (s.hits, s.late, s.misses)
         slot = self.cache.get((layer, e))
-        counts = self.layer_stats[layer]
+        counts, phase = self.layer_stats[layer], self.phase_stats[self.phase]
         for i, (b, a) in enumerate(zip(before, (s.hits, s.late, s.misses), strict=True)):
             counts[i] += a - b
+            phase[i] += a - b
         try:
             yield self.store.views(slot)
         finally:
@@ -113,11 +132,76 @@ class OffloadRuntime:
     def end(self, layer: int, needed: list[int]) -> None:
         self.cache.unprotect([(layer, e) for e in needed])
 
+    def begin_backward(self, layer: int, needed: list[int]) -> list[int]:
+        """The backward of layer `layer` needs `needed` again; returns the order to compute them in."""
+        if self.phase != "backward":
+            self._switch("backward")
+            with self.cache.lock:
+                self.cache.policy = _Belady(self.policy, self._next_use)
+        if self._record and self._record[-1] == (layer, needed):
+            self._record.pop()
+        else:  # not the graph the record describes (two forwards, one backward): read on demand from here
+            self._record.clear()
+        keys = [(layer, e) for e in needed]
+        self._schedule = [keys, *([(l, e) for e in es] for l, es in reversed(self._record))]
+        with self.cache.lock:
+            self._next_use.clear()
+            for distance, later in reversed(list(enumerate(self._schedule))):
+                self._next_use.update(dict.fromkeys(later, distance))
+        self.cache.protect(keys)
+        self.cache.withdraw(lambda k: True)
+        ready = [k for k in keys if k in self.cache]
+        loading = [k for k in keys if self.cache.loading(k)]
+        missing = [k for k in keys if k not in ready and k not in loading]
+        self.cache.prefetch([(_URGENT, k) for k in missing], urgent=True)
+        self._prefetch_ahead()
+        return [e for _, e in ready + loading + missing[::-1]]
+
+    def backward_done(self, layer: int, e: int) -> None:
+        """Expert `e` of the layer in backward is done: its slot may take a later layer's expert now."""
+        key = (layer, e)
+        with self.cache.lock:
+            self._next_use.pop(key, None)
+        self.cache.unprotect([key])
+        self._prefetch_ahead()
+
+    def _prefetch_ahead(self) -> None:
+        """Queue the next two backward layers' experts, nearest first; a request no slot admitted earlier is
+        queued again as slots free up (each expert done frees one)."""
+        self.cache.prefetch([(d + i / len(later), k) for d, later in enumerate(self._schedule[1:3])
+                             for i, k in enumerate(later)])
+
+    def end_backward(self, layer: int, needed: list[int]) -> None:
+        self.cache.unprotect([(layer, e) for e in needed])
+        if not self._record:  # the first layer's backward: the step's reads are done
+            with self.cache.lock:
+                self.cache.policy = self.policy
+                self._next_use.clear()
+            self._schedule = []
+            self._switch("forward")
+
+    def _switch(self, phase: str) -> None:
+        """Attribute the bytes read since the last switch to the phase that ends."""
+        read = self.stats.bytes_read
+        self.phase_stats[self.phase][3] += read - self._bytes_mark
+        self._bytes_mark, self.phase = read, phase
+
     # -- reporting -------------------------------------------------------------------------------------
     def reset_stats(self) -> None:
         with self.cache.lock:
             self.stats.reset()
             self.layer_stats = {l: [0, 0, 0] for l in self.order}
+            self.phase_stats, self._bytes_mark = _phase_counters(), 0
+
+    def phase_summary(self) -> dict[str, dict[str, float]]:
+        """Per pass ("forward", "backward"): hits, late, misses, hit ratio and bytes read (a read is counted in
+        the pass during which it completed, up to the last pass switch)."""
+        out = {}
+        for phase, (hits, late, misses, nbytes) in self.phase_stats.items():
+            accesses = hits + late + misses
+            out[phase] = {"hits": hits, "late": late, "misses": misses, "bytes_read": nbytes,
+                          "hit_ratio": hits / accesses if accesses else 0.0}
+        return out
 
     def memory(self) -> dict[str, int]:
         """Bytes: the expert cache (its budget), one expert, all experts, and the resident non-expert weights."""
@@ -137,6 +221,40 @@ class OffloadRuntime:
             h.remove()
         self._hooks = []
         self._finalize()
+
+
+def _phase_counters() -> dict[str, list[int]]:
+    return {"forward": [0, 0, 0, 0], "backward": [0, 0, 0, 0]}
+
+
+class _Belady:
+    """Eviction for the backward, whose future is known: `next_use` maps each expert the rest of the backward
+    needs to how many backward layers ahead it is; the one needed furthest ahead leaves first, and those never
+    needed again leave by `inner`'s order. A prefetch only replaces an expert needed later than itself. Cache
+    events still reach `inner`, so its bookkeeping is intact when it takes over again."""
+
+    def __init__(self, inner: ExpertPolicy, next_use: dict[tuple[int, int], int]) -> None:
+        self.inner, self.next_use = inner, next_use
+
+    def _when(self, key: tuple[int, int]) -> float:
+        return self.next_use.get(key, float("inf"))
+
+    def inserted(self, key, prefetched: bool) -> None:
+        self.inner.inserted(key, prefetched)
+
+    def accessed(self, key) -> None:
+        self.inner.accessed(key)
+
+    def evicted(self, key) -> None:
+        self.inner.evicted(key)
+
+    def victim(self, candidates: list) -> tuple[int, int]:
+        latest = max(self._when(k) for k in candidates)
+        tied = [k for k in candidates if self._when(k) == latest]
+        return self.inner.victim(tied) if latest == float("inf") else tied[0]
+
+    def admits(self, incoming, victim) -> bool:
+        return self._when(incoming) < self._when(victim)
 
 
 def _shutdown(cache: SlotCache, reader) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from memfit.quant.linear import Parts, QuantWeight, linear
+from memfit.quant.linear import Parts, QuantWeight, linear, linear_input_grad
 
 
 def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor | QuantWeight | Parts, down: torch.Tensor | QuantWeight | Parts,
@@ -20,6 +20,24 @@ def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor | QuantWeight | Parts, dow
     """One expert on its tokens: down(act(gate(x)) * up(x)), with gate and up fused as transformers holds them."""
     gate, up = linear(x, gate_up).chunk(2, dim=-1)
     return linear(act(gate) * up, down)
+
+
+@torch.no_grad()
+def expert_mlp_grad(x: torch.Tensor, gate_up: torch.Tensor | QuantWeight | Parts,
+                    down: torch.Tensor | QuantWeight | Parts, act: nn.Module,
+                    grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, d(loss)/dx) of `expert_mlp` given d(loss)/dy = `grad_y`, by hand: autograd never saves the weights,
+    which may be views of a cache slot that other reads write beside them (autograd's version check would
+    trip on the shared pool). Only the activation's derivative comes from autograd."""
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)
+    with torch.enable_grad():
+        g = gate.detach().requires_grad_(True)
+        a = act(g)
+    a_val = a.detach()
+    y = linear(a_val * up, down)
+    dh = linear_input_grad(grad_y, down)
+    (dgate,) = torch.autograd.grad(a, g, dh * up)
+    return y, linear_input_grad(torch.cat([dgate, dh * a_val], dim=-1), gate_up)
 
 
 def fused_experts(module: nn.Module) -> bool:

@@ -251,14 +251,21 @@ class _QuantMatmul(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None
-        parts = Parts(*ctx.layout, tuple(ctx.saved_tensors))
-        g2 = grad.reshape(-1, grad.shape[-1])
-        if not _tiled(parts, grad):
-            return (g2 @ parts.dequantize(grad.dtype)).view(*grad.shape[:-1], parts.shape[1]), None
-        gx = g2.new_zeros(g2.shape[0], parts.shape[1])
-        for r0, r1, tile in parts.tiles():
-            gx.addmm_(g2[:, r0:r1], tile)
-        return gx.view(*grad.shape[:-1], parts.shape[1]), None
+        return linear_input_grad(grad, Parts(*ctx.layout, tuple(ctx.saved_tensors))), None
+
+
+def linear_input_grad(grad: torch.Tensor, weight: torch.Tensor | QuantWeight | Parts) -> torch.Tensor:
+    """d(loss)/dx of `linear(x, weight)` given d(loss)/dy = `grad`: grad @ W, a quantized W tile by tile."""
+    if not isinstance(weight, QuantWeight | Parts):
+        return grad @ weight
+    parts = weight.parts() if isinstance(weight, QuantWeight) else weight
+    g2 = grad.reshape(-1, grad.shape[-1])
+    if not _tiled(parts, grad):
+        return (g2 @ parts.dequantize(grad.dtype)).view(*grad.shape[:-1], parts.shape[1])
+    gx = g2.new_zeros(g2.shape[0], parts.shape[1])
+    for r0, r1, tile in parts.tiles():
+        gx.addmm_(g2[:, r0:r1], tile)
+    return gx.view(*grad.shape[:-1], parts.shape[1])
 
 
 def _tiled(parts: Parts, x: torch.Tensor) -> bool:

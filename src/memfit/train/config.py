@@ -52,6 +52,13 @@ class TrainConfig:
                                         "'2GB' or '25%'; stream the other layers from disk. The input embedding "
                                         "reads only its tokens' rows from disk; when the budget needs it, the output "
                                         "head is read in vocabulary chunks by the loss.", panel=MEMORY)
+    expert_budget: int | str | None = option(None, help="Mixture-of-Experts models: keep at most this much of the "
+                                             "experts in memory, e.g. '25%' or '2GB'; the others stay in the "
+                                             "checkpoint's safetensors and are read as routed, predicted and "
+                                             "prefetched (memfit.moe), and read again by the backward, whose reads "
+                                             "are known from the forward. Adapters train on the other weights "
+                                             "(attention, shared experts, dense MLPs); the experts stay frozen. "
+                                             "It must hold one layer's top-k experts.", panel=MEMORY)
     quantize: str | None = option(None, help="Quantize the frozen base as it loads: 'nf4' (QLoRA: 4.13 bits per "
                                   "weight, 0.13x fp32) or 'int8' (8.13 bits); adapters train on top in fp32. A "
                                   "checkpoint written by `memfit quantize` loads quantized without it, and without "
@@ -132,6 +139,13 @@ class TrainConfig:
             if self.shard is not None:
                 raise ConfigError("--quantize does not combine with --shard yet (FSDP2 shards fp32 weights); drop "
                                   "one of them.")
+        if self.expert_budget is not None:
+            clash = [flag for flag, value in (("--weights-budget", self.weights_budget), ("--shard", self.shard),
+                                              ("--quantize", self.quantize)) if value is not None]
+            if clash:
+                raise ConfigError(f"--expert-budget does not combine with {', '.join(clash)}: the non-expert weights "
+                                  "stay resident and the experts are the offloaded part (a checkpoint written by "
+                                  "`memfit quantize` gives quantized experts and a quantized rest).")
         if self.shard not in (None, "grad", "full"):
             raise ConfigError(f"TrainConfig.shard must be 'grad' (ZeRO-2), 'full' (ZeRO-3) or None, "
                               f"got {self.shard!r}.")

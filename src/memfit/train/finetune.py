@@ -66,7 +66,7 @@ def _new_modules(names: list[str]) -> list[str]:
 
 def load_base(directory: str | os.PathLike, task: Task, *, fresh: bool = False,
               weights_budget: int | str | None = None, device: torch.device | str = "cpu",
-              quantize: str | None = None) -> tuple[nn.Module, Any, list[str]]:
+              quantize: str | None = None, expert_budget: int | str | None = None) -> tuple[nn.Module, Any, list[str]]:
     """(model, stream handle or None, modules the checkpoint lacks) for `task`, in fp32: where a run's model comes
     from, and the only place that differs between pretrained and from-scratch runs.
 
@@ -75,6 +75,8 @@ def load_base(directory: str | os.PathLike, task: Task, *, fresh: bool = False,
         modules the checkpoint lacks are initialised as from_pretrained would.
     quantize: 'nf4' or 'int8': quantize the frozen Linear weights as they load (memfit.quant); a checkpoint written
         by `memfit quantize` comes back quantized without it.
+    expert_budget: a Mixture-of-Experts causal LM with its experts offloaded behind a cache of this many bytes
+        (`memfit.moe.load`); the other weights are read into memory.
     """
     cls = _auto_class(task)
     if fresh:
@@ -82,6 +84,8 @@ def load_base(directory: str | os.PathLike, task: Task, *, fresh: bool = False,
         model.config._name_or_path = str(Path(directory).resolve())  # where load_finetuned finds the architecture
         return model, None, []
     root = local_dir(directory)
+    if expert_budget is not None:
+        return _load_moe(root, task, expert_budget, device), None, []
     if weights_budget is None:
         # An absolute path in config._name_or_path lets `memfit export` find the base model again.
         model, info = from_pretrained(cls, root, dtype=torch.float32, output_loading_info=True,
@@ -112,6 +116,35 @@ def load_base(directory: str | os.PathLike, task: Task, *, fresh: bool = False,
         module.to_empty(device="cpu")
         model._init_weights(module) if hasattr(model, "_init_weights") else module.reset_parameters()
     return model, stream_weights(model, root, weights_budget, device=device, vocab=True), new
+
+
+def _load_moe(root: Path, task: Task, expert_budget: int | str, device: torch.device | str) -> nn.Module:
+    from memfit.moe import load as load_offloaded
+
+    if task.auto_class != "AutoModelForCausalLM":
+        raise ConfigError(f"--expert-budget fine-tunes causal language models; this run's task needs a "
+                          f"{task.auto_class} (train a classifier with the experts in memory, without it).")
+    if torch.device(device).type != "cpu":
+        raise ConfigError(f"--expert-budget computes the offloaded experts on the CPU, from its cache in host RAM; "
+                          f"run with --device cpu (got {device}).")
+    model = load_offloaded(root, expert_budget=expert_budget)
+    model.config._name_or_path = str(root.resolve())
+    return model
+
+
+def check_expert_targets(model: nn.Module, adapter: AdapterConfig) -> None:
+    """Targets that name the offloaded experts' weights are an error: they stay frozen on disk (an adapter on them
+    would have to live in every expert read). Shared experts are ordinary resident modules and can be targeted."""
+    if getattr(model, "memfit_moe", None) is None:
+        return
+    targets = adapter.target_modules
+    named = [t for t in ([targets] if isinstance(targets, str) else targets or [])
+             if "gate_up_proj" in t or "expert" in t.replace("shared_expert", "")]
+    if named:
+        raise ConfigError(f"targets {named} name the routed experts' weights, which stay offloaded and frozen with "
+                          "--expert-budget (LoRA on the experts themselves is not supported); target attention "
+                          "(q_proj,k_proj,v_proj,o_proj), shared experts or dense MLPs, or 'all-linear' (which "
+                          "covers every resident Linear).")
 
 
 def _check_vocab(model: nn.Module, tokenizer: Any) -> None:
@@ -172,9 +205,9 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     train = train or TrainConfig()
     method = get_method(adapter.method)
     fresh = method.from_scratch
-    if fresh and (train.shard is not None or train.weights_budget is not None):
+    if fresh and (train.shard is not None or train.weights_budget is not None or train.expert_budget is not None):
         raise ConfigError(f"{adapter.method} trains every weight of a model from scratch, in memory: it does not "
-                          "shard or stream (drop --shard / --weights-budget).")
+                          "shard or stream (drop --shard / --weights-budget / --expert-budget).")
     if train.optim == "mezo" and method.allocator is not None:
         raise ConfigError(f"{adapter.method} allocates rank from gradient-based importance, which --optim mezo never "
                           "computes (forward passes only); use lora, mos, difffit, compacter or full with mezo.")
@@ -192,7 +225,9 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     task_obj = TASKS[task](labels)
     tokenizer = load_tokenizer(model_dir)
     model, stream, new_modules = load_base(model_dir, task_obj, fresh=fresh, weights_budget=train.weights_budget,
-                                           device=ranks.device, quantize=train.quantize)
+                                           device=ranks.device, quantize=train.quantize,
+                                           expert_budget=train.expert_budget)
+    check_expert_targets(model, adapter)
     if quant.quantized_modules(model) and (fresh or adapter.method == "full"):
         raise ConfigError(f"--method {adapter.method} trains the base weights, which are quantized (frozen) here; "
                           "train an adapter on a quantized base (--method lora, ...), or use the fp32 model.")
@@ -214,7 +249,7 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
         move_model(model, ranks.device)  # streamed layers are installed on the device as they run
 
     extra = {"task": task, "labels": labels, "from_scratch": fresh, "pad_token_id": tokenizer.pad_token_id,
-             "quantize": train.quantize}
+             "quantize": train.quantize, "expert_budget": train.expert_budget}
 
     def save(model: nn.Module, directory: Path) -> None:
         if ranks.world_size > 1:
@@ -240,6 +275,9 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     summary.update(trainable_params=trainable, total_params=total, task=task, method=adapter.method, memory=measured,
                    optimizer_state_bytes=optimizer_state_bytes(trainer.optimizer)[0],
                    notes=list(model.memfit_notes), **(method.report(model) if method.report else {}))
+    experts = getattr(model, "memfit_moe", None)
+    if experts is not None:
+        summary["experts"] = {**experts.memory(), **experts.phase_summary(), "bytes_read": experts.stats.bytes_read}
     if stream is not None:
         summary["stream"] = {**stream.memory(), "bytes_read": stream.stats.bytes_read,
                              "layer_reads": stream.stats.layer_reads}
@@ -262,7 +300,8 @@ def load_finetuned(run_dir: str | os.PathLike, model_dir: str | os.PathLike | No
     if not model_dir:
         raise CheckpointError(f"{run_dir} records no base model; pass it with --model (model_dir).")
     task = TASKS[meta.get("task") or "causal-lm"](meta.get("labels"))
-    model = load_base(model_dir, task, fresh=bool(meta.get("from_scratch")), quantize=meta.get("quantize"))[0]
+    model = load_base(model_dir, task, fresh=bool(meta.get("from_scratch")), quantize=meta.get("quantize"),
+                      expert_budget=meta.get("expert_budget"))[0]
     if meta.get("labels") is not None:
         model.config.pad_token_id = meta.get("pad_token_id")  # sequence heads find the last real token by it
     return load_adapter(model, run_dir).to(device).eval()

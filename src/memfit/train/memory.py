@@ -1,6 +1,7 @@
 """The memory table a run prints at its start (planned) and end (measured): where the bytes of training go.
 
-Rows: frozen weights resident, frozen weights streamed from disk, trainable weights, gradients, optimizer
+Rows: frozen weights resident, frozen weights streamed from disk (or, for a Mixture-of-Experts model with offloaded
+experts, the expert cache and the experts on disk), trainable weights, gradients, optimizer
 states (in memory, and on disk for disk offload), activations (peak of the first update above what was held
 before it) and the peak since training started (the one peak figure a run reports: the progress bar shows it as
 it grows, the summary and metrics.jsonl's "end" event give its final value). Sizes are per rank under FSDP2 (each
@@ -71,7 +72,15 @@ def memory_rows(model: nn.Module, optimizer: torch.optim.Optimizer, optim_name: 
             note += (f" ({len(quantized)} weights in {'/'.join(kinds)}: "
                      f"{format_size(sum(w.nbytes for w in quantized.values()))})")
         rows.append(("weights resident", format_size(frozen + buffers), note))
-        rows.append(("weights streamed", format_size(0), "--weights-budget streams layers from disk"))
+        experts = getattr(model, "memfit_moe", None)
+        if experts is not None:
+            mem = experts.memory()
+            rows.append(("expert cache", format_size(mem["expert_cache"]), f"{mem['slots']} experts of "
+                         f"{format_size(mem['expert'])}, read as routed and again by the backward"))
+            rows.append(("experts on disk", format_size(mem["experts_total"]), "frozen, in the checkpoint's "
+                         "safetensors"))
+        else:
+            rows.append(("weights streamed", format_size(0), "--weights-budget streams layers from disk"))
     rows.append(("trainable weights", format_size(trainable), f"{n_trainable:,} parameters"))
     if getattr(optimizer, "zeroth_order", False):
         rows.append(("gradients", format_size(0), "none: MeZO runs forward passes only"))
