@@ -7,11 +7,13 @@ to render its README tables, and that must stay cheap.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from queue import Empty
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
@@ -124,3 +126,111 @@ def print_readme_tables(render: Callable[[dict], dict[str, str]], path: Path) ->
     payload = json.loads(path.read_text())
     for table_id, text in render(payload).items():
         print(f"\n<!-- results/{path.name}: {table_id} -->\n{text}\n<!-- /results -->")
+
+
+def process_result(proc, queue, variant: str) -> dict:
+    """The result a variant's process puts on `queue`; exits with its name if the process dies first."""
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            proc.join()
+            return result
+        except Empty:  # is the variant still running?
+            if not proc.is_alive():
+                raise SystemExit(f"variant {variant!r} failed (exit {proc.exitcode}); see its traceback") from None
+
+
+def disk_floor_gbps(ckpt: str, passes: int = 2) -> float:
+    """Cold sequential read bandwidth of the checkpoint files (page cache dropped first); best of `passes`."""
+    from memfit.tiers.st_reader import checkpoint_files
+
+    buf, best = memoryview(bytearray(64 << 20)), 0.0
+    for _ in range(passes):
+        total, t0 = 0, time.perf_counter()
+        for path in checkpoint_files(ckpt):
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            offset = 0
+            while (n := os.preadv(fd, [buf], offset)) > 0:
+                offset += n
+            total += offset
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        best = max(best, total / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def unmapped(model):
+    """transformers keeps the safetensors files mapped after loading (RssFile ~ the checkpoint), and mapped
+    pages cannot be dropped from the page cache: every other runner's "cold" read would be served from
+    memory. Copies into anonymous memory release the mappings."""
+    import gc
+
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.is_meta:
+                p.data = p.data.clone()
+        for module in model.modules():
+            for name, b in list(module._buffers.items()):
+                if b is not None and not b.is_meta:
+                    module._buffers[name] = b.clone()
+    gc.collect()
+    return model
+
+
+def drop_page_cache(files: list[Path]) -> None:
+    """Drop these files' pages from the page cache, so their next read comes from the disk."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+class AnonPeak:
+    """Peak anonymous RSS (RssAnon) while in the block, sampled every millisecond by a thread; `growth` is the
+    peak over the value at entry. Anonymous memory excludes page cache and mapped checkpoint files, which VmHWM
+    counts (transformers maps safetensors files: hundreds of MB of RSS that are not the model's memory)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.base = self.peak = _status_kib("RssAnon")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _status_kib("RssAnon"))
+            time.sleep(0.001)
+
+    def __enter__(self) -> AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _status_kib("RssAnon"))
+
+    @property
+    def growth(self) -> int:
+        return (self.peak - self.base) * 1024
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def disk_read_bytes() -> int:
+    """Bytes this process has read from block devices (/proc/self/io read_bytes): page-cache hits excluded."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0

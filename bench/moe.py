@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import md_table, print_readme_tables, report  # noqa: E402
+from _common import disk_read_bytes, drop_page_cache, md_table, print_readme_tables, report, unmapped  # noqa: E402
 
 if TYPE_CHECKING:  # torch loads in the functions: importing this file (bench/readme_check.py) stays cheap
     import torch
@@ -51,13 +51,6 @@ VARIANTS = {  # name -> (policy, predictor, drop_cache); "path" is the routing-p
     # the same, reads left in the page cache: the fair match for accelerate "warm"
     "predictive + routing path (warm)": ("predictive", "path", False),
 }
-
-
-def _read_bytes() -> int:
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("read_bytes:"):
-            return int(line.split()[1])
-    return 0
 
 
 def prepare(model_dir: Path, work: Path, trace_tokens: int, heldout_tokens: int, seq: int):
@@ -115,10 +108,10 @@ class Runner:
     def run(self, window: torch.Tensor, prefill: int) -> None:
         from memfit.moe.generate import replay
 
-        read0 = _read_bytes()
+        read0 = disk_read_bytes()
         on_prefilled = self.runtime.reset_stats if self.runtime is not None else None
         timing = replay(self.model, window.view(1, -1), prefill, on_prefilled)
-        self.disk_bytes += _read_bytes() - read0
+        self.disk_bytes += disk_read_bytes() - read0
         self.speeds.append(timing.decode_tokens_per_s)
         self.tokens += timing.new_tokens - 1
         if self.runtime is not None:
@@ -161,28 +154,10 @@ def in_memory(model_dir: Path) -> Runner:
     import torch
     from transformers import AutoModelForCausalLM
 
-    return Runner(_unmapped(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()))
+    return Runner(unmapped(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()))
 
 
-def _unmapped(model):
-    """transformers keeps the safetensors files mapped after loading (RssFile ~ the checkpoint), and mapped
-    pages cannot be dropped from the page cache: every other runner's "cold" read would be served from
-    memory. Copies into anonymous memory release the mappings."""
-    import torch
-
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.is_meta:
-                p.data = p.data.clone()
-        for module in model.modules():
-            for name, b in list(module._buffers.items()):
-                if b is not None and not b.is_meta:
-                    module._buffers[name] = b.clone()
-    gc.collect()
-    return model
-
-
-def _assert_unmapped(model_dir: Path) -> None:
+def _assertunmapped(model_dir: Path) -> None:
     mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(model_dir.resolve()) in line]
     if mapped:
         raise RuntimeError(f"the checkpoint is still mapped ({mapped[0]}); cold reads would hit the page cache.")
@@ -207,21 +182,12 @@ def accelerate_offload(model_dir: Path, budget_share: float, cold: bool) -> tupl
     folder = Path(tempfile.mkdtemp(prefix="memfit-accelerate-"))
     model = AutoModelForCausalLM.from_pretrained(model_dir, device_map=device_map, offload_folder=folder,
                                                  dtype=torch.float32).eval()
-    _unmapped(model)
+    unmapped(model)
     if cold:
-        model.register_forward_pre_hook(lambda m, a: _drop_page_cache(list(folder.iterdir())))
+        model.register_forward_pre_hook(lambda m, a: drop_page_cache(list(folder.iterdir())))
     info = {"offloaded_bytes": sum(f.stat().st_size for f in folder.iterdir()), "cpu_budget_bytes": budget,
             "folder": folder}
     return Runner(model, cleanup=lambda: shutil.rmtree(folder, ignore_errors=True)), info
-
-
-def _drop_page_cache(files: list[Path]) -> None:
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def run_schedule(model_dir: Path, predictor_path: Path, tok, n_docs: int, prompt_tokens: int, continuation: int,
@@ -402,10 +368,10 @@ def main() -> None:
         # Every turn starts with the checkpoint and the offload files out of the page cache, so no runner
         # reads what another left there ("warm" runners keep their own reads cached within their turn).
         files = checkpoint_files(args.model) + [f for info in infos.values() for f in info["folder"].iterdir()]
-        _assert_unmapped(args.model)
+        _assertunmapped(args.model)
         for i, w in enumerate(windows):
             for runner in runners.values():
-                _drop_page_cache(files)
+                drop_page_cache(files)
                 runner.run(w, args.prefill)
             print(f"budget {b:g}%: window {i + 1}/{len(windows)}", flush=True)
         for name, runner in runners.items():

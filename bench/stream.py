@@ -23,10 +23,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from queue import Empty
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import md_table, peak_rss_bytes, print_readme_tables, report, reset_peak_rss, rss_bytes  # noqa: E402
+from _common import (  # noqa: E402
+    disk_floor_gbps,
+    disk_read_bytes,
+    md_table,
+    peak_rss_bytes,
+    print_readme_tables,
+    process_result,
+    report,
+    reset_peak_rss,
+    rss_bytes,
+)
 
 VARIANTS = ["memory", "memory+ckpt", "stream"]
 SIZES = {
@@ -42,13 +51,6 @@ def _config(size: dict):
     return LlamaConfig(vocab_size=size["vocab"], hidden_size=size["hidden"], intermediate_size=size["inter"],
                        num_hidden_layers=size["layers"], num_attention_heads=size["hidden"] // 64,
                        num_key_value_heads=size["hidden"] // 64, tie_word_embeddings=False)
-
-
-def _disk_read_bytes() -> int:
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("read_bytes:"):
-            return int(line.split()[1])
-    return 0
 
 
 def _peak(device: str) -> int:
@@ -104,7 +106,7 @@ def run_variant(variant: str, ckpt: str, size: dict, frac: float, device: str, q
     losses = [step()]  # warm-up: optimizer state, grads, the first read of layer 0
     if handle is not None:
         handle.stats.reset()
-    disk0, times = _disk_read_bytes(), []
+    disk0, times = disk_read_bytes(), []
     for _ in range(size["steps"]):
         t0 = time.perf_counter()
         losses.append(step())
@@ -112,7 +114,7 @@ def run_variant(variant: str, ckpt: str, size: dict, frac: float, device: str, q
     steps = size["steps"]
     result = {"variant": variant, "step_s": statistics.median(times), "peak_bytes": _peak(device) - base,
               "peak_rss_bytes": peak_rss_bytes() - rss_base,
-              "weight_bytes": weight_bytes, "disk_read_per_step": (_disk_read_bytes() - disk0) / steps,
+              "weight_bytes": weight_bytes, "disk_read_per_step": (disk_read_bytes() - disk0) / steps,
               "losses": losses}
     if handle is not None:
         s = handle.stats
@@ -120,37 +122,6 @@ def run_variant(variant: str, ckpt: str, size: dict, frac: float, device: str, q
                    "read_gbps": s.bytes_read / max(s.read_s, 1e-9) / 1e9, "wait_per_step_s": s.wait_s / steps,
                    "sync_reads": s.sync_reads}
     queue.put(result)
-
-
-def _result(proc, queue, variant: str) -> dict:
-    while True:
-        try:
-            result = queue.get(timeout=5)
-            proc.join()
-            return result
-        except Empty:  # is the variant still running?
-            if not proc.is_alive():
-                raise SystemExit(f"variant {variant!r} failed (exit {proc.exitcode}); see its traceback") from None
-
-
-def disk_floor_gbps(ckpt: str, passes: int = 2) -> float:
-    """Cold sequential read bandwidth of the checkpoint files (page cache dropped first); best of `passes`."""
-    from memfit.tiers.st_reader import checkpoint_files
-
-    buf, best = memoryview(bytearray(64 << 20)), 0.0
-    for _ in range(passes):
-        total, t0 = 0, time.perf_counter()
-        for path in checkpoint_files(ckpt):
-            fd = os.open(path, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            offset = 0
-            while (n := os.preadv(fd, [buf], offset)) > 0:
-                offset += n
-            total += offset
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-        best = max(best, total / (time.perf_counter() - t0) / 1e9)
-    return best
 
 
 README_LABELS = {"memory": "all weights in memory", "memory+ckpt": "in memory + per-layer activation checkpointing"}
@@ -198,7 +169,7 @@ def main() -> None:
                 proc = ctx.Process(target=run_variant,
                                    args=(variant, ckpt, size, args.budget_frac, args.device, queue))
                 proc.start()
-                runs[variant].append(_result(proc, queue, variant))
+                runs[variant].append(process_result(proc, queue, variant))
     results = {v: min(rs, key=lambda r: r["step_s"]) | {"step_s_rounds": [r["step_s"] for r in rs]}
                for v, rs in runs.items()}
     base, stream = results["memory"], results["stream"]

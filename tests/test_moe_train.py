@@ -153,10 +153,12 @@ def test_finetune_with_offloaded_experts_logs_the_in_memory_losses(tmp_path, moe
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in TEXTS])
     cfg = dict(max_steps=6, batch_size=4, lr=5e-3, log_every=1, optim=optim)
     adapter = memfit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
-    finetune(moe_dir, data, tmp_path / "mem", adapter, TrainConfig(**cfg), quiet=True)
+    in_memory = finetune(moe_dir, data, tmp_path / "mem", adapter, TrainConfig(**cfg), quiet=True)
     summary = finetune(moe_dir, data, tmp_path / "off", adapter, TrainConfig(**cfg, expert_budget="25%"), quiet=True)
     mem, off = _losses(tmp_path / "mem"), _losses(tmp_path / "off")
     assert len(off) == 6 and max(abs(a - b) / abs(a) for a, b in zip(mem, off, strict=True)) <= TOL
+    assert (summary["trainable_params"], summary["total_params"]) == (in_memory["trainable_params"],
+                                                                      in_memory["total_params"])
     experts = summary["experts"]
     assert experts["bytes_read"] > 0 and experts["backward"]["hits"] + experts["backward"]["misses"] > 0
 

@@ -31,7 +31,7 @@ from memfit.errors import CheckpointError
 from memfit.moe.arch import MoeArch
 from memfit.quant.checkpoint import QUANT_FILE, empty_weight
 from memfit.quant.linear import Parts
-from memfit.tiers.st_reader import INDEX_NAME, SafetensorsReader, TensorInfo, read_index
+from memfit.tiers.st_reader import INDEX_NAME, SafetensorsReader, TensorInfo, read_index, serial_copy_
 
 ExpertKey = tuple[int, int]  # (decoder layer index, expert index)
 
@@ -114,6 +114,11 @@ class ExpertStore:
     def total_bytes(self) -> int:
         return self.expert_bytes * len(self._parts)
 
+    @property
+    def num_parameters(self) -> int:
+        """Weights of all experts (gate, up and down of each), however they are stored."""
+        return 3 * self.hidden * self.intermediate * len(self._parts)
+
     def keys(self) -> list[ExpertKey]:
         return list(self._parts)
 
@@ -137,7 +142,7 @@ class ExpertStore:
                 staging = self._staging_buffer(part.info.nbytes)
                 self.reader.read_into(part.info, staging)
                 numel = part.info.nbytes // part.info.dtype.itemsize
-                out[part.start: part.start + numel].copy_(staging.view(part.info.dtype))
+                serial_copy_(out[part.start: part.start + numel], staging.view(part.info.dtype))
             nbytes += sum(p.info.nbytes for p in run)
         return nbytes
 

@@ -272,10 +272,12 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     measured = {**trainer.memory, "peak": summary["peak_mem_bytes"]}
     print_memory_table("memory used", memory_rows(model, trainer.optimizer, train.optim, stream, measured), console)
     trainable, total = trainable_parameters(model)
+    experts = getattr(model, "memfit_moe", None)
+    if experts is not None:  # offloaded experts are no module's parameters, but they are the model's
+        total += experts.store.num_parameters
     summary.update(trainable_params=trainable, total_params=total, task=task, method=adapter.method, memory=measured,
                    optimizer_state_bytes=optimizer_state_bytes(trainer.optimizer)[0],
                    notes=list(model.memfit_notes), **(method.report(model) if method.report else {}))
-    experts = getattr(model, "memfit_moe", None)
     if experts is not None:
         summary["experts"] = {**experts.memory(), **experts.phase_summary(), "bytes_read": experts.stats.bytes_read}
     if stream is not None:
