@@ -42,9 +42,9 @@ def test_readme_tables_match_committed_results():
 
 
 def test_readme_marks_the_benchmark_tables():
-    assert REFERENCED == ["adapters_step.json", "moe.json", "optim.json", "optim_finetune.json", "optim_full.json",
-                          "quality-lm.json", "quality.json", "quantize.json", "rps.json", "serve.json", "stream.json",
-                          "zo.json"]
+    assert REFERENCED == ["adapters_step.json", "moe.json", "moe_train.json", "optim.json", "optim_finetune.json",
+                          "optim_full.json", "quality-lm.json", "quality.json", "quantize.json", "rps.json",
+                          "serve.json", "stream.json", "zo.json"]
 
 
 # --- the mechanism, on a README and results of its own ---------------------------------------------------------
@@ -182,6 +182,11 @@ PAYLOADS = {
                 {"variant": "NF4 experts, same bytes", "budget_bytes": 40 * MiB, "slots": 128,
                  "expert_bytes": 0.3125 * MiB, "experts_total_bytes": 40 * MiB, "hit_ratio": 1.0,
                  "bytes_per_token": 0.0, "decode_tok_s": 30.0}]},
+    "moe_train.json": {"disk_floor_gbps": 1.25, "results": {
+        "memory": {"step_s": 0.40, "peak_anon_bytes": 400e6, "disk_bytes_per_step": 0.0},
+        "offload 25%": {"step_s": 0.60, "peak_anon_bytes": 200e6, "disk_bytes_per_step": 140e6,
+                        "read_bytes_per_step": 125e6, "forward_hit_ratio": 0.985, "backward_hit_ratio": 1.0},
+        "accelerate": {"variant": "accelerate", "error": "RuntimeError: invalid gradient"}}},
     "stream.json": {"budget_frac": 0.25, "results": {
         "memory": {"step_s": 0.605, "peak_rss_bytes": 905e6, "disk_read_per_step": 0.0},
         "stream": {"step_s": 1.650, "peak_rss_bytes": 249e6, "disk_read_per_step": 1163e6, "read_per_step": 1131e6}}},
@@ -291,6 +296,13 @@ EXPECTED = {  # README rows these payloads must reproduce, character for charact
         "|---|---:|---:|---:|---:|---:|---:|---:|",
         "| fp32 experts | 40.0 | 32 | 25% | 90.0% | 2.00 | 20.0 | 1.00 |",
         "| NF4 experts, same bytes | 40.0 | 128 | 100% | 100.0% | 0.00 | 30.0 | 1.50 |"],
+    ("moe_train.json", "step"): [
+        "| variant | s/step | ÷ memory | floor s/step (÷ floor) | disk MB/step | hit fwd / bwd | peak RSS MB "
+        "| ÷ memory |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| fully in memory | 0.40 | 1.00 | | 0 | | 400 | 1.00 |",
+        "| experts on disk, 25% budget | 0.60 | 1.50 | 0.50 (1.20x) | 140 | 98.5% / 100.0% | 200 | 0.50 |",
+        "| accelerate disk offload + PEFT LoRA, 25% memory | does not train | | | | | | |"],
     ("stream.json", "step"): [
         "| variant | s/step | ÷ memory | peak RSS MB | ÷ memory | read MB/step | disk MB/step |",
         "|---|---:|---:|---:|---:|---:|---:|",
