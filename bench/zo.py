@@ -34,10 +34,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, heldout_loss, machine, md_table, smollm2_dir  # noqa: E402
+from _sections import exact_match, jsonl_rows, prompt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "runs" / "zo-bench"
-QUESTION = "Which Debian archive section is this package in? Package: {}"
 GiB = 2**30
 
 # (task, row) -> how the row trains. MeZO's lr: on MiniLM, 600 updates of LoRA at 1e-4 / 1e-3 / 1e-2 reached val
@@ -71,23 +71,6 @@ ROWS["memory"] = {name: {"method": m, "optim": o, "lr": 1e-6 if o == "mezo" else
 CALIBRATION_STEPS = {"minilm": 12, "smollm2": 3}
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-SECTIONS = ["admin", "database", "editors", "fonts", "games", "graphics", "mail", "math", "net", "science",
-            "sound", "text", "video", "web"]
-SYSTEM = "Answer with one word: the Debian archive section of the package, one of: " + ", ".join(SECTIONS) + "."
-
-
-def _prompt(text: str, style: str, tokenizer) -> str:
-    """The question as a raw completion prompt, or in the model's chat template with the sections listed."""
-    if style == "plain":
-        return QUESTION.format(text)
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION.format(text)}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 def _data(task: str, quick: bool, style: str = "plain") -> tuple[Path, Path, Path]:
     """(model dir, train file, validation file) of a task, written once under runs/zo-bench."""
     from memfit.cli.demo import DATA, minilm_dir
@@ -100,7 +83,7 @@ def _data(task: str, quick: bool, style: str = "plain") -> tuple[Path, Path, Pat
     if task == "memory":
         long = WORK / "lm-long.jsonl"
         if not long.is_file():
-            texts = [r["text"] for r in _rows(DATA / "debian-sections-train.jsonl")[:2000]]
+            texts = [r["text"] for r in jsonl_rows(DATA / "debian-sections-train.jsonl")[:2000]]
             long.write_text("".join(json.dumps({"text": ". ".join(texts[i:i + 40])}) + "\n"
                                     for i in range(0, len(texts), 40)))
         return model_dir, long, long
@@ -110,28 +93,10 @@ def _data(task: str, quick: bool, style: str = "plain") -> tuple[Path, Path, Pat
     for src, dst, n in ((DATA / "debian-sections-train.jsonl", train, None),
                         (DATA / "debian-sections-val.jsonl", val, 50 if quick else 200)):
         if not dst.is_file():
-            rows = _rows(src)[:n]
-            dst.write_text("".join(json.dumps({"prompt": _prompt(r["text"], style, tokenizer),
+            rows = jsonl_rows(src)[:n]
+            dst.write_text("".join(json.dumps({"prompt": prompt(r["text"], style, tokenizer),
                                                "completion": r["label"]}) + "\n" for r in rows))
     return model_dir, train, val
-
-
-def exact_match(model, tokenizer, val: Path, batch: int = 25) -> float:
-    """Share of validation prompts whose greedy answer (up to 6 tokens, first line) is exactly the section."""
-    import torch
-
-    rows = _rows(val)
-    tokenizer.padding_side = "left"
-    hits = 0
-    for s in range(0, len(rows), batch):
-        part = rows[s:s + batch]
-        enc = tokenizer([r["prompt"] for r in part], return_tensors="pt", padding=True)
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        for r, ids in zip(part, out[:, enc["input_ids"].shape[1]:], strict=True):
-            answer = tokenizer.decode(ids, skip_special_tokens=True).strip().splitlines()
-            hits += bool(answer) and answer[0].strip() == r["completion"]
-    return hits / len(rows)
 
 
 def _head_only(model_dir: Path, train: Path, val: Path, out: Path, cfg) -> dict:

