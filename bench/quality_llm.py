@@ -281,7 +281,7 @@ def plot(payload: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=400, help="updates per run (sweep and final alike)")
+    ap.add_argument("--steps", type=int, default=100, help="updates per run (sweep and final alike)")
     ap.add_argument("--seeds", type=int, default=2, help="seeds of the final runs")
     ap.add_argument("--dev", type=int, default=1000, help="training rows held out for the sweep")
     ap.add_argument("--quick", action="store_true", help="4 rows, 60 updates, 1 seed, the middle rate, no sweep")
