@@ -121,9 +121,23 @@ def test_quantized_base_trains_like_the_in_memory_quantized_model(tmp_path):
     assert max(max(e) for e in errors) <= TOL, errors
 
 
-def test_backward_reads_are_prefetched_when_the_budget_allows(tmp_path):
+def test_backward_reads_are_prefetched_when_the_budget_allows(tmp_path, monkeypatch):
     """At 50% the last layer's experts are still resident when the backward starts and the earlier layers' are
-    read while later ones compute: after the first update, the backward finds almost everything in memory."""
+    read while later ones compute: after the first update, the backward finds almost everything in memory.
+
+    Each expert's backward is slowed by 5 ms, so that the claim is about the plan (what is read ahead, and when)
+    and not about whether the prefetch threads get a core on a loaded machine."""
+    import time
+
+    from memfit.moe import experts
+
+    real = experts.expert_mlp_grad
+
+    def slow(*args):
+        time.sleep(0.005)
+        return real(*args)
+
+    monkeypatch.setattr(experts, "expert_mlp_grad", slow)
     ref = tiny_moe("mixtral")
     ours = moe.load(save(ref, tmp_path / "ckpt"), expert_budget="50%")
     try:
@@ -133,6 +147,50 @@ def test_backward_reads_are_prefetched_when_the_budget_allows(tmp_path):
         ours.memfit_moe.close()
     assert backward["misses"] <= 2 and backward["hits"] >= 0.9 * (backward["hits"] + backward["late"]
                                                                    + backward["misses"])
+
+
+def test_a_bf16_model_trains_like_the_in_memory_bf16_model(tmp_path):
+    """Mixtral's router returns fp32 weights beside bf16 experts: the backward computes in the experts' dtype."""
+    ref = tiny_moe("mixtral").to(torch.bfloat16)
+    ours = moe.load(save(ref, tmp_path / "ckpt"), expert_budget="25%", dtype=torch.bfloat16)
+    try:
+        errors = train_both(ref, ours, "mixtral", steps=2)
+    finally:
+        ours.memfit_moe.close()
+    assert max(max(e) for e in errors) <= 2e-2, errors  # bf16 rounding; a dtype error would raise
+
+
+def test_a_failed_backward_leaves_the_runtime_ready_for_inference(tmp_path, monkeypatch):
+    """A read that fails in the middle of a backward: the error reaches the caller, and the cache's policy, the
+    pass and the plan are the inference ones again, so the next forward runs (and counts) as a forward."""
+    from memfit.errors import CheckpointError
+
+    ref = tiny_moe("mixtral")
+    model = moe.load(save(ref, tmp_path / "ckpt"), expert_budget="12.5%", policy="lru", predictor=None)
+    rt = model.memfit_moe
+    try:
+        memfit.inject(model, lora("mixtral"))
+        ids = batches(1)[0]
+        loss = model(input_ids=ids, labels=ids).loss
+        real = rt.store.fill
+
+        def failing(key, out):
+            if key[0] == min(rt.order):  # the first MoE layer: its backward runs last
+                raise CheckpointError("disk gone")
+            return real(key, out)
+
+        monkeypatch.setattr(rt.store, "fill", failing)
+        rt.cache.fill = failing
+        with pytest.raises(CheckpointError, match="disk gone"):
+            loss.backward()
+        assert rt.phase == "forward" and rt.cache.policy is rt.policy and not rt._next_use and not rt._record
+        rt.cache.fill = real
+        before = rt.phase_summary()["backward"]["misses"]
+        with torch.no_grad():
+            got = model(input_ids=ids).logits
+        assert torch.isfinite(got).all() and rt.phase_summary()["backward"]["misses"] == before
+    finally:
+        rt.close()
 
 
 # -- the pipeline: memfit finetune --expert-budget ----------------------------------------------------------------
@@ -193,6 +251,33 @@ def test_exported_adapter_gives_memfits_logits_in_peft(tmp_path, moe_dir):
         got, want, before = (m(input_ids=ids).logits for m in (ours, peft, base))
     ours.memfit_moe.close()
     assert rel(got, want) <= TOL and rel(before, want) > 1e-3  # the adapter trained, and PEFT applies it
+
+
+def test_a_run_with_offloaded_experts_merges_with_every_weight_in_memory(tmp_path, moe_dir):
+    from transformers import AutoModelForCausalLM
+
+    from memfit.train.merge import merge_run
+
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in TEXTS])
+    run = tmp_path / "run"
+    finetune(moe_dir, data, run, memfit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+             TrainConfig(max_steps=3, batch_size=4, lr=2e-2, expert_budget="25%"), quiet=True)
+    merged = AutoModelForCausalLM.from_pretrained(merge_run(run, tmp_path / "merged")).eval()
+    ours = load_finetuned(run)
+    ids = batches(1)[0]
+    with torch.no_grad():
+        got, want = ours(input_ids=ids).logits, merged(input_ids=ids).logits
+    ours.memfit_moe.close()
+    assert rel(got, want) <= 1e-4  # merging rounds W + BA once
+
+
+def test_overwrite_with_bad_input_keeps_the_old_run(tmp_path, moe_dir):
+    first = run_cli(tmp_path, moe_dir, "--expert-budget", "25%")
+    assert first.returncode == 0, first.stderr
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    result = run_cli(tmp_path, moe_dir, "--expert-budget", "25%", "--targets", "experts", "--overwrite")
+    _one_line_error(result, "routed experts")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == files
 
 
 def memfit_cli() -> list[str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from memfit.moe.runtime import OffloadRuntime
 from memfit.quant.experts import expert_mlp, expert_mlp_grad
@@ -81,14 +82,17 @@ class OffloadedExperts(nn.Module):
             for e in order:
                 pos, tok = torch.where(by_expert_k == e)
                 g = grad_out[tok]
-                w = top_k_weights[tok, pos, None]
+                w = top_k_weights[tok, pos, None]  # the router's dtype, which may differ from the experts'
+                grad_y = (g.to(w.dtype) * w).to(hidden_states.dtype)
                 with self.runtime.expert(self.layer, e) as (gate_up, down):
-                    y, dx = expert_mlp_grad(hidden_states[tok], gate_up, down, self.act_fn, g.to(w.dtype) * w)
+                    y, dx = expert_mlp_grad(hidden_states[tok], gate_up, down, self.act_fn, grad_y)
                 self.runtime.backward_done(self.layer, e)
                 grad_w[tok, pos] = (g.to(y.dtype) * y).sum(dim=-1).to(grad_w.dtype)
                 parts[e] = (tok, dx)
-        finally:
-            self.runtime.end_backward(self.layer, needed)
+        except BaseException:
+            self.runtime.abort_backward(self.layer, needed)  # the layers below will not run: forget their plan
+            raise
+        self.runtime.end_backward(self.layer, needed)
         grad_h = torch.zeros_like(hidden_states)
         for e in needed:  # ascending expert order, as the forward adds them
             tok, dx = parts[e]
@@ -107,6 +111,7 @@ class _ExpertsFn(torch.autograd.Function):
         return module.compute(hidden_states, top_k_index, top_k_weights, record=True)
 
     @staticmethod
+    @once_differentiable  # the recomputation is not differentiable again: a double backward is an error
     def backward(ctx, grad_out: torch.Tensor):
         hidden_states, top_k_weights, top_k_index = ctx.saved_tensors
         grad_h, grad_w = ctx.module.backward(grad_out, hidden_states, top_k_index, top_k_weights)

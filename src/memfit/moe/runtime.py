@@ -101,6 +101,9 @@ class OffloadRuntime:
         if record:
             if self._record and self.rank[self._record[-1][0]] >= self.rank[layer]:
                 self._record.clear()  # a new forward: a record no backward consumed is stale
+            if self.phase == "backward":  # a forward inside a backward (checkpoint recomputation): no plan holds
+                self._end_backward_plan()
+                self._record.clear()
             self._record.append((layer, needed))
         keys = [(layer, e) for e in needed]
         self.cache.protect(keys)
@@ -174,11 +177,22 @@ class OffloadRuntime:
     def end_backward(self, layer: int, needed: list[int]) -> None:
         self.cache.unprotect([(layer, e) for e in needed])
         if not self._record:  # the first layer's backward: the step's reads are done
-            with self.cache.lock:
-                self.cache.policy = self.policy
-                self._next_use.clear()
-            self._schedule = []
-            self._switch("forward")
+            self._end_backward_plan()
+
+    def abort_backward(self, layer: int, needed: list[int]) -> None:
+        """The backward of `layer` failed: the layers below it will not run, so their plan is dropped."""
+        self.cache.unprotect([(layer, e) for e in needed])
+        self._record.clear()
+        self.cache.withdraw(lambda k: True)
+        self._end_backward_plan()
+
+    def _end_backward_plan(self) -> None:
+        """Hand eviction back to the inference policy and count what follows as forward."""
+        with self.cache.lock:
+            self.cache.policy = self.policy
+            self._next_use.clear()
+        self._schedule = []
+        self._switch("forward")
 
     def _switch(self, phase: str) -> None:
         """Attribute the bytes read since the last switch to the phase that ends."""
@@ -195,9 +209,11 @@ class OffloadRuntime:
 
     def phase_summary(self) -> dict[str, dict[str, float]]:
         """Per pass ("forward", "backward"): hits, late, misses, hit ratio and bytes read (a read is counted in
-        the pass during which it completed, up to the last pass switch)."""
+        the pass during which it completed)."""
         out = {}
         for phase, (hits, late, misses, nbytes) in self.phase_stats.items():
+            if phase == self.phase:  # the pass in progress: its reads since the last switch
+                nbytes += self.stats.bytes_read - self._bytes_mark
             accesses = hits + late + misses
             out[phase] = {"hits": hits, "late": late, "misses": misses, "bytes_read": nbytes,
                           "hit_ratio": hits / accesses if accesses else 0.0}

@@ -172,7 +172,7 @@ def _same_request(saved: AdapterConfig, requested: AdapterConfig) -> bool:
     return all(v is None or theirs.get(k) == v for k, v in mine.items())
 
 
-def _prepare_out(out: Path, resume: bool, overwrite: bool, ranks: Ranks) -> None:
+def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to overwrite a run silently: a finished one needs --overwrite, an interrupted one --resume."""
     if resume:
         return
@@ -183,7 +183,12 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool, ranks: Ranks) -> None
                               "choose another --out.")
         raise ConfigError(f"{out} holds an interrupted run ({CHECKPOINT}/); continue it with --resume, or pass "
                           "--overwrite to start over.")
-    if (finished or interrupted) and ranks.main:
+
+
+def _clear_out(out: Path, resume: bool, ranks: Ranks) -> None:
+    """Remove the run --overwrite replaces: only once everything before training was checked, so a run that
+    fails on bad input leaves the old one whole."""
+    if not resume and ranks.main and ((out / CONFIG_FILE).is_file() or (out / CHECKPOINT).exists()):
         for name in (CHECKPOINT, f"{CHECKPOINT}.old", f"{CHECKPOINT}.partial", "optimizer-swap"):
             shutil.rmtree(out / name, ignore_errors=True)
         for name in RUN_FILES:
@@ -213,8 +218,9 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
                           "computes (forward passes only); use lora, mos, difffit, compacter or full with mezo.")
     out = Path(out)
     local_dir(model_dir, weights=not fresh)  # a missing or incomplete directory fails before anything else
-    ranks = make_ranks(train, device)
-    _prepare_out(out, resume, overwrite, ranks)
+    # offloaded experts compute on the CPU: a GPU elsewhere in the machine is not this run's default
+    ranks = make_ranks(train, device or ("cpu" if train.expert_budget is not None else None))
+    _check_out(out, resume, overwrite)
     torch.manual_seed(train.seed)  # initialisation and dropout: a run is a function of its seed
     console = Console(quiet=quiet or not ranks.main)
     rows, task = load_rows(data, task)
@@ -265,6 +271,7 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
         console.print(note, highlight=False, soft_wrap=True)
     encode = lambda rs: [task_obj.encode(r, tokenizer, train.max_length) for r in rs]  # noqa: E731
     allocator = [AllocatorCallback()] if method.allocator is not None else []
+    _clear_out(out, resume, ranks)
     trainer = Trainer(model, task_obj, encode(rows), encode(eval_rows), train, out, tokenizer.pad_token_id, save,
                       callbacks=[*allocator, *(callbacks or [])], ranks=ranks, quiet=quiet)
     print_memory_table("memory plan", memory_rows(model, trainer.optimizer, train.optim, stream), console)
@@ -291,11 +298,13 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
 
 
 def load_finetuned(run_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
-                   device: str = "cpu") -> nn.Module:
+                   device: str = "cpu", offload_experts: bool = True) -> nn.Module:
     """The model a run wrote to `run_dir`, ready for inference, merge or export: the base model with the adapter
     loaded, or the compressed model of a from-scratch run.
 
     model_dir: the base model (or the architecture, for from-scratch runs); defaults to the one recorded in the run.
+    offload_experts: a run trained with --expert-budget loads with its experts offloaded again (False: every
+        weight in memory, as a merge needs).
     """
     meta = read_adapter_config(run_dir)
     model_dir = model_dir or meta.get("base_model")
@@ -303,7 +312,7 @@ def load_finetuned(run_dir: str | os.PathLike, model_dir: str | os.PathLike | No
         raise CheckpointError(f"{run_dir} records no base model; pass it with --model (model_dir).")
     task = TASKS[meta.get("task") or "causal-lm"](meta.get("labels"))
     model = load_base(model_dir, task, fresh=bool(meta.get("from_scratch")), quantize=meta.get("quantize"),
-                      expert_budget=meta.get("expert_budget"))[0]
+                      expert_budget=meta.get("expert_budget") if offload_experts else None, device=device)[0]
     if meta.get("labels") is not None:
         model.config.pad_token_id = meta.get("pad_token_id")  # sequence heads find the last real token by it
     return load_adapter(model, run_dir).to(device).eval()

@@ -26,7 +26,8 @@ from memfit.train.finetune import load_finetuned
 
 def merged_model(run_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None) -> nn.Module:
     """The run's model with its adapter folded in, as a plain transformers model of the base architecture."""
-    model = quant.dequantize(load_finetuned(run_dir, model_dir))  # a quantized base merges in its original dtype
+    # a quantized base merges in its original dtype; offloaded experts are read back into memory
+    model = quant.dequantize(load_finetuned(run_dir, model_dir, offload_experts=False))
     method = get_method(model.memfit_config.method)
     own = set(adapter_state_dict(model)) - set(model.memfit_base_keys)  # tensors only the adapter has
     if method.from_scratch:
