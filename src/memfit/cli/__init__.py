@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from memfit.cli import demo, export, finetune, moe, quantize, serve  # noqa: F401  (importing registers the commands)
+from memfit.cli import demo, export, finetune, moe, plan, quantize, serve  # noqa: F401  (importing registers the commands)
 from memfit.cli.app import app
 from memfit.errors import MemfitError
 

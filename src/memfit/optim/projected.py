@@ -172,9 +172,9 @@ class ProjectedAdam(torch.optim.Optimizer, ABC):
         sharded = next((p for p in params if hasattr(p, "to_local")), None)
         if sharded is not None:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX, group=sharded.device_mesh.get_group())
-        flags = bad.tolist()
+        flags = bad.bool().tolist()
         if any(flags):
-            name = self._name(params[flags.index(1)])
+            name = self._name(params[flags.index(True)])
             raise TrainingError(f"{self.method}: the gradient of {name} holds NaN or inf values; lower --lr or check "
                                 "the data (no weight was changed by this step).")
 

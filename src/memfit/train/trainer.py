@@ -68,6 +68,20 @@ Example = dict[str, list[int]]
 SaveModel = Callable[[nn.Module, Path], None]
 
 
+def make_optimizer(cfg: TrainConfig, named_params: list[tuple[str, nn.Parameter]],
+                   out_dir: Path) -> torch.optim.Optimizer:
+    """The optimizer `cfg` asks for over the trainable parameters (the trainer's, and the memory planner's)."""
+    extra = {"offload-disk": {"path": out_dir / "optimizer-swap"},
+             "mezo": {"eps": cfg.zo_eps, "perturbations": cfg.zo_perturbations, "sparsity": cfg.zo_sparsity,
+                      "seed": cfg.seed}}
+    chosen = {"rank": cfg.proj_rank, "update_proj_gap": cfg.proj_gap, "scale": cfg.proj_scale}
+    projected = {"states": cfg.proj_states, "embeddings": cfg.proj_embeddings,
+                 **{k: v for k, v in chosen.items() if v is not None}}
+    extra.update({name: projected for name in PROJECTED})
+    return build_optimizer(cfg.optim, named_params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                           **extra.get(cfg.optim, {}))
+
+
 def checkpoint_dir(out_dir: str | Path) -> Path:
     """The checkpoint a resumed run continues from (restored if a save was cut between its renames)."""
     path = recover_dir(Path(out_dir) / CHECKPOINT)
@@ -132,16 +146,7 @@ class Trainer:
 
     # -- setup ----------------------------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        cfg = self.config
-        extra = {"offload-disk": {"path": self.out_dir / "optimizer-swap"},
-                 "mezo": {"eps": cfg.zo_eps, "perturbations": cfg.zo_perturbations, "sparsity": cfg.zo_sparsity,
-                          "seed": cfg.seed}}
-        chosen = {"rank": cfg.proj_rank, "update_proj_gap": cfg.proj_gap, "scale": cfg.proj_scale}
-        projected = {"states": cfg.proj_states, "embeddings": cfg.proj_embeddings,
-                     **{k: v for k, v in chosen.items() if v is not None}}
-        extra.update({name: projected for name in PROJECTED})
-        return build_optimizer(cfg.optim, list(self.params.items()), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               **extra.get(cfg.optim, {}))
+        return make_optimizer(self.config, list(self.params.items()), self.out_dir)
 
     def _epoch_groups(self, epoch: int) -> list[list[list[int]]]:
         """This rank's micro-batches of `epoch` (example indices), grouped into updates."""

@@ -1,0 +1,199 @@
+"""The memory plan of a fine-tune: every component of its peak, predicted without reading a weight.
+
+The model is built from its config under `FakeTensorMode` (shapes, dtypes and devices, no storage), the adapter
+injected and the optimizer built exactly as the run would, and one whole update is traced with `LiveBytes`:
+forward, loss, backward, gradient clipping and the optimizer's step. So activations, gradients and optimizer
+states are the bytes the run's own code allocates for this architecture, batch and length (attention
+implementation, chunked loss, checkpointing included), not a formula that drifts from the code. What the trace
+cannot see is the runtime itself; on the CPU that is this process's resident set after memfit's imports, measured
+here (`overhead`), and the allocator's retention of freed memory (see `ALLOCATOR_NOTE`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from memfit.adapters import AdapterConfig, get_method, inject
+from memfit.errors import ConfigError
+from memfit.local import is_gguf, load_config
+from memfit.local import model_dir as local_dir
+from memfit.plan.trace import LiveBytes
+from memfit.tiers.memory import rss_bytes
+from memfit.train.config import TrainConfig
+from memfit.train.memory import PLANNED_STATE
+from memfit.train.tasks import TASKS, Task
+from memfit.train.trainer import make_optimizer
+
+# Flags whose memory terms the planner does not model yet: a plan that ignored them would be wrong, so it refuses.
+UNCOVERED = {"weights_budget": "--weights-budget", "expert_budget": "--expert-budget", "quantize": "--quantize",
+             "shard": "--shard"}
+ALLOCATOR_NOTE = ("CPU peaks are the resident set: glibc keeps freed activation memory in its heap, so a measured "
+                  "peak can exceed the live bytes predicted here")
+
+
+@dataclass
+class Component:
+    name: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    """The predicted components of a run's peak; `peak_bytes` is their sum at the step's highest point."""
+
+    components: list[Component]
+    peak_bytes: int
+    device: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "peak_bytes": self.peak_bytes, "notes": self.notes,
+                "components": {c.name: c.bytes for c in self.components}}
+
+    def get(self, name: str) -> int:
+        return next((c.bytes for c in self.components if c.name == name), 0)
+
+
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        key = t.untyped_storage()._cdata
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _batch(task: Task, batch: int, length: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A full batch of `length` tokens, every position a target, with one padded position: a batch of rows of
+    several lengths takes the attention mask's path (traced on fake tensors, the models take it always)."""
+    ids = torch.zeros((batch, length), dtype=torch.long, device=device)
+    labels = torch.zeros((batch,), dtype=torch.long, device=device) if task.name == "classify" else ids.clone()
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _new_modules(model: nn.Module, root: Path) -> list[str]:
+    """Modules the checkpoint lacks (a classification head), from its safetensors headers alone."""
+    from memfit.tiers.modules import checkpoint_key
+    from memfit.tiers.st_reader import SafetensorsReader
+    from memfit.train.finetune import _new_modules as owners
+
+    if is_gguf(root):
+        return []
+    with SafetensorsReader(root, drop_cache=False) as reader:
+        return owners([n for n, _ in model.named_parameters() if checkpoint_key([n], reader) is None])
+
+
+def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: TrainConfig | None = None,
+                  task: str = "causal-lm", labels: list[str] | None = None, device: str | None = None) -> Plan:
+    """Predict the peak memory of `memfit finetune` with these settings, component by component (no weight read).
+
+    labels: the class names of a classification run (their count sizes the head); `device` as the run takes it.
+    """
+    train = train or TrainConfig()
+    for key, flag in UNCOVERED.items():
+        if getattr(train, key) not in (None, False):
+            raise ConfigError(f"memfit plan does not model {flag} yet; plan the run without it (an upper bound on "
+                              "its weights) or measure it with memfit finetune.")
+    method = get_method(adapter.method)
+    if method.from_scratch:
+        raise ConfigError(f"memfit plan covers adapters on pretrained models; {adapter.method} trains from scratch.")
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose one of {sorted(TASKS)}.")
+    root = local_dir(model_dir, weights=False)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    task_obj = TASKS[task](labels or (["0", "1"] if task == "classify" else None))
+    config = load_config(root, **task_obj.model_kwargs())
+    cls = getattr(__import__("transformers"), task_obj.auto_class)
+    # Measured before anything is built: the runtime (interpreter, torch, transformers, memfit) on this machine.
+    overhead = rss_bytes() if dev.type == "cpu" else 0
+    with FakeTensorMode(), torch.device(dev):
+        model = cls.from_config(config, dtype=torch.float32)
+        if task == "classify":
+            model.config.pad_token_id = 0
+        new = _new_modules(model, root)
+        if new and not adapter.modules_to_save:
+            from dataclasses import replace
+
+            adapter = replace(adapter, modules_to_save=new)
+        inject(model, adapter)
+        weights = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ConfigError("the adapter leaves no parameter to train; check --targets.")
+        trainable = [p for _, p in named]
+        optimizer = make_optimizer(train, named, Path(os.devnull))
+        components, peak_live, notes = _trace_update(model, task_obj, train, optimizer, trainable, dev)
+    held = [Component("weights resident", _nbytes(weights), "frozen base weights and buffers, fp32"),
+            Component("trainable weights", _nbytes(trainable), f"{sum(p.numel() for p in trainable):,} parameters")]
+    runtime = [Component("runtime", overhead, "this process's resident set before the model: interpreter, torch, "
+                         "transformers, memfit")] if dev.type == "cpu" else []
+    if dev.type == "cpu":
+        notes.append(ALLOCATOR_NOTE)
+    total = overhead + sum(c.bytes for c in held) + peak_live
+    return Plan(runtime + held + components, total, str(dev), notes)
+
+
+def _trace_update(model: nn.Module, task: Task, train: TrainConfig, optimizer: torch.optim.Optimizer,
+                  trainable: list[torch.Tensor], dev: torch.device) -> tuple[list[Component], int, list[str]]:
+    """(components, peak live bytes above the weights, notes) of one traced update."""
+    held = list(model.parameters()) + list(model.buffers())
+    batch = _batch(task, train.batch_size, train.max_length, dev)
+    model.train()
+    notes: list[str] = []
+    grad_bytes = 0 if getattr(optimizer, "zeroth_order", False) else _nbytes(trainable)
+    with LiveBytes(held) as live:
+        if getattr(optimizer, "zeroth_order", False):  # two forward passes, nothing saved for a backward
+            with torch.no_grad():
+                task.loss_sum(model, batch)
+            activations = live.peak
+            states, step_extra, how = 0, 0, "none"
+            notes.append("zeroth order: forward passes only, no gradients or optimizer states")
+        else:
+            loss = task.loss_sum(model, batch)
+            loss.backward()
+            del loss
+            backward_peak = live.peak
+            activations = max(0, backward_peak - grad_bytes)
+            before = live.mark()
+            if train.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm)
+            states, step_extra, how = _step_states(optimizer, train.optim, trainable, live, before, dev)
+    step_peak = grad_bytes + states + step_extra
+    components = [Component("gradients", grad_bytes, "one per trainable weight"),
+                  Component("optimizer states", states, f"{train.optim} ({how})"),
+                  Component("activations", activations, f"batch {train.batch_size} x {train.max_length} tokens, "
+                            "peak of the forward and backward above the gradients")]
+    if step_extra:
+        components.append(Component("optimizer step", step_extra, "the step's temporaries beside its states"))
+    return components, max(activations + grad_bytes, step_peak), notes
+
+
+# Optimizers whose step is plain torch ops, traced on fake tensors; the others run native kernels or move states
+# off the device, and are planned from their bytes per parameter (`PLANNED_STATE`).
+TRACED_STEPS = ("adamw", "galore", "apollo", "apollo-mini")
+
+
+def _step_states(optimizer: torch.optim.Optimizer, name: str, trainable: list[torch.Tensor], live: LiveBytes,
+                 before: int, dev: torch.device) -> tuple[int, int, str]:
+    """(state bytes, the step's transient bytes above them, how they were found)."""
+    if name in TRACED_STEPS:
+        optimizer.step()
+        states = max(0, live.current - before)
+        return states, max(0, live.peak - before - states), "traced"
+    per_param, where = PLANNED_STATE.get(name, (8.0, "memory"))
+    if hasattr(optimizer, "planned_state_bytes"):
+        per_param = optimizer.planned_state_bytes() / max(1, sum(p.numel() for p in trainable))
+    here = where == "memory" or (where == "host RAM" and dev.type == "cpu")
+    return (int(per_param * sum(p.numel() for p in trainable)) if here else 0), 0, f"{per_param:.3g} B/param" + (
+        "" if here else f", in {where}")

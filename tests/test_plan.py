@@ -1,0 +1,121 @@
+"""The memory planner: its tracer against known allocations, its fake-tensor trace against the same update on real
+tensors, and `memfit plan`'s output and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cli_ok
+from test_cli_rough_edges import memfit_cli, one_error_line
+
+from memfit.adapters import get_method, inject
+from memfit.local import from_pretrained
+from memfit.plan import LiveBytes, plan_finetune
+from memfit.plan.predict import _trace_update
+from memfit.train.config import TrainConfig
+from memfit.train.tasks import TASKS
+from memfit.train.trainer import make_optimizer
+
+
+def test_live_bytes_counts_creations_and_frees():
+    held = torch.ones(1000)
+    with LiveBytes([held]) as live:
+        a = torch.empty(1000)  # 4000 B
+        b = a * 2  # 8000 B live
+        view = b[:10]  # a view shares b's storage: nothing new
+        del a  # 4000 B live
+        held.mul_(2)  # in place on a held tensor: not counted
+        c = torch.empty(500, dtype=torch.float64)  # 4000 B: 8000 live again
+        assert (live.current, live.peak) == (8000, 8000)
+        assert live.mark() == 8000 and live.peak == 8000
+        del b, c
+        assert live.current == 4000  # the view keeps b's storage alive
+        del view
+    assert live.current == 0 and live.peak == 8000
+
+
+CASES = {
+    "lora all-linear, adamw": ("llama", "lora", {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"},
+                               "adamw"),
+    "mos, adamw": ("llama", "mos", {"r": 4, "r_eq": 2, "r_pri": 1, "shards": 2, "target_modules": ["q_proj", "v_proj"]},
+                   "adamw"),
+    "full, galore": ("llama", "full", {}, "galore"),
+    "lora, chunked loss": ("llama", "lora", {"r": 4, "target_modules": ["q_proj", "v_proj"]}, "adamw"),
+    "lora, mezo": ("llama", "lora", {"r": 2, "target_modules": ["q_proj", "v_proj"]}, "mezo"),
+    "bert classify, lora": ("bert", "lora", {"r": 4, "target_modules": ["query", "value"]}, "adamw"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fake_trace_equals_the_real_update(case, llama_dir, bert_dir, monkeypatch):
+    """Every traced component equals the live bytes of the same update run on real tensors (same code path)."""
+    if "chunked" in case:  # the loss of a large vocabulary: hidden states of the target positions, in chunks
+        monkeypatch.setattr("memfit.train.loss.CHUNK_BYTES", 16384)
+    which, method, options, optim = CASES[case]
+    root = llama_dir if which == "llama" else bert_dir
+    task = "causal-lm" if which == "llama" else "classify"
+    labels = ["a", "b", "c"] if task == "classify" else None
+    adapter = get_method(method).config_cls(**options)
+    train = TrainConfig(batch_size=3, max_length=24, optim=optim, proj_rank=4 if optim == "galore" else None)
+    plan = plan_finetune(root, adapter, train, task=task, labels=labels, device="cpu")
+
+    task_obj = TASKS[task](labels)
+    model = from_pretrained(getattr(__import__("transformers"), task_obj.auto_class), root, dtype=torch.float32,
+                            **task_obj.model_kwargs())
+    if task == "classify":
+        model.config.pad_token_id = 0
+        adapter = get_method(method).config_cls(**options, modules_to_save=["classifier"])
+    inject(model, adapter)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = make_optimizer(train, named, Path("unused"))
+    components, peak, _ = _trace_update(model, task_obj, train, optimizer, [p for _, p in named],
+                                        torch.device("cpu"))
+    real = {c.name: c.bytes for c in components}
+    for name, size in real.items():
+        assert plan.get(name) == size, (name, plan.get(name), size)
+    assert real["activations"] > 0
+    assert plan.peak_bytes == plan.get("runtime") + plan.get("weights resident") + plan.get("trainable weights") + peak
+
+
+def test_states_and_gradients_match_the_optimizer(llama_dir):
+    """AdamW: gradients = the trainable bytes, states = two moments per parameter plus a step count each."""
+    adapter = get_method("lora").config_cls(r=4, target_modules=["q_proj", "v_proj"])
+    plan = plan_finetune(llama_dir, adapter, TrainConfig(batch_size=2, max_length=16), device="cpu")
+    trainable = plan.get("trainable weights")
+    tensors = 4 * 2 * 2  # 4 layers x (q, v) x (A, B)
+    assert plan.get("gradients") == trainable
+    assert plan.get("optimizer states") == 2 * trainable + 4 * tensors
+
+
+def test_activations_grow_with_the_batch(llama_dir):
+    adapter = get_method("lora").config_cls(r=4, target_modules=["q_proj", "v_proj"])
+    small, big = (plan_finetune(llama_dir, adapter, TrainConfig(batch_size=b, max_length=16), device="cpu")
+                  for b in (2, 8))
+    assert 3.5 < big.get("activations") / small.get("activations") < 4.5  # per example, plus B x T x T masks
+
+
+def test_plan_cli_json_and_table(llama_dir, bert_dir, sections):
+    out = json.loads(cli_ok("plan", "--model", llama_dir, "--batch-size", 2, "--max-length", 16, "--json"))
+    c = out["components"]
+    step = c["gradients"] + c["optimizer states"] + c.get("optimizer step", 0)
+    held = c["runtime"] + c["weights resident"] + c["trainable weights"]
+    assert out["peak_bytes"] == held + max(c["gradients"] + c["activations"], step)
+    assert c["runtime"] > 50e6  # this process's resident set: torch alone is more
+    text = cli_ok("plan", "--model", bert_dir, "--data", sections[0], "--batch-size", 2)
+    assert "activations" in text and "peak" in text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--weights-budget", "50%"], "does not model --weights-budget"),
+    (["--optim", "nope"], "unknown optimizer"),
+    (["--targets", "nothing_here"], "nothing_here"),
+])
+def test_plan_bad_input_is_one_line(flags, message, llama_dir):
+    one_error_line(memfit_cli("plan", "--model", llama_dir, *flags), message)
+
+
+def test_plan_missing_model(tmp_path):
+    one_error_line(memfit_cli("plan", "--model", tmp_path / "nothing"), "does not exist|config.json")
