@@ -1,8 +1,8 @@
 """The memory planner against measured peaks: `memfit plan --json` beside `memfit finetune` with the same flags.
 
-Each configuration runs in fresh processes: the plan (no weight read), then two updates of the real fine-tune
-with glibc's default allocator, then the same with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=262144,
-a glibc tunable read at start: allocations above 256 KB are mapped and unmapped, never kept in the heap). The
+Each configuration runs in fresh processes: the plan (no weight read), then three updates of the real fine-tune
+with glibc's default allocator, then the same with --lean-allocator (glibc's mmap threshold fixed at 256 KB:
+larger blocks are mapped and unmapped, never kept in the heap). Seconds per update are of the last two. The
 measured peak is the run's own figure (peak RSS since training started, metrics.jsonl's "end" event); the data
 are long texts, so every batch is as long as --max-length, as the plan assumes.
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,6 @@ from _common import md_table, print_readme_tables, report, smollm2_dir  # noqa: 
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "runs" / "plan"
-LEAN = {"MALLOC_MMAP_THRESHOLD_": "262144"}
 
 # name -> (model, flags): the flags of both `memfit plan` and `memfit finetune`.
 CONFIGS = {
@@ -56,24 +54,27 @@ def data(kind: str) -> Path:
     return path
 
 
-def memfit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "memfit.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+def memfit(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "memfit.cli", *args], capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"memfit {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return proc
 
 
-def measured_peak(model: Path, flags: list[str], rows: Path, out: Path, env: dict | None) -> int:
+def measured(model: Path, flags: list[str], rows: Path, out: Path) -> tuple[int, float]:
+    """(peak bytes, seconds per update after the first) of three updates."""
     memfit("finetune", "--model", str(model), "--data", str(rows), "--out", str(out), "--overwrite", "--quiet",
-           "--max-steps", "2", *flags, env=env)
-    end = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
-           if json.loads(line).get("event") == "end"][-1]
-    return end["peak_mem_bytes"]
+           "--max-steps", "3", "--log-every", "1", *flags)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    end = next(e for e in events if e.get("event") == "end")
+    # examples_per_s counts from the start of training: elapsed time after update n is n x batch / rate
+    elapsed = {e["step"]: e["step"] / e["examples_per_s"] for e in events if e.get("event") == "train"}
+    batch = int(flags[flags.index("--batch-size") + 1])
+    return end["peak_mem_bytes"], batch * (elapsed[3] - elapsed[1]) / 2
 
 
 HEADER = ["configuration", "activations (plan), MB", "predicted peak, MB", "measured, MB", "pred ÷ meas",
-          "measured, fixed mmap threshold, MB", "pred ÷ meas"]
+          "measured, --lean-allocator, MB", "pred ÷ meas", "s/update, lean ÷ default"]
 
 
 def _rows(payload: dict) -> list[list[str]]:
@@ -82,12 +83,13 @@ def _rows(payload: dict) -> list[list[str]]:
         c = r["components"]
         rows.append([name, f"{c['activations'] / 1e6:,.0f}", f"{r['predicted'] / 1e6:,.0f}",
                      f"{r['measured'] / 1e6:,.0f}", f"{r['predicted'] / r['measured']:.2f}",
-                     f"{r['measured_lean'] / 1e6:,.0f}", f"{r['predicted'] / r['measured_lean']:.2f}"])
+                     f"{r['measured_lean'] / 1e6:,.0f}", f"{r['predicted'] / r['measured_lean']:.2f}",
+                     f"{r['s_per_update_lean'] / r['s_per_update']:.2f}"])
     return rows
 
 
 def readme_tables(payload: dict) -> dict[str, str]:
-    return {"plan": md_table(HEADER, "lrrrrrr", _rows(payload))}
+    return {"plan": md_table(HEADER, "lrrrrrrr", _rows(payload))}
 
 
 def main() -> None:
@@ -102,13 +104,14 @@ def main() -> None:
         rows = data("classify" if which == "minilm" else "text")
         plan = json.loads(memfit("plan", "--model", str(model), "--data", str(rows), *flags, "--json").stdout)
         out = WORK / "run"
-        measured = measured_peak(model, flags, rows, out, None)
-        lean = measured_peak(model, flags, rows, out, LEAN)
+        peak, seconds = measured(model, flags, rows, out)
+        lean, lean_seconds = measured(model, [*flags, "--lean-allocator"], rows, out)
         results[name] = {"flags": flags, "predicted": plan["peak_bytes"], "components": plan["components"],
-                         "measured": measured, "measured_lean": lean}
-        print(f"{name}: predicted {plan['peak_bytes'] / 1e6:,.0f} MB, measured {measured / 1e6:,.0f} MB "
-              f"({plan['peak_bytes'] / measured:.2f}), fixed threshold {lean / 1e6:,.0f} MB "
-              f"({plan['peak_bytes'] / lean:.2f})", flush=True)
+                         "measured": peak, "measured_lean": lean, "s_per_update": seconds,
+                         "s_per_update_lean": lean_seconds}
+        print(f"{name}: predicted {plan['peak_bytes'] / 1e6:,.0f} MB, measured {peak / 1e6:,.0f} MB "
+              f"({plan['peak_bytes'] / peak:.2f}), lean {lean / 1e6:,.0f} MB ({plan['peak_bytes'] / lean:.2f}); "
+              f"{seconds:.2f} vs {lean_seconds:.2f} s/update", flush=True)
     payload = {"configs": results}
     path = report("plan", "memfit plan: predicted against measured peak", HEADER, _rows(payload), payload)
     print_readme_tables(readme_tables, path)

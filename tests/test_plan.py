@@ -4,6 +4,8 @@ tensors, and `memfit plan`'s output and errors."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,29 @@ def test_plan_bad_input_is_one_line(flags, message, llama_dir):
 
 def test_plan_missing_model(tmp_path):
     one_error_line(memfit_cli("plan", "--model", tmp_path / "nothing"), "does not exist|config.json")
+
+
+LEAN_PROBE = """
+import ctypes, sys, torch
+from memfit.tiers.memory import lean_allocator
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                              "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+assert sys.argv[1] == "default" or lean_allocator()
+warm = torch.ones(1024 * 1024)
+del warm  # glibc's default raises its mmap threshold to the size of a freed mapped block
+kept = [torch.ones(256 * 1024) for _ in range(200)]  # 200 MB in 1 MB blocks
+print(libc.mallinfo2().hblkhd)
+"""
+
+
+@pytest.mark.parametrize("mode", ["lean", "default"])
+def test_lean_allocator_maps_large_blocks(mode):
+    """After lean_allocator, 1 MB tensors are mapped blocks (unmapped when freed, never heap holes); glibc's
+    default, once a 4 MB block was freed, puts them in its heap (the reference: the probe tells the two apart)."""
+    proc = subprocess.run([sys.executable, "-c", LEAN_PROBE, mode], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    mapped = int(proc.stdout)
+    assert mapped > 190 * 2**20 if mode == "lean" else mapped < 50 * 2**20, mapped

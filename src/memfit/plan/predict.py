@@ -6,7 +6,8 @@ forward, loss, backward, gradient clipping and the optimizer's step. So activati
 states are the bytes the run's own code allocates for this architecture, batch and length (attention
 implementation, chunked loss, checkpointing included), not a formula that drifts from the code. What the trace
 cannot see is the runtime itself; on the CPU that is this process's resident set after memfit's imports, measured
-here (`overhead`), and the allocator's retention of freed memory (see `ALLOCATOR_NOTE`).
+here (`overhead`), and the allocator's retention of freed memory, which `--lean-allocator` removes
+(`memfit.tiers.memory.lean_allocator`; see `ALLOCATOR_NOTE`).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from memfit.train.trainer import make_optimizer
 # Flags whose memory terms the planner does not model yet: a plan that ignored them would be wrong, so it refuses.
 UNCOVERED = {"weights_budget": "--weights-budget", "expert_budget": "--expert-budget", "quantize": "--quantize",
              "shard": "--shard"}
-ALLOCATOR_NOTE = ("CPU peaks are the resident set: glibc keeps freed activation memory in its heap, so a measured "
-                  "peak can exceed the live bytes predicted here")
+ALLOCATOR_NOTE = ("on the CPU the measured peak is the resident set, and glibc keeps freed activation memory in its "
+                  "heap: runs measured 5-41% above these live bytes (bench/plan.py); --lean-allocator returns it at "
+                  "once, and the run then measures what is predicted here")
 
 
 @dataclass
@@ -138,7 +140,7 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
             Component("trainable weights", _nbytes(trainable), f"{sum(p.numel() for p in trainable):,} parameters")]
     runtime = [Component("runtime", overhead, "this process's resident set before the model: interpreter, torch, "
                          "transformers, memfit")] if dev.type == "cpu" else []
-    if dev.type == "cpu":
+    if dev.type == "cpu" and not train.lean_allocator:
         notes.append(ALLOCATOR_NOTE)
     total = overhead + sum(c.bytes for c in held) + peak_live
     return Plan(runtime + held + components, total, str(dev), notes)

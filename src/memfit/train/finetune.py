@@ -29,6 +29,7 @@ from memfit.errors import CheckpointError, ConfigError
 from memfit.local import from_pretrained, is_gguf, load_config, load_tokenizer
 from memfit.local import model_dir as local_dir
 from memfit.quant.checkpoint import empty_quantized, is_quantized_dir
+from memfit.tiers.memory import lean_allocator
 from memfit.tiers.modules import checkpoint_key, empty_weights, move_model
 from memfit.tiers.st_reader import SafetensorsReader
 from memfit.tiers.stream import stream_weights
@@ -221,6 +222,8 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     # offloaded experts compute on the CPU: a GPU elsewhere in the machine is not this run's default
     ranks = make_ranks(train, device or ("cpu" if train.expert_budget is not None else None))
     _check_out(out, resume, overwrite)
+    if train.lean_allocator and ranks.device.type == "cpu" and not lean_allocator():
+        Console(stderr=True, quiet=quiet).print("--lean-allocator needs glibc (Linux): ignored here.", highlight=False)
     torch.manual_seed(train.seed)  # initialisation and dropout: a run is a function of its seed
     console = Console(quiet=quiet or not ranks.main)
     rows, task = load_rows(data, task)
