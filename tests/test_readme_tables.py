@@ -43,8 +43,8 @@ def test_readme_tables_match_committed_results():
 
 def test_readme_marks_the_benchmark_tables():
     assert REFERENCED == ["adapters_step.json", "moe.json", "moe_train.json", "optim.json", "optim_finetune.json",
-                          "optim_full.json", "quality-lm.json", "quality.json", "quantize.json", "rps.json",
-                          "serve.json", "stream.json", "zo.json"]
+                          "optim_full.json", "plan.json", "quality-lm.json", "quality.json", "quantize.json",
+                          "rps.json", "serve.json", "stream.json", "zo.json"]
 
 
 # --- the mechanism, on a README and results of its own ---------------------------------------------------------
@@ -203,6 +203,9 @@ PAYLOADS = {
         "memory": {"Adam LoRA": {"peak_rss": 8 * 2**30, "rss_before_training": 2**30, "train_time_s": 48.0, "steps": 3},
                    "MeZO LoRA": {"peak_rss": 3 * 2**30, "rss_before_training": 2**30, "train_time_s": 39.9,
                                  "steps": 3}}}},
+    "plan.json": {"configs": {"SmolLM2, LoRA q,v, 4x128": {
+        "flags": [], "predicted": 1_656_000_000, "components": {"activations": 742_400_000},
+        "measured": 2_152_000_000, "measured_lean": 1_742_000_000, "s_per_update": 2.0, "s_per_update_lean": 3.0}}},
 }
 
 EXPECTED = {  # README rows these payloads must reproduce, character for character
@@ -308,6 +311,11 @@ EXPECTED = {  # README rows these payloads must reproduce, character for charact
         "|---|---:|---:|---:|---:|---:|---:|",
         "| all weights in memory | 0.605 | 1.00 | 905 | 1.00 | 0 | 0 |",
         "| **streamed, 25% budget** | 1.650 | 2.73 | **249** | **0.28** | 1131 | 1163 |"],
+    ("plan.json", "plan"): [
+        "| configuration | activations (plan), MB | predicted peak, MB | measured, MB | pred ÷ meas "
+        "| measured, --lean-allocator, MB | pred ÷ meas | s/update, lean ÷ default |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| SmolLM2, LoRA q,v, 4x128 | 742 | 1,656 | 2,152 | 0.77 | 1,742 | 0.95 | 1.50 |"],
 }
 
 
