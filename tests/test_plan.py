@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_ok
+from conftest import cli_ok, write_jsonl
 from test_cli_rough_edges import memfit_cli, one_error_line
 
 from memfit.adapters import get_method, inject
@@ -147,3 +147,27 @@ def test_lean_allocator_maps_large_blocks(mode):
     assert proc.returncode == 0, proc.stderr
     mapped = int(proc.stdout)
     assert mapped > 190 * 2**20 if mode == "lean" else mapped < 50 * 2**20, mapped
+
+
+def test_finetune_prints_and_logs_planned_against_measured(llama_dir, tmp_path):
+    rows = write_jsonl(tmp_path / "d.jsonl", [{"text": "the quick brown fox jumps over the lazy dog " * 4}] * 8)
+    out = tmp_path / "run"
+    text = cli_ok("finetune", "--model", llama_dir, "--data", rows, "--out", out, "--max-steps", 2,
+                  "--batch-size", 4, "--max-length", 24)
+    assert "planned and measured" in text
+    event = next(e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                 if e.get("event") == "memory")
+    for name in ("weights resident", "trainable weights", "gradients"):
+        assert event["planned"][name] == event["measured"][name], name
+    # the measured states leave out the per-tensor step counts (4 bytes each) that the plan counts
+    assert event["planned"]["optimizer states"] == pytest.approx(event["measured"]["optimizer states"], rel=0.01)
+    assert event["planned"]["peak"] > 0 and event["measured"]["peak"] > 0
+
+
+def test_finetune_without_a_plan_where_the_planner_does_not_cover_it(llama_dir, tmp_path):
+    rows = write_jsonl(tmp_path / "d.jsonl", [{"text": "the quick brown fox jumps over the lazy dog " * 4}] * 8)
+    out = tmp_path / "run"
+    text = cli_ok("finetune", "--model", llama_dir, "--data", rows, "--out", out, "--max-steps", 1,
+                  "--batch-size", 4, "--max-length", 24, "--weights-budget", "60%")
+    assert "planned and measured" not in text
+    assert not any(json.loads(e).get("event") == "memory" for e in (out / "metrics.jsonl").read_text().splitlines())

@@ -19,7 +19,7 @@ from rich.table import Table
 from memfit.adapters import AdapterConfig, get_method, methods
 from memfit.cli.app import app
 from memfit.cli.options import build_command, field_params, flag_name, option_param, parse_sets, parse_targets
-from memfit.errors import ConfigError
+from memfit.errors import ConfigError, MemfitError
 from memfit.fields import field_types
 from memfit.tiers.budget import format_size
 from memfit.train.allocation import rank_grid
@@ -142,13 +142,38 @@ def _register(name: str, scratch: bool, doc: str) -> None:
         config = method_config(values.pop("method"), method_flags, values.pop("targets"),
                                values.pop("modules_to_save"), values.pop("sets"))
         quiet, out = values["quiet"], values["out"]
-        summary = run_pipeline(values.pop("model"), values.pop("data"), values.pop("out"), config, train, **values)
+        planned = None if scratch else _plan(values, config, train, Console(quiet=quiet))
+        summary = run_pipeline(values.pop("model"), values.pop("data"), values.pop("out"), config, train, **values,
+                               planned=planned)
         print_summary(summary, out, Console(quiet=quiet))
         if quiet:
             typer.echo(f"wrote the run to {out}")
 
     run.__name__ = name
     app.command(name)(build_command(run, params, doc))
+
+
+def _plan(values: dict[str, Any], adapter: AdapterConfig, train: TrainConfig, console: Console) -> dict | None:
+    """`memfit plan`'s prediction for this run, measured before the model loads; None where the planner does not
+    cover the run (its flags, or data from a pipe that cannot be read twice). A plan is advice: a failure to plan
+    is one line, never a stopped run."""
+    from memfit.plan import plan_finetune
+    from memfit.plan.predict import UNCOVERED
+    from memfit.train.data import label_names, load_rows
+
+    data = Path(values["data"])
+    if not data.is_file() or any(getattr(train, k) not in (None, False) for k in UNCOVERED):
+        return None
+    try:
+        rows, task = load_rows(data, values["task"])
+        labels = label_names(rows) if task == "classify" else None
+        return plan_finetune(values["model"], adapter, train, task=task, labels=labels,
+                             device=values["device"]).to_dict()
+    except MemfitError:
+        return None  # the run itself reports bad input, in its own words
+    except Exception as e:  # noqa: BLE001  (an architecture the fake-tensor trace cannot run)
+        console.print(f"no memory plan for this run: {type(e).__name__}: {e}"[:300], highlight=False)
+        return None
 
 
 def print_summary(summary: dict[str, Any], out: Path, console: Console) -> None:

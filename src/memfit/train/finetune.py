@@ -37,7 +37,13 @@ from memfit.train.allocation import AllocatorCallback
 from memfit.train.callbacks import Callback
 from memfit.train.config import TrainConfig
 from memfit.train.data import check_labels, label_names, load_rows
-from memfit.train.memory import memory_rows, optimizer_state_bytes, print_memory_table
+from memfit.train.memory import (
+    measured_components,
+    memory_rows,
+    optimizer_state_bytes,
+    plan_rows,
+    print_memory_table,
+)
 from memfit.train.tasks import TASKS, Task
 from memfit.train.trainer import CHECKPOINT, Ranks, Trainer, checkpoint_dir
 
@@ -200,12 +206,15 @@ def _clear_out(out: Path, resume: bool, ranks: Ranks) -> None:
 def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
              adapter: AdapterConfig, train: TrainConfig | None = None, eval_data: str | os.PathLike | None = None,
              task: str | None = None, resume: bool = False, overwrite: bool = False, device: str | None = None,
-             callbacks: list[Callback] | None = None, quiet: bool = False) -> dict[str, Any]:
+             callbacks: list[Callback] | None = None, quiet: bool = False,
+             planned: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train `adapter` (any registered method's config) on the model in `model_dir` with the rows of `data`;
     writes the run to `out`. For a method that compresses a model from scratch (STABLE-RPS), `model_dir` only
     gives the architecture and the tokenizer.
 
     resume: continue the interrupted run in `out` step for step; overwrite: replace a run `out` already holds.
+    planned: `memfit.plan`'s prediction for this run (`Plan.to_dict()`): printed beside what was measured at the end,
+        and both logged to metrics.jsonl (a "memory" event).
     Returns the summary: eval metrics, time, peak memory, parameter counts, and what the method reports.
     """
     train = train or TrainConfig()
@@ -281,11 +290,18 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     summary = trainer.fit(resume=resume)
     measured = {**trainer.memory, "peak": summary["peak_mem_bytes"]}
     print_memory_table("memory used", memory_rows(model, trainer.optimizer, train.optim, stream, measured), console)
+    if planned is not None:
+        actual = measured_components(model, trainer.optimizer, measured, ranks.device)
+        print_memory_table("memory: planned and measured", plan_rows(planned, actual), console,
+                           columns=("component", "planned", "measured", "measured ÷ planned"))
+        trainer.metrics.log({"event": "memory", "planned": {**planned["components"], "peak": planned["peak_bytes"]},
+                             "measured": actual})
     trainable, total = trainable_parameters(model)
     experts = getattr(model, "memfit_moe", None)
     if experts is not None:  # offloaded experts are no module's parameters, but they are the model's
         total += experts.store.num_parameters
     summary.update(trainable_params=trainable, total_params=total, task=task, method=adapter.method, memory=measured,
+                   memory_plan=planned,
                    optimizer_state_bytes=optimizer_state_bytes(trainer.optimizer)[0],
                    notes=list(model.memfit_notes), **(method.report(model) if method.report else {}))
     if experts is not None:

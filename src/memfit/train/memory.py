@@ -106,10 +106,41 @@ def memory_rows(model: nn.Module, optimizer: torch.optim.Optimizer, optim_name: 
     return rows
 
 
-def print_memory_table(title: str, rows: list[tuple[str, str, str]], console: Console | None = None) -> None:
+def measured_components(model: nn.Module, optimizer: torch.optim.Optimizer, measured: dict[str, int],
+                        device: torch.device) -> dict[str, int]:
+    """The measured bytes of the components `memfit plan` predicts, by the plan's names (peak included).
+
+    Activations are measured on a GPU only (the allocator's peak above what the update started with): on the CPU
+    the resident set also grows by the weights' pages the first update touches (checkpoints load memory-mapped), so
+    there the peak is the check."""
+    trainable = sum(_nbytes(p) for p in model.parameters() if p.requires_grad)
+    out = {"weights resident": sum(_nbytes(p) for p in model.parameters() if not p.requires_grad)
+           + sum(_nbytes(b) for b in model.buffers()),
+           "trainable weights": trainable,
+           "gradients": 0 if getattr(optimizer, "zeroth_order", False) else trainable,
+           "optimizer states": optimizer_state_bytes(optimizer)[0], "peak": measured["peak"]}
+    if "step_peak" in measured and device.type == "cuda":
+        out["activations"] = max(0, measured["step_peak"] - measured["before_step"])
+    return out
+
+
+def plan_rows(planned: dict[str, Any], measured: dict[str, int]) -> list[tuple[str, str, str, str]]:
+    """(component, planned, measured, measured ÷ planned) for every component both have, the peak last."""
+    predicted = {**planned["components"], "peak": planned["peak_bytes"]}
+    rows = []
+    for name, size in predicted.items():
+        if name in measured:
+            ratio = f"{measured[name] / size:.2f}" if size else ""
+            rows.append((name, format_size(size), format_size(measured[name]), ratio))
+    return rows
+
+
+def print_memory_table(title: str, rows: list[tuple[str, ...]], console: Console | None = None,
+                       columns: tuple[str, ...] = ("component", "size", "note")) -> None:
+    """Rows under `columns`: the first left-aligned, sizes and ratios right-aligned, a note left."""
     table = Table(title=title)
-    for name, justify in (("component", "left"), ("size", "right"), ("note", "left")):
-        table.add_column(name, justify=justify)
+    for name in columns:
+        table.add_column(name, justify="left" if name in ("component", "note") else "right")
     for row in rows:
         table.add_row(*row)
     (console or Console()).print(table)
