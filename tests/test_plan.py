@@ -171,3 +171,50 @@ def test_finetune_without_a_plan_where_the_planner_does_not_cover_it(llama_dir, 
                   "--batch-size", 4, "--max-length", 24, "--weights-budget", "60%")
     assert "planned and measured" not in text
     assert not any(json.loads(e).get("event") == "memory" for e in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_memory_chooses_the_largest_micro_batch_that_fits(llama_dir):
+    from memfit.plan.search import MARGIN, fit_memory
+
+    adapter = get_method("lora").config_cls(r=4, target_modules="all-linear")
+    runtime = 400 * 2**20
+    peaks = {b: plan_finetune(llama_dir, adapter, TrainConfig(batch_size=b, max_length=64, optim="adamw",
+                                                                lean_allocator=True),
+                              device="cpu", runtime=runtime).peak_bytes for b in (2, 4)}
+    budget = int((peaks[2] + peaks[4]) / 2 / MARGIN)
+    fit = fit_memory(llama_dir, adapter, TrainConfig(batch_size=8, max_length=64), budget, device="cpu",
+                     runtime=runtime)
+    assert (fit.train.batch_size, fit.train.grad_accum, fit.train.optim) == (2, 4, "adamw")
+    assert fit.train.lean_allocator and fit.plan.peak_bytes <= MARGIN * budget
+    assert fit.changes == ["--batch-size 2", "--grad-accum 4", "--lean-allocator"]
+    whole = fit_memory(llama_dir, adapter, TrainConfig(batch_size=8, max_length=64), 10 * budget, device="cpu",
+                       runtime=runtime)
+    assert (whole.train.batch_size, whole.train.grad_accum) == (8, 1)
+
+
+def test_memory_nothing_fits_names_the_smallest_budget(llama_dir):
+    from memfit.errors import ConfigError
+    from memfit.plan.search import fit_memory
+
+    adapter = get_method("lora").config_cls(r=4, target_modules="all-linear")
+    with pytest.raises(ConfigError, match=r"nothing fits in .*the smallest plan needs .*--batch-size 1, --optim "
+                                          r"adamw8bit.*largest part is"):
+        fit_memory(llama_dir, adapter, TrainConfig(batch_size=8, max_length=64), "1MB", device="cpu")
+
+
+def test_memory_flag_end_to_end(llama_dir, tmp_path):
+    """`memfit plan --memory` prints the command; `memfit finetune --memory` (a fresh process) runs the chosen
+    settings, under the budget."""
+    text = cli_ok("plan", "--model", llama_dir, "--batch-size", 8, "--max-length", 24, "--memory", "3GB")
+    assert "fits in 3GB" in text and "memfit finetune --model" in text and "--lean-allocator" in text
+    rows = write_jsonl(tmp_path / "d.jsonl", [{"text": "the quick brown fox jumps over the lazy dog " * 4}] * 16)
+    out = tmp_path / "run"
+    proc = memfit_cli("finetune", "--model", llama_dir, "--data", rows, "--out", out, "--max-steps", 2,
+                      "--batch-size", 8, "--max-length", 24, "--memory", "3GB", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--memory 3GB:" in proc.stdout
+    event = next(e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                 if e.get("event") == "memory")
+    assert event["measured"]["peak"] <= 3e9
+    one_error_line(memfit_cli("finetune", "--model", llama_dir, "--data", rows, "--out", tmp_path / "r2",
+                              "--memory", "10MB"), "nothing fits in 10.0 MB")

@@ -130,7 +130,12 @@ def _common_params(scratch: bool) -> list:
 def _register(name: str, scratch: bool, doc: str) -> None:
     flags = _MethodFlags(scratch)
     train_names = [f.name for f in dataclasses.fields(TrainConfig) if not (scratch and f.name in _SCRATCH_ONLY)]
-    params = [*_common_params(scratch), *flags.params(), *field_params(TrainConfig, names=train_names)]
+    memory = [] if scratch else [option_param(
+        "memory", str | None, "--memory", help="Fit the run in this much memory, e.g. '2GB': `memfit plan` chooses "
+        "the micro-batch (same examples per update, in --grad-accum steps) and the optimizer with the least "
+        "slowdown, and on the CPU turns --lean-allocator on; the run prints planned against measured.",
+        rich_help_panel="Memory")]
+    params = [*_common_params(scratch), *memory, *flags.params(), *field_params(TrainConfig, names=train_names)]
 
     def run(**values: Any) -> None:
         train = TrainConfig(**{k: values.pop(k) for k in train_names})
@@ -142,7 +147,11 @@ def _register(name: str, scratch: bool, doc: str) -> None:
         config = method_config(values.pop("method"), method_flags, values.pop("targets"),
                                values.pop("modules_to_save"), values.pop("sets"))
         quiet, out = values["quiet"], values["out"]
-        planned = None if scratch else _plan(values, config, train, Console(quiet=quiet))
+        memory = values.pop("memory", None)
+        if memory is not None:
+            train, planned = _fit(values, config, train, memory, Console(quiet=quiet))
+        else:
+            planned = None if scratch else _plan(values, config, train, Console(quiet=quiet))
         summary = run_pipeline(values.pop("model"), values.pop("data"), values.pop("out"), config, train, **values,
                                planned=planned)
         print_summary(summary, out, Console(quiet=quiet))
@@ -153,22 +162,44 @@ def _register(name: str, scratch: bool, doc: str) -> None:
     app.command(name)(build_command(run, params, doc))
 
 
-def _plan(values: dict[str, Any], adapter: AdapterConfig, train: TrainConfig, console: Console) -> dict | None:
-    """`memfit plan`'s prediction for this run, measured before the model loads; None where the planner does not
-    cover the run (its flags, or data from a pipe that cannot be read twice). A plan is advice: a failure to plan
-    is one line, never a stopped run."""
-    from memfit.plan import plan_finetune
-    from memfit.plan.predict import UNCOVERED
+def _task_labels(data: Path, task: str | None) -> tuple[str, list[str] | None]:
     from memfit.train.data import label_names, load_rows
+
+    rows, task = load_rows(data, task)
+    return task, (label_names(rows) if task == "classify" else None)
+
+
+def _fit(values: dict[str, Any], adapter: AdapterConfig, train: TrainConfig, memory: str,
+         console: Console) -> tuple[TrainConfig, dict]:
+    """--memory: the settings `memfit.plan.fit_memory` chooses, announced; their plan is the run's."""
+    from memfit.plan.isolated import plan_isolated
+
+    if not Path(values["data"]).is_file():
+        raise ConfigError("--memory plans from the data file, which must be a regular file (not a pipe).")
+    task, labels = _task_labels(Path(values["data"]), values["task"])
+    try:
+        fit = plan_isolated(values["model"], adapter, train, task, labels, values["device"], memory=memory)
+    except RuntimeError as e:
+        raise ConfigError(f"--memory could not plan this run ({e}); run it without --memory.") from e
+    chosen = " ".join(fit["changes"]) or "the settings as given"
+    console.print(f"--memory {memory}: {chosen} (planned peak {format_size(fit['plan']['peak_bytes'])})",
+                  highlight=False)
+    return TrainConfig.from_dict(fit["train"]), fit["plan"]
+
+
+def _plan(values: dict[str, Any], adapter: AdapterConfig, train: TrainConfig, console: Console) -> dict | None:
+    """`memfit plan`'s prediction for this run, from a fresh process (tracing here would leave its garbage in the
+    run's memory); None where the planner does not cover the run (its flags, or data from a pipe that cannot be
+    read twice). A plan is advice: a failure to plan is one line, never a stopped run."""
+    from memfit.plan.isolated import plan_isolated
+    from memfit.plan.predict import UNCOVERED
 
     data = Path(values["data"])
     if not data.is_file() or any(getattr(train, k) not in (None, False) for k in UNCOVERED):
         return None
     try:
-        rows, task = load_rows(data, values["task"])
-        labels = label_names(rows) if task == "classify" else None
-        return plan_finetune(values["model"], adapter, train, task=task, labels=labels,
-                             device=values["device"]).to_dict()
+        task, labels = _task_labels(data, values["task"])
+        return plan_isolated(values["model"], adapter, train, task, labels, values["device"])["plan"]
     except MemfitError:
         return None  # the run itself reports bad input, in its own words
     except Exception as e:  # noqa: BLE001  (an architecture the fake-tensor trace cannot run)

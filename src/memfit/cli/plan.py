@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from rich.table import Table
 
 from memfit.cli.app import app
 from memfit.cli.finetune import _common_params, _MethodFlags, method_config
-from memfit.cli.options import build_command, field_params, option_param
+from memfit.cli.options import build_command, field_params, flag_name, option_param
 from memfit.tiers.budget import format_size
 from memfit.train.config import TrainConfig
 
@@ -37,10 +38,18 @@ def _run(**values: Any) -> None:
     if values["data"] is not None:
         rows, task = load_rows(values["data"], task)
         labels = label_names(rows) if task == "classify" else None
-    plan = plan_finetune(values["model"], adapter, train, task=task or "causal-lm", labels=labels,
-                         device=values["device"])
+    command = None
+    if values["memory"] is not None:
+        from memfit.plan.search import fit_memory
+
+        fit = fit_memory(values["model"], adapter, train, values["memory"], task=task or "causal-lm",
+                         labels=labels, device=values["device"])
+        plan, command = fit.plan, _command(values, adapter, fit.train)
+    else:
+        plan = plan_finetune(values["model"], adapter, train, task=task or "causal-lm", labels=labels,
+                             device=values["device"])
     if values["json"]:
-        typer.echo(json.dumps(plan.to_dict()))
+        typer.echo(json.dumps({**plan.to_dict(), **({"command": command} if command else {})}))
         return
     table = Table(title=f"memory plan: {adapter.method} on {values['model']} ({plan.device})")
     for name, justify in (("component", "left"), ("size", "right"), ("note", "left")):
@@ -52,6 +61,40 @@ def _run(**values: Any) -> None:
     console.print(table)
     for note in plan.notes:
         console.print(note, highlight=False, soft_wrap=True)
+    if command:
+        console.print(f"fits in {values['memory']}:\n  {command}", highlight=False, soft_wrap=True)
+
+
+def _command(values: dict[str, Any], adapter: Any, train: TrainConfig) -> str:
+    """The `memfit finetune` command of these settings: every option that differs from its default, spelled out."""
+    def quote(v: Any) -> str:
+        text = json.dumps(v) if isinstance(v, list | dict) else str(v)
+        return shlex.quote(text)
+
+    parts = ["memfit", "finetune", "--model", quote(values["model"]),
+             "--data", quote(values["data"]) if values["data"] is not None else "DATA", "--out", "OUT",
+             "--method", adapter.method]
+    if values["task"] is not None:
+        parts += ["--task", values["task"]]
+    if values["device"] is not None:
+        parts += ["--device", values["device"]]
+    default = type(adapter)()
+    for f in dataclasses.fields(adapter):
+        value = getattr(adapter, f.name)
+        if value == getattr(default, f.name):
+            continue
+        if f.name == "target_modules":
+            parts += ["--targets", quote(value if isinstance(value, str) else ",".join(value))]
+        elif f.name == "modules_to_save":
+            parts += ["--modules-to-save", quote(",".join(value))]
+        else:
+            parts += ["--set", quote(f"{f.name}={json.dumps(value) if isinstance(value, list) else value}")]
+    plain = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(train, f.name)
+        if value != getattr(plain, f.name):
+            parts += [flag_name(f)] if value is True else [flag_name(f), quote(value)]
+    return " ".join(parts)
 
 
 def _register() -> None:
@@ -60,6 +103,9 @@ def _register() -> None:
     params = [*common,
               option_param("data", Path | None, "--data", help="The run's JSONL data (optional): sets the task and a "
                            "classifier's labels."),
+              option_param("memory", str | None, "--memory", help="Choose the settings that fit this much memory "
+                           "(e.g. '2GB'): the micro-batch and the optimizer with the least slowdown; prints their "
+                           "plan and the `memfit finetune` command to run."),
               option_param("json", bool, "--json", default=False, help="Print the plan as one JSON object (bytes "
                            "per component and peak_bytes), for scripts."),
               *flags.params(), *field_params(TrainConfig)]

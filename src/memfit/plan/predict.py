@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memfit.adapters import AdapterConfig, get_method, inject
 from memfit.errors import ConfigError
-from memfit.local import is_gguf, load_config
+from memfit.local import is_gguf, load_config, load_tokenizer
 from memfit.local import model_dir as local_dir
 from memfit.plan.trace import LiveBytes
 from memfit.tiers.memory import rss_bytes
@@ -97,10 +97,14 @@ def _new_modules(model: nn.Module, root: Path) -> list[str]:
 
 
 def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: TrainConfig | None = None,
-                  task: str = "causal-lm", labels: list[str] | None = None, device: str | None = None) -> Plan:
+                  task: str = "causal-lm", labels: list[str] | None = None, device: str | None = None,
+                  runtime: int | None = None) -> Plan:
     """Predict the peak memory of `memfit finetune` with these settings, component by component (no weight read).
 
     labels: the class names of a classification run (their count sizes the head); `device` as the run takes it.
+    runtime: the runtime's resident bytes, when measured already (a search plans several times in one process,
+        whose resident set grows with each trace); by default this process's resident set with the model's
+        tokenizer loaded. Plan in a fresh process (`plan_isolated`) for a run in this one: tracing leaves ~30 MB.
     """
     train = train or TrainConfig()
     for key, flag in UNCOVERED.items():
@@ -117,8 +121,11 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
     task_obj = TASKS[task](labels or (["0", "1"] if task == "classify" else None))
     config = load_config(root, **task_obj.model_kwargs())
     cls = getattr(__import__("transformers"), task_obj.auto_class)
-    # Measured before anything is built: the runtime (interpreter, torch, transformers, memfit) on this machine.
-    overhead = rss_bytes() if dev.type == "cpu" else 0
+    # Measured before anything is built: the runtime (interpreter, torch, transformers, memfit, the tokenizer the
+    # run loads before its model) on this machine.
+    tokenizer = load_tokenizer(root) if runtime is None and dev.type == "cpu" else None
+    overhead = (rss_bytes() if runtime is None else runtime) if dev.type == "cpu" else 0
+    del tokenizer
     with FakeTensorMode(), torch.device(dev):
         model = cls.from_config(config, dtype=torch.float32)
         if task == "classify":
@@ -139,7 +146,7 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
     held = [Component("weights resident", _nbytes(weights), "frozen base weights and buffers, fp32"),
             Component("trainable weights", _nbytes(trainable), f"{sum(p.numel() for p in trainable):,} parameters")]
     runtime = [Component("runtime", overhead, "this process's resident set before the model: interpreter, torch, "
-                         "transformers, memfit")] if dev.type == "cpu" else []
+                         "transformers, memfit, the tokenizer")] if dev.type == "cpu" else []
     if dev.type == "cpu" and not train.lean_allocator:
         notes.append(ALLOCATOR_NOTE)
     total = overhead + sum(c.bytes for c in held) + peak_live

@@ -1,0 +1,53 @@
+"""Planning in a fresh process, for a run in this one: tracing leaves ~30 MB resident that the run would carry.
+
+`python -m memfit.plan SPEC` plans (or, with "memory", fits) the run SPEC describes (JSON: model, adapter, train,
+task, labels, device) and prints the result as one JSON line; the child imports what `memfit finetune` imports,
+so its resident set before the model is the run's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+from memfit.adapters import AdapterConfig
+from memfit.adapters.registry import config_from_dict
+from memfit.errors import ConfigError, MemfitError
+from memfit.train.config import TrainConfig
+
+
+def plan_isolated(model_dir: str, adapter: AdapterConfig, train: TrainConfig, task: str,
+                  labels: list[str] | None, device: str | None, memory: str | None = None) -> dict[str, Any]:
+    """{"plan": Plan.to_dict()} (and, with `memory`, "train" and "changes" of the settings chosen); a planning
+    error is raised here as the ConfigError it was."""
+    spec = {"model": str(model_dir), "adapter": adapter.to_dict(), "train": train.to_dict(), "task": task,
+            "labels": labels, "device": device, "memory": memory}
+    proc = subprocess.run([sys.executable, "-m", "memfit.plan", json.dumps(spec)], capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"the planning process failed: {proc.stderr.strip()[-500:]}")
+    out = json.loads(lines[-1])
+    if "error" in out:
+        raise ConfigError(out["error"])
+    return out
+
+
+def main(spec_text: str) -> None:
+    import memfit.cli  # noqa: F401  (the run's imports, so the resident set measured is the run's)
+    from memfit.plan.predict import plan_finetune
+    from memfit.plan.search import fit_memory
+
+    spec = json.loads(spec_text)
+    adapter, train = config_from_dict(spec["adapter"]), TrainConfig.from_dict(spec["train"])
+    args = {"task": spec["task"], "labels": spec["labels"], "device": spec["device"]}
+    try:
+        if spec["memory"] is None:
+            out = {"plan": plan_finetune(spec["model"], adapter, train, **args).to_dict()}
+        else:
+            fit = fit_memory(spec["model"], adapter, train, spec["memory"], **args)
+            out = {"plan": fit.plan.to_dict(), "train": fit.train.to_dict(), "changes": fit.changes}
+    except MemfitError as e:
+        out = {"error": str(e)}
+    print(json.dumps(out))

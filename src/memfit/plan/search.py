@@ -1,0 +1,108 @@
+"""`--memory B`: the settings of a fine-tune that fit B bytes with the least slowdown, chosen from traced plans.
+
+What changes memory without changing what is learned: the micro-batch (the same examples per update, split into
+--grad-accum micro-batches) and the optimizer (AdamW's 8 B/param of state -> AdamW8bit's 2.03). Candidates are
+tried in order of expected slowdown (full micro-batch first; the optimizer switch after every split, since it
+changes the update's numerics slightly). Activations are linear in the micro-batch, so two traces (the requested
+batch and batch 1) predict every split; the chosen one is traced again to confirm it. On the CPU the search turns
+--lean-allocator on: only then does the measured peak follow the plan (bench/plan.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+from memfit.adapters import AdapterConfig
+from memfit.errors import ConfigError
+from memfit.local import load_tokenizer
+from memfit.plan.predict import Plan, plan_finetune
+from memfit.tiers.budget import format_size, parse_size
+from memfit.tiers.memory import rss_bytes
+from memfit.train.config import TrainConfig
+
+# A plan must fit in this share of the budget: bench/plan.py's worst plan ÷ measured peak with --lean-allocator was
+# 0.90 (kernels' own scratch buffers, and pages of code the first update brings in, are not traced), and a run in
+# the planning process also keeps the ~30 MB that tracing leaves behind.
+MARGIN = 0.9
+
+
+@dataclass
+class Fit:
+    train: TrainConfig
+    plan: Plan
+    changes: list[str]  # the flags that differ from the request, as they would be typed
+
+
+def _peak(plan: Plan, activations: float) -> float:
+    g = plan.get("gradients")
+    held = plan.get("runtime") + plan.get("weights resident") + plan.get("trainable weights")
+    return held + max(g + activations, g + plan.get("optimizer states") + plan.get("optimizer step"))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def fit_memory(model_dir: str | os.PathLike, adapter: AdapterConfig, train: TrainConfig, memory: int | str,
+               task: str = "causal-lm", labels: list[str] | None = None, device: str | None = None,
+               runtime: int | None = None) -> Fit:
+    """The first candidate whose plan fits `memory` (with `MARGIN`); ConfigError naming the smallest budget that
+    would fit and its largest component when none does. `runtime` as for `plan_finetune`."""
+    budget = parse_size(memory)
+    room = MARGIN * budget
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if runtime is None and dev.type == "cpu":  # measured once: each trace leaves some memory behind
+        tokenizer = load_tokenizer(model_dir)  # the run holds it before its model
+        runtime = rss_bytes()
+        del tokenizer
+    kw = {"task": task, "labels": labels, "device": device, "runtime": runtime or 0}
+    if dev.type == "cpu":
+        train = replace(train, lean_allocator=True)
+    optims = [train.optim] + (["adamw8bit"] if train.optim == "adamw" else [])
+    smallest: tuple[float, Plan, int] | None = None
+    for optim in optims:
+        base = replace(train, optim=optim)
+        full = plan_finetune(model_dir, adapter, base, **kw)
+        one = full if train.batch_size == 1 else plan_finetune(model_dir, adapter, replace(base, batch_size=1), **kw)
+        a1, an = one.get("activations"), full.get("activations")
+        for micro in _divisors(train.batch_size):
+            activations = a1 + (an - a1) * (micro - 1) / max(1, train.batch_size - 1)
+            predicted = _peak(full, activations)
+            if smallest is None or predicted < smallest[0]:
+                smallest = (predicted, one if micro == 1 else full, micro)
+            if predicted > room:
+                continue
+            chosen = replace(base, batch_size=micro, grad_accum=train.grad_accum * train.batch_size // micro)
+            plan = full if micro == train.batch_size else plan_finetune(model_dir, adapter, chosen, **kw)
+            if plan.peak_bytes <= room:
+                return Fit(chosen, plan, _changes(train, chosen, dev))
+    assert smallest is not None
+    need, plan, micro = smallest
+    parts = [c for c in plan.components if c.name != "runtime"]
+    top = max(parts, key=lambda c: c.bytes)
+    raise ConfigError(f"nothing fits in {format_size(budget)}: the smallest plan needs {format_size(need / MARGIN)} "
+                      f"(--batch-size {micro}, --optim {optims[-1]}); its largest part is {top.name} "
+                      f"({format_size(top.bytes)}){_advice(top.name)}.")
+
+
+def _advice(component: str) -> str:
+    if component == "weights resident":
+        return (": --quantize nf4 or --weights-budget would move it, which the planner does not model yet "
+                "(measure such a run with memfit finetune)")
+    if component == "activations":
+        return ": lower --max-length"
+    return ""
+
+
+def _changes(requested: TrainConfig, chosen: TrainConfig, dev: torch.device) -> list[str]:
+    flags = []
+    if chosen.batch_size != requested.batch_size:
+        flags += [f"--batch-size {chosen.batch_size}", f"--grad-accum {chosen.grad_accum}"]
+    if chosen.optim != requested.optim:
+        flags.append(f"--optim {chosen.optim}")
+    if dev.type == "cpu":
+        flags.append("--lean-allocator")
+    return flags
