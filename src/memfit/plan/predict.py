@@ -36,7 +36,7 @@ from memfit.train.trainer import make_optimizer
 UNCOVERED = {"weights_budget": "--weights-budget", "expert_budget": "--expert-budget", "quantize": "--quantize",
              "shard": "--shard"}
 ALLOCATOR_NOTE = ("on the CPU the measured peak is the resident set, and glibc keeps freed activation memory in its "
-                  "heap: runs measured 5-41% above these live bytes (bench/plan.py); --lean-allocator returns it at "
+                  "heap: runs measured 3-41% above these live bytes (bench/plan.py); --lean-allocator returns it at "
                   "once, and the run then measures what is predicted here")
 
 

@@ -65,8 +65,8 @@ def lean_allocator(threshold: int = LEAN_THRESHOLD) -> bool:
 
     By default glibc raises its mmap threshold each time a mapped block is freed (up to 32 MB), so a training
     step's activations land in the heap, and the holes freed tensors leave there stay resident: measured peaks were
-    5-41% above the live bytes (bench/plan.py). A fixed threshold keeps the resident set at the live bytes, which
-    `memfit plan` predicts, at the cost of a page fault per 4 KB of every large allocation (updates 1.3-1.5x slower in
+    3-41% above the live bytes (bench/plan.py). A fixed threshold keeps the resident set at the live bytes, which
+    `memfit plan` predicts, at the cost of a page fault per 4 KB of every large allocation (updates 1.3-1.6x slower in
     bench/plan.py).
     """
     import ctypes

@@ -60,9 +60,9 @@ class TrainConfig:
                                              "(attention, shared experts, dense MLPs); the experts stay frozen. "
                                              "It must hold one layer's top-k experts.", panel=MEMORY)
     lean_allocator: bool = option(False, help="CPU on Linux: have glibc return every freed block above 256 KB to the "
-                                  "system at once, so the peak resident set is the live bytes (3-27% lower in "
+                                  "system at once, so the peak resident set is the live bytes (4-30% lower in "
                                   "bench/plan.py, and what `memfit plan` predicts), at the cost of page faults on "
-                                  "each large allocation (updates 1.3-1.5x slower there).", panel=MEMORY)
+                                  "each large allocation (updates 1.3-1.6x slower there).", panel=MEMORY)
     quantize: str | None = option(None, help="Quantize the frozen base as it loads: 'nf4' (QLoRA: 4.13 bits per "
                                   "weight, 0.13x fp32) or 'int8' (8.13 bits); adapters train on top in fp32. A "
                                   "checkpoint written by `memfit quantize` loads quantized without it, and without "
