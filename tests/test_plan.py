@@ -149,19 +149,25 @@ def test_lean_allocator_maps_large_blocks(mode):
     assert mapped > 190 * 2**20 if mode == "lean" else mapped < 50 * 2**20, mapped
 
 
+def _end_event(out: Path) -> dict:
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "end"  # the last line, as scripts read it
+    return events[-1]
+
+
 def test_finetune_prints_and_logs_planned_against_measured(llama_dir, tmp_path):
     rows = write_jsonl(tmp_path / "d.jsonl", [{"text": "the quick brown fox jumps over the lazy dog " * 4}] * 8)
     out = tmp_path / "run"
     text = cli_ok("finetune", "--model", llama_dir, "--data", rows, "--out", out, "--max-steps", 2,
                   "--batch-size", 4, "--max-length", 24)
     assert "planned and measured" in text
-    event = next(e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                 if e.get("event") == "memory")
+    end = _end_event(out)
+    planned, measured = end["memory_planned"], end["memory_measured"]
     for name in ("weights resident", "trainable weights", "gradients"):
-        assert event["planned"][name] == event["measured"][name], name
+        assert planned[name] == measured[name], name
     # the measured states leave out the per-tensor step counts (4 bytes each) that the plan counts
-    assert event["planned"]["optimizer states"] == pytest.approx(event["measured"]["optimizer states"], rel=0.01)
-    assert event["planned"]["peak"] > 0 and event["measured"]["peak"] > 0
+    assert planned["optimizer states"] == pytest.approx(measured["optimizer states"], rel=0.01)
+    assert planned["peak"] > 0 and measured["peak"] > 0
 
 
 def test_finetune_without_a_plan_where_the_planner_does_not_cover_it(llama_dir, tmp_path):
@@ -170,7 +176,7 @@ def test_finetune_without_a_plan_where_the_planner_does_not_cover_it(llama_dir, 
     text = cli_ok("finetune", "--model", llama_dir, "--data", rows, "--out", out, "--max-steps", 1,
                   "--batch-size", 4, "--max-length", 24, "--weights-budget", "60%")
     assert "planned and measured" not in text
-    assert not any(json.loads(e).get("event") == "memory" for e in (out / "metrics.jsonl").read_text().splitlines())
+    assert "memory_planned" not in _end_event(out)
 
 
 def test_memory_chooses_the_largest_micro_batch_that_fits(llama_dir):
@@ -213,8 +219,6 @@ def test_memory_flag_end_to_end(llama_dir, tmp_path):
                       "--batch-size", 8, "--max-length", 24, "--memory", "3GB", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--memory 3GB:" in proc.stdout
-    event = next(e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                 if e.get("event") == "memory")
-    assert event["measured"]["peak"] <= 3e9
+    assert _end_event(out)["memory_measured"]["peak"] <= 3e9
     one_error_line(memfit_cli("finetune", "--model", llama_dir, "--data", rows, "--out", tmp_path / "r2",
                               "--memory", "10MB"), "nothing fits in 10.0 MB")

@@ -29,7 +29,7 @@ from memfit.errors import CheckpointError, ConfigError
 from memfit.local import from_pretrained, is_gguf, load_config, load_tokenizer
 from memfit.local import model_dir as local_dir
 from memfit.quant.checkpoint import empty_quantized, is_quantized_dir
-from memfit.tiers.memory import lean_allocator
+from memfit.tiers.memory import lean_allocator, peak_bytes
 from memfit.tiers.modules import checkpoint_key, empty_weights, move_model
 from memfit.tiers.st_reader import SafetensorsReader
 from memfit.tiers.stream import stream_weights
@@ -214,7 +214,7 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
 
     resume: continue the interrupted run in `out` step for step; overwrite: replace a run `out` already holds.
     planned: `memfit.plan`'s prediction for this run (`Plan.to_dict()`): printed beside what was measured at the end,
-        and both logged to metrics.jsonl (a "memory" event).
+        and both logged in metrics.jsonl's "end" event (memory_planned, memory_measured).
     Returns the summary: eval metrics, time, peak memory, parameter counts, and what the method reports.
     """
     train = train or TrainConfig()
@@ -284,24 +284,21 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
     encode = lambda rs: [task_obj.encode(r, tokenizer, train.max_length) for r in rs]  # noqa: E731
     allocator = [AllocatorCallback()] if method.allocator is not None else []
     _clear_out(out, resume, ranks)
+    plan_check = [_PlanCheck(planned)] if planned is not None else []
     trainer = Trainer(model, task_obj, encode(rows), encode(eval_rows), train, out, tokenizer.pad_token_id, save,
-                      callbacks=[*allocator, *(callbacks or [])], ranks=ranks, quiet=quiet)
+                      callbacks=[*allocator, *plan_check, *(callbacks or [])], ranks=ranks, quiet=quiet)
     print_memory_table("memory plan", memory_rows(model, trainer.optimizer, train.optim, stream), console)
     summary = trainer.fit(resume=resume)
     measured = {**trainer.memory, "peak": summary["peak_mem_bytes"]}
     print_memory_table("memory used", memory_rows(model, trainer.optimizer, train.optim, stream, measured), console)
     if planned is not None:
-        actual = measured_components(model, trainer.optimizer, measured, ranks.device)
-        print_memory_table("memory: planned and measured", plan_rows(planned, actual), console,
+        print_memory_table("memory: planned and measured", plan_rows(planned, summary["memory_measured"]), console,
                            columns=("component", "planned", "measured", "measured ÷ planned"))
-        trainer.metrics.log({"event": "memory", "planned": {**planned["components"], "peak": planned["peak_bytes"]},
-                             "measured": actual})
     trainable, total = trainable_parameters(model)
     experts = getattr(model, "memfit_moe", None)
     if experts is not None:  # offloaded experts are no module's parameters, but they are the model's
         total += experts.store.num_parameters
     summary.update(trainable_params=trainable, total_params=total, task=task, method=adapter.method, memory=measured,
-                   memory_plan=planned,
                    optimizer_state_bytes=optimizer_state_bytes(trainer.optimizer)[0],
                    notes=list(model.memfit_notes), **(method.report(model) if method.report else {}))
     if experts is not None:
@@ -314,6 +311,20 @@ def finetune(model_dir: str | os.PathLike, data: str | os.PathLike, out: str | o
 
         teardown_distributed()
     return summary
+
+
+class _PlanCheck(Callback):
+    """Puts the plan and the measured components in the run's "end" event (metrics.jsonl), as
+    memory_planned / memory_measured."""
+
+    def __init__(self, planned: dict[str, Any]) -> None:
+        self.planned = planned
+
+    def on_train_end(self, trainer: Trainer) -> dict[str, Any]:
+        measured = {**trainer.memory, "peak": peak_bytes(trainer.ranks.device)}
+        return {"memory_planned": {**self.planned["components"], "peak": self.planned["peak_bytes"]},
+                "memory_measured": measured_components(trainer.model, trainer.optimizer, measured,
+                                                       trainer.ranks.device)}
 
 
 def load_finetuned(run_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
