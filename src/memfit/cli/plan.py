@@ -22,6 +22,7 @@ from memfit.cli.options import build_command, field_params, flag_name, option_pa
 from memfit.tiers.budget import format_size
 from memfit.train.config import TrainConfig
 
+_FLAGS = _MethodFlags(from_scratch=False)  # the method options finetune takes
 _KEPT = ("model", "task", "method", "targets", "modules_to_save", "sets", "device")
 
 
@@ -29,10 +30,9 @@ def _run(**values: Any) -> None:
     from memfit.plan import plan_finetune
     from memfit.train.data import label_names, load_rows
 
-    flags = _MethodFlags(from_scratch=False)
     train_names = [f.name for f in dataclasses.fields(TrainConfig)]
     train = TrainConfig(**{k: values.pop(k) for k in train_names})
-    adapter = method_config(values["method"], {k: values.pop(k) for k in flags.fields}, values["targets"],
+    adapter = method_config(values["method"], {k: values.pop(k) for k in _FLAGS.fields}, values["targets"],
                             values["modules_to_save"], values["sets"])
     task, labels = values["task"], None
     if values["data"] is not None:
@@ -98,7 +98,6 @@ def _command(values: dict[str, Any], adapter: Any, train: TrainConfig) -> str:
 
 
 def _register() -> None:
-    flags = _MethodFlags(from_scratch=False)
     common = [p for p in _common_params(False) if p.name in _KEPT]
     params = [*common,
               option_param("data", Path | None, "--data", help="The run's JSONL data (optional): sets the task and a "
@@ -108,7 +107,7 @@ def _register() -> None:
                            "plan and the `memfit finetune` command to run."),
               option_param("json", bool, "--json", default=False, help="Print the plan as one JSON object (bytes "
                            "per component and peak_bytes), for scripts."),
-              *flags.params(), *field_params(TrainConfig)]
+              *_FLAGS.params(), *field_params(TrainConfig)]
     _run.__name__ = "plan"
     app.command("plan")(build_command(_run, params, """Predict the peak memory of a fine-tune, component by component.
 

@@ -13,7 +13,7 @@ here (`overhead`), and the allocator's retention of freed memory, which `--lean-
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from memfit.local import model_dir as local_dir
 from memfit.plan.trace import LiveBytes
 from memfit.tiers.memory import rss_bytes
 from memfit.train.config import TrainConfig
+from memfit.train.finetune import auto_class, missing_modules
 from memfit.train.memory import PLANNED_STATE
 from memfit.train.tasks import TASKS, Task
 from memfit.train.trainer import make_optimizer
@@ -84,18 +85,6 @@ def _batch(task: Task, batch: int, length: int, device: torch.device) -> dict[st
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _new_modules(model: nn.Module, root: Path) -> list[str]:
-    """Modules the checkpoint lacks (a classification head), from its safetensors headers alone."""
-    from memfit.tiers.modules import checkpoint_key
-    from memfit.tiers.st_reader import SafetensorsReader
-    from memfit.train.finetune import _new_modules as owners
-
-    if is_gguf(root):
-        return []
-    with SafetensorsReader(root, drop_cache=False) as reader:
-        return owners([n for n, _ in model.named_parameters() if checkpoint_key([n], reader) is None])
-
-
 def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: TrainConfig | None = None,
                   task: str = "causal-lm", labels: list[str] | None = None, device: str | None = None,
                   runtime: int | None = None) -> Plan:
@@ -120,7 +109,7 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     task_obj = TASKS[task](labels or (["0", "1"] if task == "classify" else None))
     config = load_config(root, **task_obj.model_kwargs())
-    cls = getattr(__import__("transformers"), task_obj.auto_class)
+    cls = auto_class(task_obj)
     # Measured before anything is built: the runtime (interpreter, torch, transformers, memfit, the tokenizer the
     # run loads before its model) on this machine.
     tokenizer = load_tokenizer(root) if runtime is None and dev.type == "cpu" else None
@@ -130,10 +119,8 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
         model = cls.from_config(config, dtype=torch.float32)
         if task == "classify":
             model.config.pad_token_id = 0
-        new = _new_modules(model, root)
+        new = [] if is_gguf(root) else missing_modules(root, [n for n, _ in model.named_parameters()])
         if new and not adapter.modules_to_save:
-            from dataclasses import replace
-
             adapter = replace(adapter, modules_to_save=new)
         inject(model, adapter)
         weights = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
@@ -142,20 +129,29 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
             raise ConfigError("the adapter leaves no parameter to train; check --targets.")
         trainable = [p for _, p in named]
         optimizer = make_optimizer(train, named, Path(os.devnull))
-        components, peak_live, notes = _trace_update(model, task_obj, train, optimizer, trainable, dev)
+        components, notes = _trace_update(model, task_obj, train, optimizer, trainable, dev)
     held = [Component("weights resident", _nbytes(weights), "frozen base weights and buffers, fp32"),
             Component("trainable weights", _nbytes(trainable), f"{sum(p.numel() for p in trainable):,} parameters")]
     runtime = [Component("runtime", overhead, "this process's resident set before the model: interpreter, torch, "
                          "transformers, memfit, the tokenizer")] if dev.type == "cpu" else []
     if dev.type == "cpu" and not train.lean_allocator:
         notes.append(ALLOCATOR_NOTE)
-    total = overhead + sum(c.bytes for c in held) + peak_live
-    return Plan(runtime + held + components, total, str(dev), notes)
+    parts = runtime + held + components
+    return Plan(parts, peak_of({c.name: c.bytes for c in parts}), str(dev), notes)
+
+
+def peak_of(parts: dict[str, int]) -> int:
+    """The peak components add up to: what is held (runtime, weights), plus the larger of the backward's high
+    point (gradients + activations) and the optimizer step's (gradients + states + the step's temporaries)."""
+    get = lambda name: parts.get(name, 0)  # noqa: E731
+    held = get("runtime") + get("weights resident") + get("trainable weights")
+    return held + get("gradients") + max(get("activations"),
+                                         get("optimizer states") + get("optimizer step"))
 
 
 def _trace_update(model: nn.Module, task: Task, train: TrainConfig, optimizer: torch.optim.Optimizer,
-                  trainable: list[torch.Tensor], dev: torch.device) -> tuple[list[Component], int, list[str]]:
-    """(components, peak live bytes above the weights, notes) of one traced update."""
+                  trainable: list[torch.Tensor], dev: torch.device) -> tuple[list[Component], list[str]]:
+    """(components, notes) of one traced update."""
     held = list(model.parameters()) + list(model.buffers())
     batch = _batch(task, train.batch_size, train.max_length, dev)
     model.train()
@@ -178,14 +174,13 @@ def _trace_update(model: nn.Module, task: Task, train: TrainConfig, optimizer: t
             if train.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm)
             states, step_extra, how = _step_states(optimizer, train.optim, trainable, live, before, dev)
-    step_peak = grad_bytes + states + step_extra
     components = [Component("gradients", grad_bytes, "one per trainable weight"),
                   Component("optimizer states", states, f"{train.optim} ({how})"),
                   Component("activations", activations, f"batch {train.batch_size} x {train.max_length} tokens, "
                             "peak of the forward and backward above the gradients")]
     if step_extra:
         components.append(Component("optimizer step", step_extra, "the step's temporaries beside its states"))
-    return components, max(activations + grad_bytes, step_peak), notes
+    return components, notes
 
 
 # Optimizers whose step is plain torch ops, traced on fake tensors; the others run native kernels or move states

@@ -18,7 +18,7 @@ import torch
 from memfit.adapters import AdapterConfig
 from memfit.errors import ConfigError
 from memfit.local import load_tokenizer
-from memfit.plan.predict import Plan, plan_finetune
+from memfit.plan.predict import Plan, peak_of, plan_finetune
 from memfit.tiers.budget import format_size, parse_size
 from memfit.tiers.memory import rss_bytes
 from memfit.train.config import TrainConfig
@@ -34,12 +34,6 @@ class Fit:
     train: TrainConfig
     plan: Plan
     changes: list[str]  # the flags that differ from the request, as they would be typed
-
-
-def _peak(plan: Plan, activations: float) -> float:
-    g = plan.get("gradients")
-    held = plan.get("runtime") + plan.get("weights resident") + plan.get("trainable weights")
-    return held + max(g + activations, g + plan.get("optimizer states") + plan.get("optimizer step"))
 
 
 def _divisors(n: int) -> list[int]:
@@ -70,7 +64,7 @@ def fit_memory(model_dir: str | os.PathLike, adapter: AdapterConfig, train: Trai
         a1, an = one.get("activations"), full.get("activations")
         for micro in _divisors(train.batch_size):
             activations = a1 + (an - a1) * (micro - 1) / max(1, train.batch_size - 1)
-            predicted = _peak(full, activations)
+            predicted = peak_of({**full.to_dict()["components"], "activations": activations})
             if smallest is None or predicted < smallest[0]:
                 smallest = (predicted, one if micro == 1 else full, micro)
             if predicted > room:

@@ -59,7 +59,7 @@ def make_ranks(config: TrainConfig, device: str | None = None) -> Ranks:
     return Ranks(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
 
 
-def _auto_class(task: Task) -> Any:
+def auto_class(task: Task) -> Any:
     import transformers
 
     return getattr(transformers, task.auto_class)
@@ -85,7 +85,7 @@ def load_base(directory: str | os.PathLike, task: Task, *, fresh: bool = False,
     expert_budget: a Mixture-of-Experts causal LM with its experts offloaded behind a cache of this many bytes
         (`memfit.moe.load`); the other weights are read into memory.
     """
-    cls = _auto_class(task)
+    cls = auto_class(task)
     if fresh:
         model = cls.from_config(load_config(directory, **task.model_kwargs()), dtype=torch.float32)
         model.config._name_or_path = str(Path(directory).resolve())  # where load_finetuned finds the architecture
@@ -115,14 +115,19 @@ def load_base(directory: str | os.PathLike, task: Task, *, fresh: bool = False,
         with empty_weights():
             model = cls.from_config(config, dtype=torch.float32)
     model.config._name_or_path = str(root.resolve())
-    with SafetensorsReader(root, drop_cache=False) as reader:
-        missing = [n for n, p in model.named_parameters() if p.is_meta and checkpoint_key([n], reader) is None]
-    new = _new_modules(missing)
+    new = missing_modules(root, [n for n, p in model.named_parameters() if p.is_meta])
     for name in new:  # initialise the fresh head on the CPU, as from_pretrained does
         module = model.get_submodule(name)
         module.to_empty(device="cpu")
         model._init_weights(module) if hasattr(model, "_init_weights") else module.reset_parameters()
     return model, stream_weights(model, root, weights_budget, device=device, vocab=True), new
+
+
+def missing_modules(root: Path, names: list[str]) -> list[str]:
+    """Top-level owners of the parameters `names` that the checkpoint in `root` lacks (a fresh classification
+    head), from its safetensors headers alone."""
+    with SafetensorsReader(root, drop_cache=False) as reader:
+        return _new_modules([n for n in names if checkpoint_key([n], reader) is None])
 
 
 def _load_moe(root: Path, task: Task, expert_budget: int | str, device: torch.device | str) -> nn.Module:
