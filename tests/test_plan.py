@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,11 @@ import torch
 from conftest import cli_ok, write_jsonl
 from test_cli_rough_edges import memfit_cli, one_error_line
 
+from memfit import quant
 from memfit.adapters import get_method, inject
 from memfit.local import from_pretrained
 from memfit.plan import LiveBytes, plan_finetune
-from memfit.plan.predict import _trace_update
+from memfit.plan.predict import _nbytes, _trace_update
 from memfit.train.config import TrainConfig
 from memfit.train.tasks import TASKS
 from memfit.train.trainer import make_optimizer
@@ -64,24 +66,47 @@ def test_fake_trace_equals_the_real_update(case, llama_dir, bert_dir, monkeypatc
     train = TrainConfig(batch_size=3, max_length=24, optim=optim, proj_rank=4 if optim == "galore" else None)
     plan = plan_finetune(root, adapter, train, task=task, labels=labels, device="cpu")
 
-    task_obj = TASKS[task](labels)
-    model = from_pretrained(getattr(__import__("transformers"), task_obj.auto_class), root, dtype=torch.float32,
-                            **task_obj.model_kwargs())
-    if task == "classify":
-        model.config.pad_token_id = 0
-        adapter = get_method(method).config_cls(**options, modules_to_save=["classifier"])
-    inject(model, adapter)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = make_optimizer(train, named, Path("unused"))
-    components, _ = _trace_update(model, task_obj, train, optimizer, [p for _, p in named],
-                                        torch.device("cpu"))
-    real = {c.name: c.bytes for c in components}
+    real = _real_update(root, task, labels, method, options, train)
     for name, size in real.items():
         assert plan.get(name) == size, (name, plan.get(name), size)
     assert real["activations"] > 0
     held = plan.get("runtime") + plan.get("weights resident") + plan.get("trainable weights")
     step = real["gradients"] + max(real["activations"], real["optimizer states"] + real.get("optimizer step", 0))
     assert plan.peak_bytes == held + step
+
+
+def _real_update(root, task, labels, method, options, train) -> dict[str, int]:
+    """The traced components of one update of the real model, loaded and quantized as `memfit finetune` does."""
+    task_obj = TASKS[task](labels)
+    model = from_pretrained(getattr(__import__("transformers"), task_obj.auto_class), root, dtype=torch.float32,
+                            **task_obj.model_kwargs())
+    if task == "classify":
+        model.config.pad_token_id = 0
+        options = {**options, "modules_to_save": ["classifier"]}
+    if train.quantize:
+        quant.quantize(model, quant.QuantConfig(kind=train.quantize, skip=list(quant.HEADS)))
+    inject(model, get_method(method).config_cls(**options))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = make_optimizer(train, named, Path("unused"))
+    components, _ = _trace_update(model, task_obj, train, optimizer, [p for _, p in named], torch.device("cpu"))
+    frozen = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
+    return {c.name: c.bytes for c in components} | {"weights resident": _nbytes(frozen)}
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantized_base_plan_equals_the_real_update(kind, llama_dir, monkeypatch):
+    """--quantize: the weights are the quantized bytes, and the update on them traces as on real tensors. Both
+    sides take the torch-op dequantization (a fake tensor has no bytes for the C kernel; the kernel's equality
+    with it is tests/test_quant.py's)."""
+    monkeypatch.setattr(sys.modules["memfit.quant.linear"], "_kernel", lambda parts: None)
+    options = {"r": 4, "target_modules": "all-linear"}
+    train = TrainConfig(batch_size=3, max_length=24, quantize=kind)
+    plan = plan_finetune(llama_dir, get_method("lora").config_cls(**options), train, device="cpu")
+    real = _real_update(llama_dir, "causal-lm", None, "lora", options, train)
+    for name, size in real.items():
+        assert plan.get(name) == size, (name, plan.get(name), size)
+    fp32 = plan_finetune(llama_dir, get_method("lora").config_cls(**options), replace(train, quantize=None))
+    assert real["weights resident"] < 0.65 * fp32.get("weights resident")  # the tiny model's embeddings stay fp32
 
 
 def test_states_and_gradients_match_the_optimizer(llama_dir):
@@ -200,13 +225,27 @@ def test_memory_chooses_the_largest_micro_batch_that_fits(llama_dir):
     assert (whole.train.batch_size, whole.train.grad_accum) == (8, 1)
 
 
+def test_memory_quantizes_the_base_last(llama_dir):
+    """A budget below every fp32-base plan and above the NF4 one: the search ends at --quantize nf4 (QLoRA)."""
+    from memfit.plan.search import MARGIN, fit_memory
+
+    adapter = get_method("lora").config_cls(r=4, target_modules="all-linear")
+    small = TrainConfig(batch_size=1, max_length=64, optim="adamw8bit", lean_allocator=True)
+    fp32, nf4 = (plan_finetune(llama_dir, adapter, replace(small, quantize=q), device="cpu", runtime=0).peak_bytes
+                 for q in (None, "nf4"))
+    fit = fit_memory(llama_dir, adapter, TrainConfig(batch_size=2, max_length=64), int((fp32 + nf4) / 2 / MARGIN),
+                     device="cpu", runtime=0)
+    assert (fit.train.batch_size, fit.train.optim, fit.train.quantize) == (1, "adamw8bit", "nf4")
+    assert "--quantize nf4" in fit.changes
+
+
 def test_memory_nothing_fits_names_the_smallest_budget(llama_dir):
     from memfit.errors import ConfigError
     from memfit.plan.search import fit_memory
 
     adapter = get_method("lora").config_cls(r=4, target_modules="all-linear")
     with pytest.raises(ConfigError, match=r"nothing fits in .*the smallest plan needs .*--batch-size 1, --optim "
-                                          r"adamw8bit.*largest part is"):
+                                          r"adamw8bit, --quantize nf4\).*largest part is"):
         fit_memory(llama_dir, adapter, TrainConfig(batch_size=8, max_length=64), "1MB", device="cpu")
 
 

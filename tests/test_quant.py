@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -358,3 +359,18 @@ def test_a_streamed_quantized_base_trains_bitwise_as_in_memory_and_reads_its_qua
     streamed(input_ids=tokens)
     reads = handle.stats.layer_reads  # (a layer still resident from the last pass is not read again)
     assert reads and handle.stats.bytes_read == reads * handle.layer_bytes[handle.streamed[0]]  # read as stored
+
+
+def test_a_quantized_load_leaves_no_page_of_the_checkpoint_mapped(llama_dir):
+    """from_pretrained's fp32 tensors view the memory-mapped file; after --quantize the rest is copied out, so the
+    pages quantization read leave the resident set, and the copies hold the checkpoint's values."""
+    from memfit.train.finetune import load_base
+    from memfit.train.tasks import TASKS
+
+    model, _, _ = load_base(llama_dir, TASKS["causal-lm"](None), quantize="nf4")
+    file = str(llama_dir / "model.safetensors")
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if file in line]
+    assert mapped == []
+    weights = load_file(str(llama_dir / "model.safetensors"))
+    assert torch.equal(model.model.embed_tokens.weight, weights["model.embed_tokens.weight"])
+    assert isinstance(model.model.layers[0].self_attn.q_proj, quant.QuantLinear)

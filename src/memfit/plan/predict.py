@@ -21,11 +21,14 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from memfit import quant
 from memfit.adapters import AdapterConfig, get_method, inject
 from memfit.errors import ConfigError
 from memfit.local import is_gguf, load_config, load_tokenizer
 from memfit.local import model_dir as local_dir
 from memfit.plan.trace import LiveBytes
+from memfit.quant.checkpoint import empty_quantized, is_quantized_dir
+from memfit.quant.codebooks import CODEBOOKS, dynamic_map
 from memfit.tiers.memory import rss_bytes
 from memfit.train.config import TrainConfig
 from memfit.train.finetune import auto_class, missing_modules
@@ -34,8 +37,7 @@ from memfit.train.tasks import TASKS, Task
 from memfit.train.trainer import make_optimizer
 
 # Flags whose memory terms the planner does not model yet: a plan that ignored them would be wrong, so it refuses.
-UNCOVERED = {"weights_budget": "--weights-budget", "expert_budget": "--expert-budget", "quantize": "--quantize",
-             "shard": "--shard"}
+UNCOVERED = {"weights_budget": "--weights-budget", "expert_budget": "--expert-budget", "shard": "--shard"}
 ALLOCATOR_NOTE = ("on the CPU the measured peak is the resident set, and glibc keeps freed activation memory in its "
                   "heap: runs measured 3-41% above these live bytes (bench/plan.py); --lean-allocator returns it at "
                   "once, and the run then measures what is predicted here")
@@ -115,11 +117,18 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
     tokenizer = load_tokenizer(root) if runtime is None and dev.type == "cpu" else None
     overhead = (rss_bytes() if runtime is None else runtime) if dev.type == "cpu" else 0
     del tokenizer
-    with FakeTensorMode(), torch.device(dev):
-        model = cls.from_config(config, dtype=torch.float32)
+    for codebook in (*CODEBOOKS.values(), lambda: dynamic_map(True)):  # cached real tensors, never fake ones
+        codebook()
+    quantized_dir = is_quantized_dir(root)
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.device(dev):
+        model = empty_quantized(cls, root, config) if quantized_dir else cls.from_config(config, dtype=torch.float32)
+        if quantized_dir:  # its tensors on the meta device: fake ones of the same shapes
+            model.to_empty(device=dev)
         if task == "classify":
             model.config.pad_token_id = 0
         new = [] if is_gguf(root) else missing_modules(root, [n for n, _ in model.named_parameters()])
+        if train.quantize is not None and not quantized_dir:  # as load_base quantizes: the frozen Linears
+            quant.quantize(model, quant.QuantConfig(kind=train.quantize, skip=[*quant.HEADS, *new]))
         if new and not adapter.modules_to_save:
             adapter = replace(adapter, modules_to_save=new)
         inject(model, adapter)
@@ -130,7 +139,10 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
         trainable = [p for _, p in named]
         optimizer = make_optimizer(train, named, Path(os.devnull))
         components, notes = _trace_update(model, task_obj, train, optimizer, trainable, dev)
-    held = [Component("weights resident", _nbytes(weights), "frozen base weights and buffers, fp32"),
+    quantized = quant.quantized_modules(model)
+    kinds = "/".join(sorted({w.kind for w in quantized.values()}))
+    held = [Component("weights resident", _nbytes(weights), "frozen base weights and buffers" + (
+                f", {len(quantized)} of them {kinds}" if quantized else ", fp32")),
             Component("trainable weights", _nbytes(trainable), f"{sum(p.numel() for p in trainable):,} parameters")]
     runtime = [Component("runtime", overhead, "this process's resident set before the model: interpreter, torch, "
                          "transformers, memfit, the tokenizer")] if dev.type == "cpu" else []

@@ -1,9 +1,9 @@
 """`--memory B`: the settings of a fine-tune that fit B bytes with the least slowdown, chosen from traced plans.
 
 What changes memory without changing what is learned: the micro-batch (the same examples per update, split into
---grad-accum micro-batches) and the optimizer (AdamW's 8 B/param of state -> AdamW8bit's 2.03). Candidates are
-tried in order of expected slowdown (full micro-batch first; the optimizer switch after every split, since it
-changes the update's numerics slightly). Activations are linear in the micro-batch, so two traces (the requested
+--grad-accum micro-batches); then what changes the numerics slightly: the optimizer (AdamW's 8 B/param of state ->
+AdamW8bit's 2.03) and, last, an NF4 base under an adapter (QLoRA). Candidates are tried in that order (every split
+before the next switch). Activations are linear in the micro-batch, so two traces (the requested
 batch and batch 1) predict every split; the chosen one is traced again to confirm it. On the CPU the search turns
 --lean-allocator on: only then does the measured peak follow the plan (bench/plan.py).
 """
@@ -55,10 +55,8 @@ def fit_memory(model_dir: str | os.PathLike, adapter: AdapterConfig, train: Trai
     kw = {"task": task, "labels": labels, "device": device, "runtime": runtime or 0}
     if dev.type == "cpu":
         train = replace(train, lean_allocator=True)
-    optims = [train.optim] + (["adamw8bit"] if train.optim == "adamw" else [])
     smallest: tuple[float, Plan, int] | None = None
-    for optim in optims:
-        base = replace(train, optim=optim)
+    for base in _candidates(train, adapter):
         full = plan_finetune(model_dir, adapter, base, **kw)
         one = full if train.batch_size == 1 else plan_finetune(model_dir, adapter, replace(base, batch_size=1), **kw)
         a1, an = one.get("activations"), full.get("activations")
@@ -77,15 +75,28 @@ def fit_memory(model_dir: str | os.PathLike, adapter: AdapterConfig, train: Trai
     need, plan, micro = smallest
     parts = [c for c in plan.components if c.name != "runtime"]
     top = max(parts, key=lambda c: c.bytes)
+    last = _candidates(train, adapter)[-1]
     raise ConfigError(f"nothing fits in {format_size(budget)}: the smallest plan needs {format_size(need / MARGIN)} "
-                      f"(--batch-size {micro}, --optim {optims[-1]}); its largest part is {top.name} "
+                      f"(--batch-size {micro}, --optim {last.optim}"
+                      f"{f', --quantize {last.quantize}' if last.quantize else ''}); its largest part is {top.name} "
                       f"({format_size(top.bytes)}){_advice(top.name)}.")
+
+
+def _candidates(train: TrainConfig, adapter: AdapterConfig) -> list[TrainConfig]:
+    """The settings tried, each over every micro-batch: as requested, then AdamW8bit's states, then an NF4 base
+    (QLoRA: the frozen weights at 4.13 bits, a small change to the base's numerics) for an adapter run."""
+    out = [train]
+    if train.optim == "adamw":
+        out.append(replace(train, optim="adamw8bit"))
+    if train.quantize is None and adapter.method != "full":
+        out.append(replace(out[-1], quantize="nf4"))
+    return out
 
 
 def _advice(component: str) -> str:
     if component == "weights resident":
-        return (": --quantize nf4 or --weights-budget would move it, which the planner does not model yet "
-                "(measure such a run with memfit finetune)")
+        return (": --weights-budget would stream it from disk, which the planner does not model yet (measure such "
+                "a run with memfit finetune)")
     if component == "activations":
         return ": lower --max-length"
     return ""
@@ -97,6 +108,8 @@ def _changes(requested: TrainConfig, chosen: TrainConfig, dev: torch.device) -> 
         flags += [f"--batch-size {chosen.batch_size}", f"--grad-accum {chosen.grad_accum}"]
     if chosen.optim != requested.optim:
         flags.append(f"--optim {chosen.optim}")
+    if chosen.quantize != requested.quantize:
+        flags.append(f"--quantize {chosen.quantize}")
     if dev.type == "cpu":
         flags.append("--lean-allocator")
     return flags

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from memfit.errors import ConfigError
 from memfit.quant import kernels
@@ -158,7 +159,7 @@ class Parts:
         """(first row, last row, fp32 rows [r, in]) over the weight, each tile dequantized into one reused buffer."""
         rows, cols = self.shape[0], self.shape.numel() // max(self.shape[0], 1)
         step = max(1, TILE // max(cols, 1))
-        lib = kernels.load()
+        lib = _kernel(self)
         absmax = None if lib else self.absmax_values()
         args = self._kernel_args() if lib else ()
         buf = torch.empty(min(step, rows) * cols, dtype=torch.float32)
@@ -179,7 +180,7 @@ class Parts:
             return self.dequantize(torch.float32).view(self.shape[0], cols).index_select(0, ids.to(self.device))
         host = ids.tolist()
         out = torch.empty(len(host), cols, dtype=torch.float32)
-        lib = kernels.load()
+        lib = _kernel(self)
         args, absmax = (self._kernel_args(), None) if lib else ((), self.absmax_values())
         for a, r0, r1 in consecutive_runs(host):
             if lib is None:
@@ -213,6 +214,12 @@ class Parts:
         values = dequantize_blocks(codes, absmax[b0: b0 + blocks(hi - start, self.block_size)], self.kind,
                                    torch.Size([hi - start]), self.block_size)
         return values[lo - start:]
+
+
+def _kernel(parts: Parts):
+    """The compiled kernel (ctypes) for these tensors, or None: no compiler, or fake tensors (a `memfit plan`
+    trace), which have no bytes to read and take the torch-op path of the same shapes."""
+    return None if isinstance(parts.tensors[0], FakeTensor) else kernels.load()
 
 
 def _bnb_dequantize(parts: Parts) -> torch.Tensor:
