@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_ok, write_jsonl
+from conftest import cli_ok, save_model_dir, write_jsonl
 from test_cli_rough_edges import memfit_cli, one_error_line
 
 from memfit import quant
@@ -107,6 +107,21 @@ def test_quantized_base_plan_equals_the_real_update(kind, llama_dir, monkeypatch
         assert plan.get(name) == size, (name, plan.get(name), size)
     fp32 = plan_finetune(llama_dir, get_method("lora").config_cls(**options), replace(train, quantize=None))
     assert real["weights resident"] < 0.65 * fp32.get("weights resident")  # the tiny model's embeddings stay fp32
+
+
+def test_a_quantized_checkpoint_plans_as_quantizing_at_load(tmp_path):
+    """A checkpoint written by `memfit quantize` (its head tied to the fp32 embedding) plans exactly as --quantize."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    llama_dir = save_model_dir(LlamaForCausalLM(config), tmp_path / "tied")
+    cli_ok("quantize", "--model", llama_dir, "--out", tmp_path / "q", "--kind", "nf4")
+    adapter = get_method("lora").config_cls(r=4, target_modules="all-linear")
+    train = TrainConfig(batch_size=2, max_length=16)
+    written = plan_finetune(tmp_path / "q", adapter, train, device="cpu", runtime=0)
+    at_load = plan_finetune(llama_dir, adapter, replace(train, quantize="nf4"), device="cpu", runtime=0)
+    assert written.to_dict()["components"] == at_load.to_dict()["components"]
 
 
 def test_states_and_gradients_match_the_optimizer(llama_dir):

@@ -120,10 +120,9 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
     for codebook in (*CODEBOOKS.values(), lambda: dynamic_map(True)):  # cached real tensors, never fake ones
         codebook()
     quantized_dir = is_quantized_dir(root)
+    shell = empty_quantized(cls, root, config) if quantized_dir else None  # meta tensors, no storage
     with FakeTensorMode(allow_non_fake_inputs=True), torch.device(dev):
-        model = empty_quantized(cls, root, config) if quantized_dir else cls.from_config(config, dtype=torch.float32)
-        if quantized_dir:  # its tensors on the meta device: fake ones of the same shapes
-            model.to_empty(device=dev)
+        model = _fake_copy(shell, dev) if shell is not None else cls.from_config(config, dtype=torch.float32)
         if task == "classify":
             model.config.pad_token_id = 0
         new = [] if is_gguf(root) else missing_modules(root, [n for n, _ in model.named_parameters()])
@@ -150,6 +149,22 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
         notes.append(ALLOCATOR_NOTE)
     parts = runtime + held + components
     return Plan(parts, peak_of({c.name: c.bytes for c in parts}), str(dev), notes)
+
+
+def _fake_copy(model: nn.Module, dev: torch.device) -> nn.Module:
+    """`model`'s meta tensors as fake ones, tied parameters still tied (to_empty gives each holder its own)."""
+    first: dict[int, tuple[nn.Module, str]] = {}
+    ties = []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in first:
+                ties.append((module, name, first[id(p)]))
+            else:
+                first[id(p)] = (module, name)
+    model.to_empty(device=dev)
+    for module, name, (owner, owner_name) in ties:
+        setattr(module, name, getattr(owner, owner_name))
+    return model
 
 
 def peak_of(parts: dict[str, int]) -> int:
