@@ -1,4 +1,5 @@
-"""`memfit plan`: the memory a fine-tune will take, component by component, before it runs (`memfit.plan`).
+"""`memfit plan`: the memory a fine-tune, a generation or a server will take, component by component, before it
+runs (`memfit.plan`).
 
 It takes the flags of `memfit finetune` (the same generated options), so a plan is the run's command with
 `finetune` replaced by `plan`; --data is optional (it sets the task and a classifier's labels).
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +21,15 @@ from rich.table import Table
 from memfit.cli.app import app
 from memfit.cli.finetune import _common_params, _MethodFlags, method_config
 from memfit.cli.options import build_command, field_params, flag_name, option_param
+from memfit.errors import ConfigError
+from memfit.serve.loading import ServeConfig
 from memfit.tiers.budget import format_size
 from memfit.train.config import TrainConfig
 
 _FLAGS = _MethodFlags(from_scratch=False)  # the method options finetune takes
+_KINDS = ["finetune", "generate", "serve"]
+_SERVING = ["max_loras", "max_cpu_loras", "max_lora_rank", "max_seqs", "kv_budget"]  # ServeConfig's own flags
+_GEN = "Generation and serving"
 _KEPT = ("model", "task", "method", "targets", "modules_to_save", "sets", "device")
 
 
@@ -30,8 +37,18 @@ def _run(**values: Any) -> None:
     from memfit.plan import plan_finetune
     from memfit.train.data import label_names, load_rows
 
+    serving = {k: values.pop(k) for k in _SERVING}
+    generation = {k: values.pop(k) for k in ("prompt_tokens", "max_new_tokens", "prompts", "adapters")}
     train_names = [f.name for f in dataclasses.fields(TrainConfig)]
     train = TrainConfig(**{k: values.pop(k) for k in train_names})
+    if values["for_"] not in _KINDS:
+        raise ConfigError(f"--for {values['for_']!r}: choose one of {', '.join(_KINDS)}.")
+    if values["for_"] != "finetune":
+        if values["memory"] is not None:
+            raise ConfigError(f"--memory chooses fine-tuning settings; plan --for {values['for_']} without it and "
+                              "read the plan's largest component.")
+        _print(_plan_generation(values, serving, generation, train), values, f"{values['for_']} on {values['model']}")
+        return
     adapter = method_config(values["method"], {k: values.pop(k) for k in _FLAGS.fields}, values["targets"],
                             values["modules_to_save"], values["sets"])
     task, labels = values["task"], None
@@ -48,15 +65,34 @@ def _run(**values: Any) -> None:
     else:
         plan = plan_finetune(values["model"], adapter, train, task=task or "causal-lm", labels=labels,
                              device=values["device"])
+    _print(plan, values, f"{adapter.method} on {values['model']}", command)
+
+
+def _plan_generation(values: dict[str, Any], serving: dict[str, Any], generation: dict[str, Any],
+                     train: TrainConfig) -> Any:
+    from memfit.plan.generate import plan_generate, plan_serve
+    from memfit.serve.loading import ServeConfig
+
+    adapters = {f"adapter{i}": str(d) for i, d in enumerate(generation["adapters"])}
+    config = ServeConfig(adapters=adapters or None, serve_adapters=bool(adapters) or values["for_"] == "serve",
+                         quantize=train.quantize, weights_budget=train.weights_budget,
+                         expert_budget=train.expert_budget, device=values["device"], **serving)
+    if values["for_"] == "serve":
+        return plan_serve(values["model"], config)
+    return plan_generate(values["model"], replace(config, max_loras=1) if adapters else config,
+                         generation["prompt_tokens"], generation["max_new_tokens"], generation["prompts"])
+
+
+def _print(plan: Any, values: dict[str, Any], what: str, command: str | None = None) -> None:
     if values["json"]:
         typer.echo(json.dumps({**plan.to_dict(), **({"command": command} if command else {})}))
         return
-    table = Table(title=f"memory plan: {adapter.method} on {values['model']} ({plan.device})")
+    table = Table(title=f"memory plan: {what} ({plan.device})")
     for name, justify in (("component", "left"), ("size", "right"), ("note", "left")):
         table.add_column(name, justify=justify)
     for c in plan.components:
         table.add_row(c.name, format_size(c.bytes), c.note)
-    table.add_row("peak", format_size(plan.peak_bytes), "the sum at the update's highest point", style="bold")
+    table.add_row("peak", format_size(plan.peak_bytes), "the sum at the highest point", style="bold")
     console = Console()
     console.print(table)
     for note in plan.notes:
@@ -100,6 +136,18 @@ def _command(values: dict[str, Any], adapter: Any, train: TrainConfig) -> str:
 def _register() -> None:
     common = [p for p in _common_params(False) if p.name in _KEPT]
     params = [*common,
+              option_param("for_", str, "--for", default="finetune",
+                           help="What to plan: a fine-tune (its flags below), `memfit generate` (--prompt-tokens, "
+                           "--max-new-tokens, --prompts) or `memfit serve` (at its --kv-budget and --max-seqs)."),
+              option_param("prompt_tokens", int, "--prompt-tokens", default=128, min=1, help="generate: tokens of "
+                           "the longest prompt.", rich_help_panel=_GEN),
+              option_param("max_new_tokens", int, "--max-new-tokens", default=64, min=1, help="generate: tokens "
+                           "generated per prompt.", rich_help_panel=_GEN),
+              option_param("prompts", int, "--prompts", default=1, min=1, help="generate: prompts in the batch.",
+                           rich_help_panel=_GEN),
+              option_param("adapters", list[Path], "--adapter", default=[], help="generate/serve: an adapter run "
+                           "(repeatable for serve).", rich_help_panel=_GEN),
+              *field_params(ServeConfig, names=_SERVING),
               option_param("data", Path | None, "--data", help="The run's JSONL data (optional): sets the task and a "
                            "classifier's labels."),
               option_param("memory", str | None, "--memory", help="Choose the settings that fit this much memory "
@@ -113,9 +161,12 @@ def _register() -> None:
 
     Builds the model from its config on fake tensors (no weight is read), injects the adapter, builds the optimizer
     and traces one whole update: weights, trainable weights, gradients, optimizer states and activations are the
-    bytes memfit's own code would allocate for this batch and length. Takes `memfit finetune`'s flags.
+    bytes memfit's own code would allocate for this batch and length. Takes `memfit finetune`'s flags. --for
+    generate|serve runs the serving engine's own prefill and last decode step instead: weights, adapter slots, KV
+    cache and activations.
 
     Example: memfit plan --model ./smollm2 --method lora --targets all-linear --batch-size 8 --max-length 256
+    Example: memfit plan --for serve --model ./smollm2 --kv-budget 8192 --max-seqs 16
     """))
 
 

@@ -22,12 +22,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from memfit.cli.app import app
 from memfit.cli.options import build_command, field_params
 from memfit.cli.options import option_param as _opt
-from memfit.errors import ConfigError
+from memfit.errors import ConfigError, MemfitError
 from memfit.serve.engine import Request, SamplingParams
-from memfit.serve.loading import ServeConfig, build_engine
+from memfit.serve.loading import ServeConfig, build_engine, engine_memory
 from memfit.serve.text import Decoder, chat_ids
 from memfit.tiers.files import atomic_write
+from memfit.tiers.memory import peak_bytes, reset_peak
 from memfit.train.data import read_jsonl
+from memfit.train.memory import plan_rows, print_memory_table
 
 _MEMORY = ["weights_budget", "quantize", "expert_budget", "device"]
 _SERVING = ["adapter_dir", "max_loras", "max_cpu_loras", "max_lora_rank", "max_seqs", "kv_budget"]
@@ -54,7 +56,7 @@ def generate(**values: Any) -> None:
     out, chat, quiet = values.pop("out"), values.pop("chat"), values.pop("quiet")
     params = SamplingParams(max_new_tokens=values.pop("max_new_tokens"), temperature=values.pop("temperature"),
                             top_p=values.pop("top_p"), seed=values.pop("seed"))
-    adapter = values.pop("adapter")
+    adapter, plan = values.pop("adapter"), values.pop("plan")
     model = values.pop("model")
     config = ServeConfig(adapters={"adapter": str(adapter)} if adapter else None, serve_adapters=adapter is not None,
                          max_loras=1, **values)
@@ -62,16 +64,21 @@ def generate(**values: Any) -> None:
     encode = (lambda t: chat_ids(tokenizer, [{"role": "user", "content": t}])) if chat else (  # noqa: E731
         lambda t: list(tokenizer(t)["input_ids"]))
     console = Console(stderr=True, quiet=quiet)
+    encoded = [encode(t) for t in texts]
+    planned = _plan(model, config, encoded, params.max_new_tokens, console) if plan else None
     decoders = [Decoder(tokenizer) for _ in texts]
+    kv = [0]  # the largest KV cache seen
     stream = len(texts) == 1 and out is None
     requests = []
-    for text, decoder in zip(texts, decoders, strict=True):
+    for ids, decoder in zip(encoded, decoders, strict=True):
         def on_token(token: int, decoder: Decoder = decoder) -> None:
+            kv[0] = max(kv[0], engine.kv_bytes())  # the batch's cache as this token leaves the step
             delta = decoder.push(token)
             if stream and delta:
                 sys.stdout.write(delta)
                 sys.stdout.flush()
-        requests.append(engine.submit(Request(encode(text), params, "adapter" if adapter else None, on_token)))
+        requests.append(engine.submit(Request(ids, params, "adapter" if adapter else None, on_token)))
+    reset_peak(engine.device)
     t0 = time.perf_counter()
     with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, disable=stream or quiet, transient=True) as bar:
@@ -85,6 +92,7 @@ def generate(**values: Any) -> None:
             raise ConfigError(r.finish_reason.removeprefix("error: "))
     if stream:
         sys.stdout.write("\n")
+        sys.stdout.flush()  # before the summary on stderr
     else:
         lines = [json.dumps({"prompt": t, "completion": d.text}) for t, d in zip(texts, decoders, strict=True)]
         body = "\n".join(lines) + "\n"
@@ -96,6 +104,27 @@ def generate(**values: Any) -> None:
     first = min(r.first_token_s for r in requests) - t0
     console.print(f"{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s (first token after "
                   f"{first:.2f} s)" + (f"; wrote {out}" if out else ""), highlight=False)
+    if planned is not None:
+        measured = {**engine_memory(engine), "KV cache": kv[0], "peak": peak_bytes(engine.device)}
+        print_memory_table("memory: planned and measured", plan_rows(planned, measured), console,
+                           columns=("component", "planned", "measured", "measured ÷ planned"))
+
+
+def _plan(model: Path, config: ServeConfig, prompts: list[list[int]], new_tokens: int,
+          console: Console) -> dict | None:
+    """The planner's prediction for this generation, from a fresh process; None where it does not cover the run. A
+    plan is advice: a failure to plan is one line, never a stopped run."""
+    from memfit.plan.generate import UNCOVERED
+    from memfit.plan.isolated import plan_generate_isolated
+
+    if any(getattr(config, k) is not None for k in UNCOVERED):
+        return None
+    try:
+        return plan_generate_isolated(str(model), config, max(len(p) for p in prompts), new_tokens,
+                                      len(prompts))["plan"]
+    except (MemfitError, RuntimeError) as e:
+        console.print(f"no memory plan for this run: {e}"[:300], highlight=False)
+        return None
 
 
 _GENERATE = [
@@ -114,6 +143,8 @@ _GENERATE = [
     _opt("out", Path | None, "--out", help="Write one JSON line per prompt ({\"prompt\", \"completion\"}), in "
          "input order."),
     _opt("quiet", bool, "--quiet", "-q", default=False, help="Only the completions."),
+    _opt("plan", bool, "--plan/--no-plan", default=True, help="Plan the memory first (memfit plan, a few seconds) "
+         "and print planned against measured at the end."),
     *field_params(ServeConfig, names=_MEMORY + ["max_seqs", "kv_budget"]),
 ]
 app.command("generate")(build_command(generate, _GENERATE, """Generate text with a base model and an adapter.

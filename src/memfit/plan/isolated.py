@@ -1,12 +1,13 @@
 """Planning in a fresh process, for a run in this one: tracing leaves ~30 MB resident that the run would carry.
 
-`python -m memfit.plan SPEC` plans (or, with "memory", fits) the run SPEC describes (JSON: model, adapter, train,
-task, labels, device) and prints the result as one JSON line; the child imports what `memfit finetune` imports,
-so its resident set before the model is the run's.
+`python -m memfit.plan SPEC` plans (or, with "memory", fits) the run SPEC describes (JSON: a fine-tune's model,
+adapter, train, task, labels, device; or a generation's model, serve config and shape) and prints the result as one
+JSON line; the child imports what the CLI imports, so its resident set before the model is the run's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from typing import Any
 from memfit.adapters import AdapterConfig
 from memfit.adapters.registry import config_from_dict
 from memfit.errors import ConfigError, MemfitError
+from memfit.serve.loading import ServeConfig
 from memfit.train.config import TrainConfig
 
 
@@ -22,8 +24,18 @@ def plan_isolated(model_dir: str, adapter: AdapterConfig, train: TrainConfig, ta
                   labels: list[str] | None, device: str | None, memory: str | None = None) -> dict[str, Any]:
     """{"plan": Plan.to_dict()} (and, with `memory`, "train" and "changes" of the settings chosen); a planning
     error is raised here as the ConfigError it was."""
-    spec = {"model": str(model_dir), "adapter": adapter.to_dict(), "train": train.to_dict(), "task": task,
-            "labels": labels, "device": device, "memory": memory}
+    return _run({"kind": "finetune", "model": str(model_dir), "adapter": adapter.to_dict(), "train": train.to_dict(),
+                 "task": task, "labels": labels, "device": device, "memory": memory})
+
+
+def plan_generate_isolated(model_dir: str, config: ServeConfig, prompt_tokens: int, new_tokens: int,
+                           prompts: int) -> dict[str, Any]:
+    """{"plan": Plan.to_dict()} of `memfit generate` (see `plan_generate`), planned in a fresh process."""
+    return _run({"kind": "generate", "model": str(model_dir), "serve": dataclasses.asdict(config),
+                 "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "prompts": prompts})
+
+
+def _run(spec: dict[str, Any]) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "memfit.plan", json.dumps(spec)], capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
@@ -36,18 +48,24 @@ def plan_isolated(model_dir: str, adapter: AdapterConfig, train: TrainConfig, ta
 
 def main(spec_text: str) -> None:
     import memfit.cli  # noqa: F401  (the run's imports, so the resident set measured is the run's)
+    from memfit.plan.generate import plan_generate
     from memfit.plan.predict import plan_finetune
     from memfit.plan.search import fit_memory
 
     spec = json.loads(spec_text)
-    adapter, train = config_from_dict(spec["adapter"]), TrainConfig.from_dict(spec["train"])
-    args = {"task": spec["task"], "labels": spec["labels"], "device": spec["device"]}
     try:
-        if spec["memory"] is None:
-            out = {"plan": plan_finetune(spec["model"], adapter, train, **args).to_dict()}
+        if spec["kind"] == "generate":
+            plan = plan_generate(spec["model"], ServeConfig(**spec["serve"]), spec["prompt_tokens"],
+                                 spec["new_tokens"], spec["prompts"])
+            out = {"plan": plan.to_dict()}
         else:
-            fit = fit_memory(spec["model"], adapter, train, spec["memory"], **args)
-            out = {"plan": fit.plan.to_dict(), "train": fit.train.to_dict(), "changes": fit.changes}
+            adapter, train = config_from_dict(spec["adapter"]), TrainConfig.from_dict(spec["train"])
+            args = {"task": spec["task"], "labels": spec["labels"], "device": spec["device"]}
+            if spec["memory"] is None:
+                out = {"plan": plan_finetune(spec["model"], adapter, train, **args).to_dict()}
+            else:
+                fit = fit_memory(spec["model"], adapter, train, spec["memory"], **args)
+                out = {"plan": fit.plan.to_dict(), "train": fit.train.to_dict(), "changes": fit.changes}
     except MemfitError as e:
         out = {"error": str(e)}
     print(json.dumps(out))

@@ -117,17 +117,8 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
     tokenizer = load_tokenizer(root) if runtime is None and dev.type == "cpu" else None
     overhead = (rss_bytes() if runtime is None else runtime) if dev.type == "cpu" else 0
     del tokenizer
-    for codebook in (*CODEBOOKS.values(), lambda: dynamic_map(True)):  # cached real tensors, never fake ones
-        codebook()
-    quantized_dir = is_quantized_dir(root)
-    shell = empty_quantized(cls, root, config) if quantized_dir else None  # meta tensors, no storage
-    with FakeTensorMode(allow_non_fake_inputs=True), torch.device(dev):
-        model = _fake_copy(shell, dev) if shell is not None else cls.from_config(config, dtype=torch.float32)
-        if task == "classify":
-            model.config.pad_token_id = 0
-        new = [] if is_gguf(root) else missing_modules(root, [n for n, _ in model.named_parameters()])
-        if train.quantize is not None and not quantized_dir:  # as load_base quantizes: the frozen Linears
-            quant.quantize(model, quant.QuantConfig(kind=train.quantize, skip=[*quant.HEADS, *new]))
+    model, new, mode = fake_base(root, cls, config, dev, train.quantize, pad_token=task == "classify")
+    with mode, torch.device(dev):
         if new and not adapter.modules_to_save:
             adapter = replace(adapter, modules_to_save=new)
         inject(model, adapter)
@@ -138,10 +129,7 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
         trainable = [p for _, p in named]
         optimizer = make_optimizer(train, named, Path(os.devnull))
         components, notes = _trace_update(model, task_obj, train, optimizer, trainable, dev)
-    quantized = quant.quantized_modules(model)
-    kinds = "/".join(sorted({w.kind for w in quantized.values()}))
-    held = [Component("weights resident", _nbytes(weights), "frozen base weights and buffers" + (
-                f", {len(quantized)} of them {kinds}" if quantized else ", fp32")),
+    held = [Component("weights resident", _nbytes(weights), weights_note(model)),
             Component("trainable weights", _nbytes(trainable), f"{sum(p.numel() for p in trainable):,} parameters")]
     runtime = [Component("runtime", overhead, "this process's resident set before the model: interpreter, torch, "
                          "transformers, memfit, the tokenizer")] if dev.type == "cpu" else []
@@ -149,6 +137,32 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
         notes.append(ALLOCATOR_NOTE)
     parts = runtime + held + components
     return Plan(parts, peak_of({c.name: c.bytes for c in parts}), str(dev), notes)
+
+
+def fake_base(root: Path, cls: Any, config: Any, dev: torch.device, quantize: str | None,
+              pad_token: bool = False) -> tuple[nn.Module, list[str], FakeTensorMode]:
+    """(model, modules the checkpoint lacks, its FakeTensorMode): the frozen base as `memfit finetune`,
+    `generate` and `serve` load it (fp32, quantized at load, or a `memfit quantize` checkpoint), on fake tensors.
+    Re-enter the mode to run it."""
+    for codebook in (*CODEBOOKS.values(), lambda: dynamic_map(True)):  # cached real tensors, never fake ones
+        codebook()
+    quantized_dir = is_quantized_dir(root)
+    shell = empty_quantized(cls, root, config) if quantized_dir else None  # meta tensors, no storage
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode, torch.device(dev):
+        model = _fake_copy(shell, dev) if shell is not None else cls.from_config(config, dtype=torch.float32)
+        if pad_token:
+            model.config.pad_token_id = 0
+        new = [] if is_gguf(root) else missing_modules(root, [n for n, _ in model.named_parameters()])
+        if quantize is not None and not quantized_dir:  # as the loaders quantize: the frozen Linears
+            quant.quantize(model, quant.QuantConfig(kind=quantize, skip=[*quant.HEADS, *new]))
+    return model, new, mode
+
+
+def weights_note(model: nn.Module) -> str:
+    quantized = quant.quantized_modules(model)
+    kinds = "/".join(sorted({w.kind for w in quantized.values()}))
+    return "frozen base weights and buffers" + (f", {len(quantized)} of them {kinds}" if quantized else ", fp32")
 
 
 def _fake_copy(model: nn.Module, dev: torch.device) -> nn.Module:

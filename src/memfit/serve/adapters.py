@@ -62,6 +62,12 @@ class AdapterCache:
     def names(self) -> list[str]:
         return list(self.sources)
 
+    def host_bytes(self) -> int:
+        """Bytes of the adapters kept in host memory (their factors as read)."""
+        with self._lock:
+            return sum(t.numel() * t.element_size() for f in self._in_host.values() for a, b, _ in f.values()
+                       for t in (a, b))
+
     # -- slots ---------------------------------------------------------------------------------------------------
     def acquire(self, name: str) -> int | None:
         """A slot holding `name`, pinned until `release(slot)`; None when every slot is pinned (try again later)."""

@@ -85,7 +85,7 @@ class Engine:
                  rows: SlotRows | None = None, max_seqs: int = 16, kv_budget: int = 8192,
                  metrics: Metrics | None = None, context: int | None = None) -> None:
         if max_seqs < 1 or kv_budget < 1:
-            raise ConfigError(f"--max-num-seqs and --kv-budget must be >= 1, got {max_seqs} and {kv_budget}.")
+            raise ConfigError(f"--max-seqs and --kv-budget must be >= 1, got {max_seqs} and {kv_budget}.")
         self.model, self.eos_ids, self.adapters, self.rows = model.eval(), set(eos_ids), adapters, rows
         self.max_seqs, self.kv_budget = max_seqs, kv_budget
         self.context = context or getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -154,6 +154,12 @@ class Engine:
                 if self._stop and not self.waiting and not self.running:
                     return
             self.step()
+
+    def kv_bytes(self) -> int:
+        """Bytes of the running batch's KV cache now."""
+        if self._cache is None:
+            return 0
+        return sum(t.numel() * t.element_size() for layer in self._cache.layers for t in (layer.keys, layer.values))
 
     def run_until_done(self) -> None:
         """Step in this thread until every submitted request has finished (for `memfit generate` and tests)."""

@@ -76,7 +76,7 @@ def _load_model(path: Path, config: ServeConfig, device: torch.device) -> nn.Mod
                                   "stored dtype); write the quantized checkpoint once (memfit quantize --model M "
                                   "--out DIR) and pass DIR as --model.")
         model = from_pretrained(AutoModelForCausalLM, path, dtype=torch.float32)
-        return quant.quantize(model, quant.QuantConfig(kind=config.quantize)).to(device)
+        return quant.own_storage(quant.quantize(model, quant.QuantConfig(kind=config.quantize))).to(device)
 
     if config.expert_budget is not None:
         import memfit.moe as moe
@@ -117,9 +117,11 @@ def eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
     return ids
 
 
-def build_engine(model_path: str | os.PathLike, config: ServeConfig) -> tuple[Engine, Any, str]:
+def build_engine(model_path: str | os.PathLike, config: ServeConfig,
+                 model: nn.Module | None = None) -> tuple[Engine, Any, str]:
     """(engine, tokenizer, the base model's name) for `model_path` under `config`; adapters given are read now, so
-    a bad one fails at start with its name and the reason."""
+    a bad one fails at start with its name and the reason. model: the base model as `config` would load it, built
+    already (`memfit plan` passes one of fake tensors)."""
     path = model_dir(model_path)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(path)
@@ -127,7 +129,7 @@ def build_engine(model_path: str | os.PathLike, config: ServeConfig) -> tuple[En
     factors = {name: lora_factors(d, skeleton) for name, d in (config.adapters or {}).items()}
     rank = config.max_lora_rank or max([DEFAULT_RANK, *(a.shape[0] for f in factors.values()
                                                          for a, _, _ in f.values())])
-    model = _load_model(path, config, device)
+    model = _load_model(path, config, device) if model is None else model
     metrics = Metrics()
     adapters = rows = None
     if config.serve_adapters:
@@ -141,3 +143,27 @@ def build_engine(model_path: str | os.PathLike, config: ServeConfig) -> tuple[En
     engine = Engine(model, eos_ids(model, tokenizer), adapters, rows, config.max_seqs, config.kv_budget, metrics)
     name = path.stem if is_gguf(path) else path.name
     return engine, tokenizer, name
+
+
+def engine_memory(engine: Engine) -> dict[str, int]:
+    """Bytes of what the engine holds, by `memfit plan`'s component names: the base's weights (each storage once:
+    tied weights share one), the adapter slots and the adapters kept in host memory."""
+    seen: set[int] = set()
+
+    def size(tensors: list[torch.Tensor]) -> int:
+        total = 0
+        for t in tensors:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total
+
+    out: dict[str, int] = {}
+    if engine.adapters is not None:
+        out["adapter slots"] = size([t for layer in engine.adapters.wrapped.values()
+                                     for t in (layer.lora_A, layer.lora_B, layer.scale)])
+        out["adapters in host memory"] = engine.adapters.host_bytes()
+    out["weights resident"] = size([*engine.model.parameters(), *engine.model.buffers()])
+    return out
+
