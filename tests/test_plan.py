@@ -278,3 +278,18 @@ def test_memory_flag_end_to_end(llama_dir, tmp_path):
     assert _end_event(out)["memory_measured"]["peak"] <= 3e9
     one_error_line(memfit_cli("finetune", "--model", llama_dir, "--data", rows, "--out", tmp_path / "r2",
                               "--memory", "10MB"), "nothing fits in 10.0 MB")
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3"])
+def test_moe_plan_equals_the_real_update(arch, tmp_path):
+    """A LoRA update of a tiny MoE of each family: transformers' experts sort the tokens by expert and run one
+    grouped matmul, so every size is the routing's T x k rows and the plan is the real update's, byte for byte."""
+    from test_moe_models import save, save_tokenizer, tiny_moe
+
+    root = save_tokenizer(save(tiny_moe(arch).train(), tmp_path / "moe"))
+    options = {"r": 4, "target_modules": ["o_proj"]}
+    train = TrainConfig(batch_size=4, max_length=32)
+    plan = plan_finetune(root, get_method("lora").config_cls(**options), train, device="cpu", runtime=0)
+    real = _real_update(root, "causal-lm", None, "lora", options, train)
+    for name, size in real.items():
+        assert plan.get(name) == size, name

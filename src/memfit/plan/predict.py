@@ -26,10 +26,13 @@ from memfit.adapters import AdapterConfig, get_method, inject
 from memfit.errors import ConfigError
 from memfit.local import is_gguf, load_config, load_tokenizer
 from memfit.local import model_dir as local_dir
+from memfit.moe.arch import ARCHS
 from memfit.plan.trace import LiveBytes
 from memfit.quant.checkpoint import empty_quantized, is_quantized_dir
 from memfit.quant.codebooks import CODEBOOKS, dynamic_map
+from memfit.quant.experts import fused_experts
 from memfit.tiers.memory import rss_bytes
+from memfit.tiers.modules import suffix_keys
 from memfit.train.config import TrainConfig
 from memfit.train.finetune import auto_class, missing_modules
 from memfit.train.memory import PLANNED_STATE
@@ -153,7 +156,13 @@ def fake_base(root: Path, cls: Any, config: Any, dev: torch.device, quantize: st
         model = _fake_copy(shell, dev) if shell is not None else cls.from_config(config, dtype=torch.float32)
         if pad_token:
             model.config.pad_token_id = 0
-        new = [] if is_gguf(root) else missing_modules(root, [n for n, _ in model.named_parameters()])
+        # Fused experts are stored per expert on disk and some routers under older names (transformers converts
+        # both as it loads): neither is a fresh head.
+        fused = {f"{n}." for n, m in model.named_modules() if fused_experts(m)}
+        names = [n for n, _ in model.named_parameters() if not any(n.startswith(f) for f in fused)]
+        arch = ARCHS.get(getattr(config, "model_type", ""))
+        keys_for = suffix_keys if arch is None else (lambda ns: (k for n in ns for k in arch.disk_names(n)))
+        new = [] if is_gguf(root) else missing_modules(root, names, keys_for)
         if quantize is not None and not quantized_dir:  # as the loaders quantize: the frozen Linears
             quant.quantize(model, quant.QuantConfig(kind=quantize, skip=[*quant.HEADS, *new]))
     return model, new, mode

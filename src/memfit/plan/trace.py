@@ -49,6 +49,10 @@ class LiveBytes(TorchDispatchMode):
         if meta and func is torch.ops.aten.nonzero.default:  # the loss's target positions: every one of them
             t = args[0]
             out = torch.empty((t.numel(), t.dim()), dtype=torch.long, device=t.device)
+        elif meta and func is torch.ops.aten._grouped_mm.default:
+            # transformers' MoE experts (tokens sorted by expert, one grouped matmul): the CPU runs it in fp32,
+            # while its meta kernel accepts bf16 only. Its output has the shapes' size whatever the routing.
+            out = _grouped_mm_output(*args, **(kwargs or {}))
         else:
             out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
@@ -69,3 +73,21 @@ class LiveBytes(TorchDispatchMode):
 
     def _free(self, key: int) -> None:
         self.current -= self._live.pop(key, 0)
+
+
+def _grouped_mm_output(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | None = None, *args,
+                       out_dtype: torch.dtype | None = None, **kwargs) -> torch.Tensor:
+    """An empty tensor of `torch._grouped_mm(a, b, offs)`'s output: [M, N] for 2-D a and 3-D b (groups of rows),
+    [G, M, N] for 3-D a and b, and for 2-D a and b (groups along K)."""
+    if a.dim() == 2 and b.dim() == 3:
+        shape = (a.shape[0], b.shape[-1])
+    elif a.dim() == 3 and b.dim() == 3:
+        shape = (a.shape[0], a.shape[1], b.shape[-1])
+    elif a.dim() == 2 and b.dim() == 2:
+        shape = (offs.shape[0], a.shape[0], b.shape[-1])
+    elif a.dim() == 3 and b.dim() == 2:
+        shape = (a.shape[1], b.shape[-1])
+    else:
+        raise NotImplementedError(f"grouped_mm of {a.dim()}-D and {b.dim()}-D operands")
+    return torch.empty(shape, dtype=out_dtype or a.dtype, device=a.device)
+

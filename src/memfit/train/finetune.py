@@ -30,7 +30,7 @@ from memfit.local import from_pretrained, is_gguf, load_config, load_tokenizer
 from memfit.local import model_dir as local_dir
 from memfit.quant.checkpoint import empty_quantized, is_quantized_dir
 from memfit.tiers.memory import lean_allocator, peak_bytes
-from memfit.tiers.modules import checkpoint_key, empty_weights, move_model
+from memfit.tiers.modules import KeysFor, checkpoint_key, empty_weights, move_model, suffix_keys
 from memfit.tiers.st_reader import SafetensorsReader
 from memfit.tiers.stream import stream_weights
 from memfit.train.allocation import AllocatorCallback
@@ -124,11 +124,11 @@ def load_base(directory: str | os.PathLike, task: Task, *, fresh: bool = False,
     return model, stream_weights(model, root, weights_budget, device=device, vocab=True), new
 
 
-def missing_modules(root: Path, names: list[str]) -> list[str]:
+def missing_modules(root: Path, names: list[str], keys_for: KeysFor = suffix_keys) -> list[str]:
     """Top-level owners of the parameters `names` that the checkpoint in `root` lacks (a fresh classification
-    head), from its safetensors headers alone."""
+    head), from its safetensors headers alone; `keys_for` gives a name's candidate keys on disk."""
     with SafetensorsReader(root, drop_cache=False) as reader:
-        return _new_modules([n for n in names if checkpoint_key([n], reader) is None])
+        return _new_modules([n for n in names if checkpoint_key([n], reader, keys_for) is None])
 
 
 def _load_moe(root: Path, task: Task, expert_budget: int | str, device: torch.device | str) -> nn.Module:
