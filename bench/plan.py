@@ -124,11 +124,15 @@ def moe_dir(smollm2: Path) -> Path:
     return out
 
 
+class Failed(Exception):
+    pass
+
+
 def memfit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "memfit.cli", *map(str, args)], capture_output=True, text=True,
                           env=env)
     if proc.returncode != 0:
-        sys.exit(f"memfit {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
+        raise Failed(f"memfit {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
     return proc
 
 
@@ -198,7 +202,7 @@ def serve_peak(model: Path, tokenizer, kv_budget: int, max_seqs: int, flags: lis
                 break
             except OSError:
                 if proc.poll() is not None:
-                    sys.exit(f"memfit serve failed:\n{proc.stderr.read()[-3000:]}")
+                    raise Failed(f"memfit serve failed:\n{proc.stderr.read()[-3000:]}") from None
                 time.sleep(0.5)
         Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
         name = "a" if any(f.startswith("a=") for f in flags) else model.name  # the adapter, or the base
@@ -254,8 +258,8 @@ HEADER = ["configuration", "predicted peak, MB", "measured, MB", "pred ÷ meas",
 SWEEP_HEADER = ["budget, MB", "chosen settings", "predicted, MB", "measured, MB", "measured ≤ budget"]
 
 
-def _ratio(a: float | None, b: float) -> str:
-    return f"{a / b:.2f}" if a else ""
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a and b else ""
 
 
 def _rows(payload: dict) -> list[list[str]]:
@@ -264,7 +268,7 @@ def _rows(payload: dict) -> list[list[str]]:
         estimate = r["estimators"]
         accelerate = estimate["accelerate_training" if r["kind"] == "finetune" else "accelerate_inference"]
         rows.append([name, f"{r['predicted'] / 1e6:,.0f}", f"{r['measured'] / 1e6:,.0f}",
-                     f"{r['predicted'] / r['measured']:.2f}", _ratio(r["predicted"], r.get("measured_default", 0)),
+                     f"{r['predicted'] / r['measured']:.2f}", _ratio(r["predicted"], r.get("measured_default")),
                      _ratio(accelerate, r["measured"]),
                      _ratio(estimate.get("deepspeed"), r["measured"]) if r["kind"] == "finetune" else ""])
     return rows
@@ -337,13 +341,15 @@ def main() -> None:
     results: dict[str, dict] = {}
     t0 = time.time()
 
+    failures: dict[str, str] = {}
+
     def done(name: str, r: dict) -> None:
         results[name] = r
         extra = f", default allocator {r['predicted'] / r['measured_default']:.2f}" if "measured_default" in r else ""
         print(f"{name}: predicted {r['predicted'] / 1e6:,.0f} MB, measured {r['measured'] / 1e6:,.0f} MB "
               f"({r['predicted'] / r['measured']:.2f}){extra}  [{(time.time() - t0) / 60:.1f} min]", flush=True)
 
-    for name, (which, flags) in FINETUNE.items():
+    def finetune_config(name: str, which: str, flags: list[str]) -> None:
         model, rows = models[which], data("classify" if which == "minilm" else "text")
         lean = [*flags, "--lean-allocator"]
         planned = plan("--model", model, "--data", rows, *lean)
@@ -355,7 +361,8 @@ def main() -> None:
         if name in DEFAULT_ALLOCATOR:
             r["measured_default"] = finetune_peak(model, flags, rows, WORK / "run")
         done(name, r)
-    for name, (which, count, tokens, new, flags) in GENERATE.items():
+
+    def generate_config(name: str, which: str, count: int, tokens: int, new: int, flags: list[str]) -> None:
         flags = [f for f in flags if f != "ADAPTER"] + (["--adapter", str(adapter)] if "ADAPTER" in flags else [])
         prompts = WORK / "prompts.jsonl"
         longest = prompts_file(tokenizer, count, tokens, prompts)
@@ -366,7 +373,8 @@ def main() -> None:
                     "components": planned["components"], "measured": measured, "printed_plan": printed,
                     "estimators": estimators(models[which], flags[flags.index("--quantize") + 1]
                                              if "--quantize" in flags else None, None)})
-    for name, (which, kv, seqs, flags) in SERVE.items():
+
+    def serve_config(name: str, which: str, kv: int, seqs: int, flags: list[str]) -> None:
         plan_flags = [f for f in flags if f != "ADAPTER"] + (["--adapter", str(adapter)] if "ADAPTER" in flags else [])
         serve_flags = [f for f in flags if f != "ADAPTER"] + (["--adapter", f"a={adapter}"] if "ADAPTER" in flags
                                                               else [])
@@ -377,6 +385,14 @@ def main() -> None:
                     "estimators": estimators(models[which], flags[flags.index("--quantize") + 1]
                                              if "--quantize" in flags else None, None)})
 
+    for runner, table in ((finetune_config, FINETUNE), (generate_config, GENERATE), (serve_config, SERVE)):
+        for name, spec in table.items():
+            try:
+                runner(name, *spec)
+            except Failed as e:
+                failures[name] = str(e)
+                print(f"{name}: FAILED\n{e}", flush=True)
+
     name, fractions = SWEEP
     flags, rows = FINETUNE[name][1], data("text")
     full = results[name]["predicted"]
@@ -385,14 +401,18 @@ def main() -> None:
     sweep = []
     for f in fractions:
         budget = parse_size(f"{(smallest + f * (full - smallest)) / 0.9 * 1.01 / 1e6:.0f}MB")
-        chosen = plan("--model", smollm2, "--data", rows, *flags, "--memory", f"{budget}")
-        measured = finetune_peak(smollm2, [*flags, "--memory", str(budget)], rows, WORK / "run")
+        try:
+            chosen = plan("--model", smollm2, "--data", rows, *flags, "--memory", f"{budget}")
+            measured = finetune_peak(smollm2, [*flags, "--memory", str(budget)], rows, WORK / "run")
+        except Failed as e:
+            failures[f"--memory {budget}"] = str(e)
+            continue
         sweep.append({"budget": budget, "changes": _changes(chosen.get("command", ""), flags),
                       "predicted": chosen["peak_bytes"], "measured": measured})
         print(f"--memory {budget / 1e6:,.0f} MB: {' '.join(sweep[-1]['changes'])}: predicted "
               f"{chosen['peak_bytes'] / 1e6:,.0f} MB, measured {measured / 1e6:,.0f} MB", flush=True)
     shutil.rmtree(WORK / "run", ignore_errors=True)
-    payload = {"configs": results, "sweep": sweep, "minutes": (time.time() - t0) / 60}
+    payload = {"configs": results, "sweep": sweep, "failures": failures, "minutes": (time.time() - t0) / 60}
     path = report("plan", "memfit plan: predicted against measured peak", HEADER, _rows(payload), payload)
     plot(payload, IMG / "plan.png")
     print_readme_tables(readme_tables, path)

@@ -18,7 +18,8 @@ from memfit import quant
 from memfit.adapters import get_method, inject
 from memfit.local import from_pretrained
 from memfit.plan import LiveBytes, plan_finetune
-from memfit.plan.predict import _nbytes, _trace_update
+from memfit.plan.predict import _trace_update
+from memfit.tiers.memory import storage_bytes
 from memfit.train.config import TrainConfig
 from memfit.train.tasks import TASKS
 from memfit.train.trainer import make_optimizer
@@ -90,7 +91,7 @@ def _real_update(root, task, labels, method, options, train) -> dict[str, int]:
     optimizer = make_optimizer(train, named, Path("unused"))
     components, _ = _trace_update(model, task_obj, train, optimizer, [p for _, p in named], torch.device("cpu"))
     frozen = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
-    return {c.name: c.bytes for c in components} | {"weights resident": _nbytes(frozen)}
+    return {c.name: c.bytes for c in components} | {"weights resident": storage_bytes(frozen)}
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])

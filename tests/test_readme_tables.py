@@ -203,9 +203,16 @@ PAYLOADS = {
         "memory": {"Adam LoRA": {"peak_rss": 8 * 2**30, "rss_before_training": 2**30, "train_time_s": 48.0, "steps": 3},
                    "MeZO LoRA": {"peak_rss": 3 * 2**30, "rss_before_training": 2**30, "train_time_s": 39.9,
                                  "steps": 3}}}},
-    "plan.json": {"configs": {"SmolLM2, LoRA q,v, 4x128": {
-        "flags": [], "predicted": 1_656_000_000, "components": {"activations": 742_400_000},
-        "measured": 2_152_000_000, "measured_lean": 1_742_000_000, "s_per_update": 2.0, "s_per_update_lean": 3.0}}},
+    "plan.json": {"configs": {
+        "SmolLM2, LoRA q,v, 4x128": {"kind": "finetune", "flags": [], "predicted": 1_703_000_000,
+                                     "components": {}, "measured": 1_742_000_000, "measured_default": 2_077_000_000,
+                                     "estimators": {"accelerate_inference": 538e6, "accelerate_training": 2152e6,
+                                                    "deepspeed": 3497e6}},
+        "SmolLM2, serve": {"kind": "serve", "flags": [], "predicted": 1_081_800_000, "components": {},
+                           "measured": 1_084_700_000,
+                           "estimators": {"accelerate_inference": 538e6, "accelerate_training": 2152e6}}},
+        "sweep": [{"budget": 1_500_000_000, "changes": ["--batch-size 1", "--grad-accum 8"],
+                   "predicted": 1_300_000_000, "measured": 1_400_000_000}]},
 }
 
 EXPECTED = {  # README rows these payloads must reproduce, character for character
@@ -312,10 +319,17 @@ EXPECTED = {  # README rows these payloads must reproduce, character for charact
         "| all weights in memory | 0.605 | 1.00 | 905 | 1.00 | 0 | 0 |",
         "| **streamed, 25% budget** | 1.650 | 2.73 | **249** | **0.28** | 1131 | 1163 |"],
     ("plan.json", "plan"): [
-        "| configuration | activations (plan), MB | predicted peak, MB | measured, MB | pred ÷ meas "
-        "| measured, --lean-allocator, MB | pred ÷ meas | s/update, lean ÷ default |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-        "| SmolLM2, LoRA q,v, 4x128 | 742 | 1,656 | 2,152 | 0.77 | 1,742 | 0.95 | 1.50 |"],
+        "| configuration | predicted peak, MB | measured, MB | pred ÷ meas | default allocator: pred ÷ meas "
+        "| accelerate ÷ meas | DeepSpeed ÷ meas |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        "| SmolLM2, LoRA q,v, 4x128 | 1,703 | 1,742 | 0.98 | 0.82 | 1.24 | 2.01 |",
+        "| SmolLM2, serve | 1,082 | 1,085 | 1.00 | | 0.50 | |",
+        "",
+        "2 configurations: predicted ÷ measured 0.98-1.00, worst 0.98; 2 of 2 within 0.9-1.1."],
+    ("plan.json", "sweep"): [
+        "| budget, MB | chosen settings | predicted, MB | measured, MB | measured ≤ budget |",
+        "|---:|---|---:|---:|---|",
+        "| 1,500 | --batch-size 1 --grad-accum 8 | 1,300 | 1,400 | yes |"],
 }
 
 

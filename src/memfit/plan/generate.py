@@ -22,11 +22,11 @@ import torch
 from memfit.errors import ConfigError
 from memfit.local import load_config, load_tokenizer
 from memfit.local import model_dir as local_dir
-from memfit.plan.predict import Component, Plan, _nbytes, fake_base, weights_note
+from memfit.plan.predict import Component, Plan, fake_base, weights_note
 from memfit.plan.trace import LiveBytes
 from memfit.serve.engine import Engine, Request, SamplingParams
 from memfit.serve.loading import ServeConfig, build_engine
-from memfit.tiers.memory import rss_bytes
+from memfit.tiers.memory import rss_bytes, storage_bytes
 
 # ServeConfig fields whose memory terms the planner does not model yet.
 UNCOVERED = {"weights_budget": "--weights-budget", "expert_budget": "--expert-budget"}
@@ -86,12 +86,12 @@ def _plan(model_dir: str | os.PathLike, config: ServeConfig, shapes: list[tuple[
     from transformers import AutoModelForCausalLM
 
     model, _, mode = fake_base(root, AutoModelForCausalLM, load_config(root), dev, config.quantize)
-    weights = _nbytes([*model.parameters(), *model.buffers()])
+    weights = storage_bytes([*model.parameters(), *model.buffers()])
     note = weights_note(model)
     engine, _, _ = build_engine(root, replace(config, device=str(dev)), model=model)
     engine.eos_ids = set()  # a fake token is always 1: never let it end a request early
     held = [*model.parameters(), *model.buffers()]
-    slots = _nbytes(held) - weights
+    slots = storage_bytes(held) - weights
     host = engine.adapters.host_bytes() if engine.adapters is not None else 0
     adapter = next(iter(config.adapters or {}), None)
     kv, top = 0, 0

@@ -31,7 +31,7 @@ from memfit.plan.trace import LiveBytes
 from memfit.quant.checkpoint import empty_quantized, is_quantized_dir
 from memfit.quant.codebooks import CODEBOOKS, dynamic_map
 from memfit.quant.experts import fused_experts
-from memfit.tiers.memory import rss_bytes
+from memfit.tiers.memory import rss_bytes, storage_bytes
 from memfit.tiers.modules import suffix_keys
 from memfit.train.config import TrainConfig
 from memfit.train.finetune import auto_class, missing_modules
@@ -68,16 +68,6 @@ class Plan:
 
     def get(self, name: str) -> int:
         return next((c.bytes for c in self.components if c.name == name), 0)
-
-
-def _nbytes(tensors: list[torch.Tensor]) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        key = t.untyped_storage()._cdata
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
 
 
 def _batch(task: Task, batch: int, length: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -132,8 +122,9 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
         trainable = [p for _, p in named]
         optimizer = make_optimizer(train, named, Path(os.devnull))
         components, notes = _trace_update(model, task_obj, train, optimizer, trainable, dev)
-    held = [Component("weights resident", _nbytes(weights), weights_note(model)),
-            Component("trainable weights", _nbytes(trainable), f"{sum(p.numel() for p in trainable):,} parameters")]
+    held = [Component("weights resident", storage_bytes(weights), weights_note(model)),
+            Component("trainable weights", storage_bytes(trainable),
+                      f"{sum(p.numel() for p in trainable):,} parameters")]
     runtime = [Component("runtime", overhead, "this process's resident set before the model: interpreter, torch, "
                          "transformers, memfit, the tokenizer")] if dev.type == "cpu" else []
     if dev.type == "cpu" and not train.lean_allocator:
@@ -206,7 +197,7 @@ def _trace_update(model: nn.Module, task: Task, train: TrainConfig, optimizer: t
     batch = _batch(task, train.batch_size, train.max_length, dev)
     model.train()
     notes: list[str] = []
-    grad_bytes = 0 if getattr(optimizer, "zeroth_order", False) else _nbytes(trainable)
+    grad_bytes = 0 if getattr(optimizer, "zeroth_order", False) else storage_bytes(trainable)
     with LiveBytes(held) as live:
         if getattr(optimizer, "zeroth_order", False):  # two forward passes, nothing saved for a backward
             with torch.no_grad():

@@ -24,6 +24,7 @@ from memfit.local import from_pretrained, is_gguf, load_config, load_tokenizer, 
 from memfit.serve.adapters import AdapterCache
 from memfit.serve.engine import Engine
 from memfit.serve.metrics import Metrics
+from memfit.tiers.memory import storage_bytes
 from memfit.tiers.modules import empty_weights
 
 DEFAULT_RANK = 16  # slot rank when no adapter is given at start (vLLM's default --max-lora-rank)
@@ -148,22 +149,10 @@ def build_engine(model_path: str | os.PathLike, config: ServeConfig,
 def engine_memory(engine: Engine) -> dict[str, int]:
     """Bytes of what the engine holds, by `memfit plan`'s component names: the base's weights (each storage once:
     tied weights share one), the adapter slots and the adapters kept in host memory."""
-    seen: set[int] = set()
-
-    def size(tensors: list[torch.Tensor]) -> int:
-        total = 0
-        for t in tensors:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        return total
-
-    out: dict[str, int] = {}
-    if engine.adapters is not None:
-        out["adapter slots"] = size([t for layer in engine.adapters.wrapped.values()
-                                     for t in (layer.lora_A, layer.lora_B, layer.scale)])
-        out["adapters in host memory"] = engine.adapters.host_bytes()
-    out["weights resident"] = size([*engine.model.parameters(), *engine.model.buffers()])
-    return out
-
+    every = storage_bytes([*engine.model.parameters(), *engine.model.buffers()])
+    if engine.adapters is None:
+        return {"weights resident": every}
+    slots = storage_bytes([t for layer in engine.adapters.wrapped.values()
+                           for t in (layer.lora_A, layer.lora_B, layer.scale)])
+    return {"weights resident": every - slots, "adapter slots": slots,
+            "adapters in host memory": engine.adapters.host_bytes()}

@@ -7,6 +7,7 @@ which is why streamed reads drop their pages (see st_reader) instead of calling 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -18,6 +19,17 @@ def _status_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages under `tensors` (tied weights and views count once; fake ones too)."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = t.untyped_storage()._cdata
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
 
 
 def rss_bytes() -> int:
