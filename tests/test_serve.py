@@ -393,7 +393,7 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(served, tmp_path):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "memfit.cli", "serve", "--model", str(model_dir), "--adapter",
                              f"lora={adapters['lora']}", "--port", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=(tmp_path / "stderr").open("w"))
     try:
         for _ in range(600):
             try:
@@ -414,5 +414,7 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(served, tmp_path):
         assert len(chunks) > 10  # it kept generating after the signal
         assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
         assert proc.wait(timeout=60) == 0
+        log = (tmp_path / "stderr").read_text()  # planned at its limits when it started, measured as it stops
+        assert "memory plan at --kv-budget" in log and "planned (at the limits) and measured" in log
     finally:
         proc.kill()

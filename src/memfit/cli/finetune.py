@@ -132,8 +132,9 @@ def _register(name: str, scratch: bool, doc: str) -> None:
     train_names = [f.name for f in dataclasses.fields(TrainConfig) if not (scratch and f.name in _SCRATCH_ONLY)]
     memory = [] if scratch else [option_param(
         "memory", str | None, "--memory", help="Fit the run in this much memory, e.g. '2GB': `memfit plan` chooses "
-        "the micro-batch (same examples per update, in --grad-accum steps) and the optimizer with the least "
-        "slowdown, and on the CPU turns --lean-allocator on; the run prints planned against measured.",
+        "the micro-batch (same examples per update, in --grad-accum steps), then AdamW8bit, then an NF4 base, "
+        "with the least slowdown, and on the CPU turns --lean-allocator on; the run prints planned against "
+        "measured.",
         rich_help_panel="Memory")]
     params = [*_common_params(scratch), *memory, *flags.params(), *field_params(TrainConfig, names=train_names)]
 

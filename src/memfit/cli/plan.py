@@ -151,8 +151,8 @@ def _register() -> None:
               option_param("data", Path | None, "--data", help="The run's JSONL data (optional): sets the task and a "
                            "classifier's labels."),
               option_param("memory", str | None, "--memory", help="Choose the settings that fit this much memory "
-                           "(e.g. '2GB'): the micro-batch and the optimizer with the least slowdown; prints their "
-                           "plan and the `memfit finetune` command to run."),
+                           "(e.g. '2GB'): the micro-batch, then AdamW8bit, then an NF4 base, with the least "
+                           "slowdown; prints their plan and the `memfit finetune` command to run."),
               option_param("json", bool, "--json", default=False, help="Print the plan as one JSON object (bytes "
                            "per component and peak_bytes), for scripts."),
               *_FLAGS.params(), *field_params(TrainConfig)]

@@ -26,6 +26,7 @@ from memfit.errors import ConfigError, MemfitError
 from memfit.serve.engine import Request, SamplingParams
 from memfit.serve.loading import ServeConfig, build_engine, engine_memory
 from memfit.serve.text import Decoder, chat_ids
+from memfit.tiers.budget import format_size
 from memfit.tiers.files import atomic_write
 from memfit.tiers.memory import peak_bytes, reset_peak
 from memfit.train.data import read_jsonl
@@ -194,21 +195,47 @@ def serve(**values: Any) -> None:
     from memfit.serve.app import ServerState, build_app
 
     host, port, allow = values.pop("host"), values.pop("port"), values.pop("allow_runtime_adapters")
+    plan = values.pop("plan")
     model = values.pop("model")
     config = ServeConfig(adapters=_adapter_pairs(values.pop("adapters")), any_module=allow, **values)
     if config.adapter_dir is not None and not Path(config.adapter_dir).is_dir():
         raise ConfigError(f"--adapter-dir {config.adapter_dir} is not a directory.")
     engine, tokenizer, name = build_engine(model, config)
+    console = Console(stderr=True)
+    planned = _plan_serve(model, config, console) if plan else None
     state = ServerState(engine.start(), tokenizer, name, Path(config.adapter_dir) if config.adapter_dir else None,
                         allow)
-    Console(stderr=True).print(f"serving {name} with {len(config.adapters)} adapter(s) on http://{host}:{port}/v1",
-                               highlight=False)
+    if planned is not None:
+        console.print(f"memory plan at --kv-budget {config.kv_budget}: peak {format_size(planned['peak_bytes'])}",
+                      highlight=False)
+    console.print(f"serving {name} with {len(config.adapters)} adapter(s) on http://{host}:{port}/v1",
+                  highlight=False)
+    reset_peak(engine.device)
     server = _Server(uvicorn.Config(build_app(state), host=host, port=port, log_level="warning",
                                     timeout_graceful_shutdown=None))
     try:  # SIGTERM: stop accepting, let the requests in flight finish, then return
         server.run()
     finally:
         engine.stop()
+        if planned is not None:
+            measured = {**engine_memory(engine), "peak": peak_bytes(engine.device)}
+            print_memory_table("memory: planned (at the limits) and measured (since serving began)",
+                               plan_rows(planned, measured), console,
+                               columns=("component", "planned", "measured", "measured ÷ planned"))
+
+
+def _plan_serve(model: Path, config: ServeConfig, console: Console) -> dict | None:
+    """The planner's prediction for this server at its limits, from a fresh process (None where not covered)."""
+    from memfit.plan.generate import UNCOVERED
+    from memfit.plan.isolated import plan_serve_isolated
+
+    if any(getattr(config, k) is not None for k in UNCOVERED):
+        return None
+    try:
+        return plan_serve_isolated(str(model), config)["plan"]
+    except (MemfitError, RuntimeError) as e:
+        console.print(f"no memory plan for this server: {e}"[:300], highlight=False)
+        return None
 
 
 _SERVE = [
@@ -219,6 +246,8 @@ _SERVE = [
          "/v1/load_lora_adapter and /v1/unload_lora_adapter.", rich_help_panel="Adapters"),
     _opt("host", str, "--host", default="127.0.0.1", help="Address to listen on."),
     _opt("port", int, "--port", default=8000, help="Port to listen on."),
+    _opt("plan", bool, "--plan/--no-plan", default=True, help="Plan the memory at the server's limits first "
+         "(memfit plan --for serve, a few seconds) and print planned against measured when it stops."),
     *field_params(ServeConfig, names=_SERVING + _MEMORY),
 ]
 app.command("serve")(build_command(serve, _SERVE, """Serve a model and many adapters over the OpenAI HTTP API.

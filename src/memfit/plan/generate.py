@@ -57,7 +57,7 @@ def plan_serve(model_dir: str | os.PathLike, config: ServeConfig, device: str | 
     the larger), each finishing its last token."""
     context = getattr(load_config(local_dir(model_dir, weights=False)), "max_position_embeddings", None)
     longest = min(config.kv_budget, context or config.kv_budget)
-    per_row = config.kv_budget // config.max_seqs
+    per_row = min(config.kv_budget // config.max_seqs, longest)
     shapes = [(1, longest - 2, 2)] + ([(config.max_seqs, per_row - 2, 2)] if per_row >= 3 else [])
     if longest < 3:
         raise ConfigError(f"--kv-budget {config.kv_budget} leaves no room for a request; raise it.")

@@ -35,6 +35,11 @@ def plan_generate_isolated(model_dir: str, config: ServeConfig, prompt_tokens: i
                  "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "prompts": prompts})
 
 
+def plan_serve_isolated(model_dir: str, config: ServeConfig) -> dict[str, Any]:
+    """{"plan": Plan.to_dict()} of `memfit serve` at its limits (see `plan_serve`), planned in a fresh process."""
+    return _run({"kind": "serve", "model": str(model_dir), "serve": dataclasses.asdict(config)})
+
+
 def _run(spec: dict[str, Any]) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "memfit.plan", json.dumps(spec)], capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
@@ -48,13 +53,15 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main(spec_text: str) -> None:
     import memfit.cli  # noqa: F401  (the run's imports, so the resident set measured is the run's)
-    from memfit.plan.generate import plan_generate
+    from memfit.plan.generate import plan_generate, plan_serve
     from memfit.plan.predict import plan_finetune
     from memfit.plan.search import fit_memory
 
     spec = json.loads(spec_text)
     try:
-        if spec["kind"] == "generate":
+        if spec["kind"] == "serve":
+            out = {"plan": plan_serve(spec["model"], ServeConfig(**spec["serve"])).to_dict()}
+        elif spec["kind"] == "generate":
             plan = plan_generate(spec["model"], ServeConfig(**spec["serve"]), spec["prompt_tokens"],
                                  spec["new_tokens"], spec["prompts"])
             out = {"plan": plan.to_dict()}
