@@ -6,10 +6,11 @@ Every configuration runs in fresh processes: `memfit plan --json` (no weight rea
   mmap threshold fixed, so freed activations leave the resident set); the measured peak is the run's own (peak
   RSS since training started, metrics.jsonl's "end" event). The data are long texts, so every batch is as long as
   --max-length, as the plan assumes. The first four are also run with glibc's default allocator.
-- Generation: `memfit generate --prompts FILE` (prompts of equal token count, greedy); its measured peak is the
-  one it prints (peak RSS since generation started).
-- Serving: `memfit serve` at its limits: one request of --kv-budget tokens, then --max-seqs requests at once
-  filling it; the peak is the server process's VmHWM from the first request on (reset through clear_refs).
+- Generation: `memfit generate --lean-allocator --prompts FILE` (prompts of equal token count, greedy); its
+  measured peak is the one it prints (peak RSS since generation started).
+- Serving: `memfit serve --lean-allocator` at its limits: one request of --kv-budget tokens, then --max-seqs
+  requests at once filling it; the peak is the server process's VmHWM from the first request on (reset through
+  clear_refs).
 - accelerate (`estimate-memory`'s own functions: the model's size, x4 for "training using Adam") and DeepSpeed
   (`estimate_zero2_model_states_mem_needs`, no offload, CPU + GPU parts) on the same models, where installed;
   DeepSpeed from --deepspeed-path (pip install --target DIR --no-deps deepspeed hjson py-cpuinfo msgpack ninja
@@ -65,6 +66,7 @@ FINETUNE = {
     "SmolLM2, DiffFit, 4x128": ("smollm2", ["--method", "difffit", *QV]),
     "MiniLM-L6, classify, LoRA all-linear, 32x128": ("minilm", [*ALL, "--batch-size", "32", "--max-length", "128"]),
     "MiniLM-L6, classify, MoS, 16x64": ("minilm", ["--method", "mos", "--set", "r=8", "--set", "r_eq=2",
+                                                   "--set", "r_pri=1",
                                                    "--batch-size", "16", "--max-length", "64"]),
     "MiniLM-L6, classify, full, adamw, 16x128": ("minilm", ["--method", "full", "--batch-size", "16",
                                                             "--max-length", "128"]),
@@ -76,29 +78,32 @@ FINETUNE = {
 DEFAULT_ALLOCATOR = list(FINETUNE)[:4]
 # name -> (model, prompts, prompt tokens, new tokens, flags of both `memfit plan --for generate` and generate)
 GENERATE = {
-    "SmolLM2, generate 1 x (64 + 48)": ("smollm2", 1, 64, 48, []),
-    "SmolLM2, generate 8 x (200 + 32), NF4": ("smollm2", 8, 200, 32, ["--quantize", "nf4"]),
-    "SmolLM2 + LoRA, generate 4 x (120 + 32)": ("smollm2", 4, 120, 32, ["ADAPTER"]),
+    "SmolLM2, generate 1 x (64 + 48)": ("smollm2", 1, 64, 48, ["--lean-allocator"]),
+    "SmolLM2, generate 8 x (200 + 32), NF4": ("smollm2", 8, 200, 32, ["--quantize", "nf4", "--lean-allocator"]),
+    "SmolLM2 + LoRA, generate 4 x (120 + 32)": ("smollm2", 4, 120, 32, ["ADAPTER", "--lean-allocator"]),
 }
 # name -> (model, kv budget, max seqs, flags)
 SERVE = {
-    "SmolLM2, serve, LoRA, --kv-budget 2048 x 8 rows": ("smollm2", 2048, 8, ["ADAPTER"]),
-    "SmolLM2, serve, NF4, --kv-budget 4096 x 16 rows": ("smollm2", 4096, 16, ["--quantize", "nf4"]),
+    "SmolLM2, serve, LoRA, --kv-budget 2048 x 8 rows": ("smollm2", 2048, 8, ["ADAPTER", "--lean-allocator"]),
+    "SmolLM2, serve, NF4, --kv-budget 4096 x 16 rows": ("smollm2", 4096, 16, ["--quantize", "nf4",
+                                                                              "--lean-allocator"]),
 }
 SWEEP = ("SmolLM2, LoRA all-linear, 8x128", [0.0, 0.3, 0.6, 1.0])  # budgets between the smallest plan and full
 
 
 def data(kind: str) -> Path:
-    """Long rows (40 shipped synopses joined), so every batch fills --max-length: text, or text with a label."""
+    """Long rows, so every batch fills --max-length: text (100 shipped synopses joined: 24 rows of ~900 SmolLM2
+    tokens), or text with a label (40 joined: 60 rows of ~400 tokens, enough rows for a batch of 32)."""
     from memfit.cli.demo import DATA
 
     rows = [json.loads(line) for line in (DATA / "debian-sections-train.jsonl").read_text().splitlines()]
-    path = WORK / f"long-{kind}.jsonl"
+    joined = 40 if kind == "classify" else 100
+    path = WORK / f"long-{kind}-{joined}.jsonl"
     if not path.is_file():
         WORK.mkdir(parents=True, exist_ok=True)
         lines = []
-        for i in range(0, 2400, 40):
-            row = {"text": " ".join(r["text"] for r in rows[i:i + 40])}
+        for i in range(0, 2400, joined):
+            row = {"text": " ".join(r["text"] for r in rows[i:i + joined])}
             if kind == "classify":
                 row["label"] = rows[i]["label"]
             lines.append(json.dumps(row))
@@ -323,6 +328,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--deepspeed-path", help="a folder DeepSpeed was installed into (pip install --target)")
     ap.add_argument("--report", action="store_true", help="the tables and plot from results/plan.json")
+    ap.add_argument("--only", action="append", default=[], metavar="NAME",
+                    help="run only these configurations (repeatable) and merge them into results/plan.json")
     args = ap.parse_args()
     if args.report:
         path = ROOT / "results" / "plan.json"
@@ -387,12 +394,25 @@ def main() -> None:
 
     for runner, table in ((finetune_config, FINETUNE), (generate_config, GENERATE), (serve_config, SERVE)):
         for name, spec in table.items():
+            if args.only and name not in args.only:
+                continue
             try:
                 runner(name, *spec)
             except Failed as e:
                 failures[name] = str(e)
                 print(f"{name}: FAILED\n{e}", flush=True)
 
+    if args.only:  # merged into the results of the last whole run
+        path = ROOT / "results" / "plan.json"
+        payload = json.loads(path.read_text())
+        payload["configs"].update(results)
+        payload["failures"] = {k: v for k, v in {**payload.get("failures", {}), **failures}.items()
+                               if k not in results}
+        payload["rerun"] = sorted(set(payload.get("rerun", [])) | set(results))
+        path = report("plan", "memfit plan: predicted against measured peak", HEADER, _rows(payload), payload)
+        plot(payload, IMG / "plan.png")
+        print_readme_tables(readme_tables, path)
+        return
     name, fractions = SWEEP
     flags, rows = FINETUNE[name][1], data("text")
     full = results[name]["predicted"]

@@ -76,7 +76,8 @@ def _plan_generation(values: dict[str, Any], serving: dict[str, Any], generation
     adapters = {f"adapter{i}": str(d) for i, d in enumerate(generation["adapters"])}
     config = ServeConfig(adapters=adapters or None, serve_adapters=bool(adapters) or values["for_"] == "serve",
                          quantize=train.quantize, weights_budget=train.weights_budget,
-                         expert_budget=train.expert_budget, device=values["device"], **serving)
+                         expert_budget=train.expert_budget, lean_allocator=train.lean_allocator,
+                         device=values["device"], **serving)
     if values["for_"] == "serve":
         return plan_serve(values["model"], config)
     return plan_generate(values["model"], replace(config, max_loras=1) if adapters else config,

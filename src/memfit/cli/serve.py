@@ -32,7 +32,7 @@ from memfit.tiers.memory import peak_bytes, reset_peak
 from memfit.train.data import read_jsonl
 from memfit.train.memory import plan_rows, print_memory_table
 
-_MEMORY = ["weights_budget", "quantize", "expert_budget", "device"]
+_MEMORY = ["weights_budget", "quantize", "expert_budget", "lean_allocator", "device"]
 _SERVING = ["adapter_dir", "max_loras", "max_cpu_loras", "max_lora_rank", "max_seqs", "kv_budget"]
 
 

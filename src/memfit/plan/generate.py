@@ -22,7 +22,7 @@ import torch
 from memfit.errors import ConfigError
 from memfit.local import load_config, load_tokenizer
 from memfit.local import model_dir as local_dir
-from memfit.plan.predict import Component, Plan, fake_base, weights_note
+from memfit.plan.predict import ALLOCATOR_NOTE, Component, Plan, fake_base, weights_note
 from memfit.plan.trace import LiveBytes
 from memfit.serve.engine import Engine, Request, SamplingParams
 from memfit.serve.loading import ServeConfig, build_engine
@@ -114,7 +114,8 @@ def _plan(model_dir: str | os.PathLike, config: ServeConfig, shapes: list[tuple[
     parts += [Component("KV cache", kv, shape_note + ", at the last token"),
               Component("activations", max(0, top - kv), "above the cache: the prefill's, or a decode step's "
                         "(the cache's append copies it layer by layer)")]
-    return Plan(parts, sum(c.bytes for c in parts), str(dev), [])
+    notes = [ALLOCATOR_NOTE] if dev.type == "cpu" and not config.lean_allocator else []
+    return Plan(parts, sum(c.bytes for c in parts), str(dev), notes)
 
 
 def _trace(engine: Engine, held: list[torch.Tensor], adapter: str | None, rows: int, prompt: int,

@@ -182,12 +182,12 @@ def _fake_copy(model: nn.Module, dev: torch.device) -> nn.Module:
 
 
 def peak_of(parts: dict[str, int]) -> int:
-    """The peak components add up to: what is held (runtime, weights), plus the larger of the backward's high
-    point (gradients + activations) and the optimizer step's (gradients + states + the step's temporaries)."""
+    """The peak components add up to: what is held (runtime, weights, and the optimizer's states, which persist
+    from the first step on, so every later update's forward and backward runs beside them), plus the gradients and
+    the larger of the backward's activations and the optimizer step's temporaries."""
     get = lambda name: parts.get(name, 0)  # noqa: E731
-    held = get("runtime") + get("weights resident") + get("trainable weights")
-    return held + get("gradients") + max(get("activations"),
-                                         get("optimizer states") + get("optimizer step"))
+    held = get("runtime") + get("weights resident") + get("trainable weights") + get("optimizer states")
+    return held + get("gradients") + max(get("activations"), get("optimizer step"))
 
 
 def _trace_update(model: nn.Module, task: Task, train: TrainConfig, optimizer: torch.optim.Optimizer,

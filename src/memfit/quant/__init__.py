@@ -2,7 +2,7 @@
 
 from memfit.quant.codebooks import CODEBOOKS
 from memfit.quant.linear import QuantLinear, QuantWeight, linear
-from memfit.quant.model import HEADS, QuantConfig, dequantize, own_storage, quantize, quantize_weight, quantized_modules
+from memfit.quant.model import HEADS, QuantConfig, dequantize, quantize, quantize_weight, quantized_modules
 
-__all__ = ["CODEBOOKS", "HEADS", "QuantConfig", "QuantLinear", "QuantWeight", "dequantize", "linear", "own_storage",
+__all__ = ["CODEBOOKS", "HEADS", "QuantConfig", "QuantLinear", "QuantWeight", "dequantize", "linear",
            "quantize", "quantize_weight", "quantized_modules"]

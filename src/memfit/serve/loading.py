@@ -24,7 +24,7 @@ from memfit.local import from_pretrained, is_gguf, load_config, load_tokenizer, 
 from memfit.serve.adapters import AdapterCache
 from memfit.serve.engine import Engine
 from memfit.serve.metrics import Metrics
-from memfit.tiers.memory import storage_bytes
+from memfit.tiers.memory import lean_allocator, release_checkpoint_map, storage_bytes
 from memfit.tiers.modules import empty_weights
 
 DEFAULT_RANK = 16  # slot rank when no adapter is given at start (vLLM's default --max-lora-rank)
@@ -58,6 +58,9 @@ class ServeConfig:
                                   panel=MEMORY)
     expert_budget: str | None = option(None, help="MoE models: run through memfit.moe with this expert cache "
                                        "('25%', '3GB').", panel=MEMORY)
+    lean_allocator: bool = option(False, help="CPU on Linux: glibc returns every freed block above 256 KB at once, "
+                                  "so the peak is what `memfit plan --for generate|serve` predicts (prefills' "
+                                  "activations otherwise stay in the heap).", panel=MEMORY)
     device: str | None = option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
     serve_adapters: bool = option(True, help="wrap the model for adapter slots (False: the base model alone)")
     any_module: bool = option(False, help="give every Linear an adapter slot (adapters may arrive at run time); else "
@@ -77,7 +80,9 @@ def _load_model(path: Path, config: ServeConfig, device: torch.device) -> nn.Mod
                                   "stored dtype); write the quantized checkpoint once (memfit quantize --model M "
                                   "--out DIR) and pass DIR as --model.")
         model = from_pretrained(AutoModelForCausalLM, path, dtype=torch.float32)
-        return quant.own_storage(quant.quantize(model, quant.QuantConfig(kind=config.quantize))).to(device)
+        quant.quantize(model, quant.QuantConfig(kind=config.quantize))
+        release_checkpoint_map(model)
+        return model.to(device)
 
     if config.expert_budget is not None:
         import memfit.moe as moe
@@ -87,7 +92,9 @@ def _load_model(path: Path, config: ServeConfig, device: torch.device) -> nn.Mod
                               "(memfit convert --gguf FILE --out DIR).")
         return moe.load(path, config.expert_budget)
     if config.weights_budget is None:
-        return from_pretrained(AutoModelForCausalLM, path, dtype=torch.float32).to(device)
+        model = from_pretrained(AutoModelForCausalLM, path, dtype=torch.float32)
+        release_checkpoint_map(model)  # experts fused as they loaded
+        return model.to(device)
     if is_gguf(path):
         raise ConfigError(f"{path} is a GGUF file, which cannot be streamed; convert it once with `memfit convert "
                           f"--gguf {path} --out DIR` and stream DIR.")
@@ -125,6 +132,8 @@ def build_engine(model_path: str | os.PathLike, config: ServeConfig,
     already (`memfit plan` passes one of fake tensors)."""
     path = model_dir(model_path)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if config.lean_allocator and device.type == "cpu" and model is None:
+        lean_allocator()
     tokenizer = load_tokenizer(path)
     skeleton = _skeleton(path) if config.serve_adapters else None
     factors = {name: lora_factors(d, skeleton) for name, d in (config.adapters or {}).items()}

@@ -29,7 +29,7 @@ from memfit.errors import CheckpointError, ConfigError
 from memfit.local import from_pretrained, is_gguf, load_config, load_tokenizer
 from memfit.local import model_dir as local_dir
 from memfit.quant.checkpoint import empty_quantized, is_quantized_dir
-from memfit.tiers.memory import lean_allocator, peak_bytes
+from memfit.tiers.memory import lean_allocator, peak_bytes, release_checkpoint_map
 from memfit.tiers.modules import KeysFor, checkpoint_key, empty_weights, move_model, suffix_keys
 from memfit.tiers.st_reader import SafetensorsReader
 from memfit.tiers.stream import stream_weights
@@ -100,7 +100,7 @@ def load_base(directory: str | os.PathLike, task: Task, *, fresh: bool = False,
         new = _new_modules(info["missing_keys"])
         if quantize is not None:
             quant.quantize(model, quant.QuantConfig(kind=quantize, skip=[*quant.HEADS, *new]))
-            quant.own_storage(model)
+        release_checkpoint_map(model)  # after quantizing, or experts fused as they loaded
         return model, None, new
     if quantize is not None:
         raise ConfigError(f"--quantize with --weights-budget would quantize every layer at every read; write the "
