@@ -65,11 +65,15 @@ FINETUNE = {
                                                        "--batch-size", "2", "--max-length", "128"]),
     "SmolLM2, DiffFit, 4x128": ("smollm2", ["--method", "difffit", *QV]),
     "MiniLM-L6, classify, LoRA all-linear, 32x128": ("minilm", [*ALL, "--batch-size", "32", "--max-length", "128"]),
-    "MiniLM-L6, classify, MoS, 16x64": ("minilm", ["--method", "mos", "--set", "r=8", "--set", "r_eq=2",
+    "MiniLM-L6, classify, MoS, 16x64": ("minilm", ["--method", "mos", "--set", "r=4", "--set", "r_eq=2",
                                                    "--set", "r_pri=1",
                                                    "--batch-size", "16", "--max-length", "64"]),
     "MiniLM-L6, classify, full, adamw, 16x128": ("minilm", ["--method", "full", "--batch-size", "16",
                                                             "--max-length", "128"]),
+    "MiniLM-L6, classify, LoRA, NF4 base, 32x128": ("minilm", ["--quantize", "nf4", "--batch-size", "32",
+                                                               "--max-length", "128"]),
+    "SmolLM2, LoRA q,v, adamw8bit, 1x768": ("smollm2", ["--optim", "adamw8bit", "--batch-size", "1",
+                                                         "--max-length", "768"]),
     "MoE (Mixtral, 8 experts), LoRA q,v, 4x128": ("moe", QV),
     "MoE (Mixtral, 8 experts), LoRA attention, adamw8bit, 8x128": (
         "moe", ["--targets", "q_proj,k_proj,v_proj,o_proj", "--optim", "adamw8bit", "--batch-size", "8",
@@ -299,6 +303,7 @@ def plot(payload: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
     kinds = {"finetune": ("o", "tab:blue"), "generate": ("s", "tab:green"), "serve": ("^", "tab:purple")}
@@ -313,11 +318,17 @@ def plot(payload: dict, path: Path) -> None:
     ds = [(r["measured"] / 1e9, r["estimators"]["deepspeed"] / 1e9) for r in configs if "deepspeed" in r["estimators"]]
     if ds:
         ax.scatter(*zip(*ds, strict=True), marker="+", color="tab:red", label="DeepSpeed ZeRO-2 estimator")
-    lo, hi = 0.3, 8
+    lo, hi = 0.05, 5
     ax.plot([lo, hi], [lo, hi], color="black", lw=1)
     ax.fill_between([lo, hi], [0.9 * lo, 0.9 * hi], [1.1 * lo, 1.1 * hi], color="gray", alpha=0.2, label="±10%")
-    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi * 3), xlabel="measured peak, GB",
-           ylabel="predicted peak, GB", title="Predicted against measured peak memory (CPU)")
+    ax.set(xscale="log", yscale="log", xlim=(0.5, 3), ylim=(lo, hi), xlabel="measured peak, GB",
+           ylabel="predicted (estimated) peak, GB", title="Predicted against measured peak memory (CPU)")
+    ticks = [0.05, 0.1, 0.2, 0.5, 1, 2, 3, 5]
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xticks([t for t in ticks if 0.5 <= t <= 3])
+    ax.set_yticks(ticks)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
