@@ -11,7 +11,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from memfit.cli.app import app
 from memfit.cli.options import build_command, field_params
 from memfit.cli.options import option_param as _opt
 from memfit.errors import ConfigError, MemfitError
+from memfit.plan.isolated import plan_generate_isolated, plan_serve_isolated
 from memfit.serve.engine import Request, SamplingParams
 from memfit.serve.loading import ServeConfig, build_engine, engine_memory
 from memfit.serve.text import Decoder, chat_ids
@@ -66,7 +67,8 @@ def generate(**values: Any) -> None:
         lambda t: list(tokenizer(t)["input_ids"]))
     console = Console(stderr=True, quiet=quiet)
     encoded = [encode(t) for t in texts]
-    planned = _plan(model, config, encoded, params.max_new_tokens, console) if plan else None
+    planned = _plan(config, console, lambda: plan_generate_isolated(
+        str(model), config, max(len(p) for p in encoded), params.max_new_tokens, len(encoded))) if plan else None
     decoders = [Decoder(tokenizer) for _ in texts]
     kv = [0]  # the largest KV cache seen
     stream = len(texts) == 1 and out is None
@@ -111,18 +113,15 @@ def generate(**values: Any) -> None:
                            columns=("component", "planned", "measured", "measured ÷ planned"))
 
 
-def _plan(model: Path, config: ServeConfig, prompts: list[list[int]], new_tokens: int,
-          console: Console) -> dict | None:
-    """The planner's prediction for this generation, from a fresh process; None where it does not cover the run. A
-    plan is advice: a failure to plan is one line, never a stopped run."""
+def _plan(config: ServeConfig, console: Console, plan: Callable[[], dict]) -> dict | None:
+    """The planner's prediction for this run (`plan()`: planned in a fresh process); None where it does not cover
+    the run. A plan is advice: a failure to plan is one line, never a stopped run."""
     from memfit.plan.generate import UNCOVERED
-    from memfit.plan.isolated import plan_generate_isolated
 
     if any(getattr(config, k) is not None for k in UNCOVERED):
         return None
     try:
-        return plan_generate_isolated(str(model), config, max(len(p) for p in prompts), new_tokens,
-                                      len(prompts))["plan"]
+        return plan()["plan"]
     except (MemfitError, RuntimeError) as e:
         console.print(f"no memory plan for this run: {e}"[:300], highlight=False)
         return None
@@ -202,7 +201,7 @@ def serve(**values: Any) -> None:
         raise ConfigError(f"--adapter-dir {config.adapter_dir} is not a directory.")
     engine, tokenizer, name = build_engine(model, config)
     console = Console(stderr=True)
-    planned = _plan_serve(model, config, console) if plan else None
+    planned = _plan(config, console, lambda: plan_serve_isolated(str(model), config)) if plan else None
     state = ServerState(engine.start(), tokenizer, name, Path(config.adapter_dir) if config.adapter_dir else None,
                         allow)
     if planned is not None:
@@ -222,20 +221,6 @@ def serve(**values: Any) -> None:
             print_memory_table("memory: planned (at the limits) and measured (since serving began)",
                                plan_rows(planned, measured), console,
                                columns=("component", "planned", "measured", "measured ÷ planned"))
-
-
-def _plan_serve(model: Path, config: ServeConfig, console: Console) -> dict | None:
-    """The planner's prediction for this server at its limits, from a fresh process (None where not covered)."""
-    from memfit.plan.generate import UNCOVERED
-    from memfit.plan.isolated import plan_serve_isolated
-
-    if any(getattr(config, k) is not None for k in UNCOVERED):
-        return None
-    try:
-        return plan_serve_isolated(str(model), config)["plan"]
-    except (MemfitError, RuntimeError) as e:
-        console.print(f"no memory plan for this server: {e}"[:300], highlight=False)
-        return None
 
 
 _SERVE = [
