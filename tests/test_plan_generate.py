@@ -98,7 +98,7 @@ def test_plan_for_generate_and_serve_cli(llama_dir):
     (["--for", "train"], "choose one of finetune, generate, serve"),
     (["--for", "generate", "--weights-budget", "50%"], "does not model --weights-budget"),
     (["--for", "generate", "--prompt-tokens", 5000, "--kv-budget", 4096], "above --kv-budget"),
-    (["--for", "serve", "--memory", "1GB"], "--memory chooses fine-tuning settings"),
+    (["--for", "serve", "--memory", "1MB"], "nothing fits in 1.0 MB: the smallest plan needs"),
 ])
 def test_plan_for_bad_input_is_one_line(flags, message, llama_dir):
     one_error_line(memfit_cli("plan", "--model", llama_dir, *flags), message)
@@ -123,3 +123,24 @@ def test_the_tied_head_plans_once(tmp_path):
     engine, _, _ = build_engine(root, serve)
     assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
     assert plan.get("weights resident") == engine_memory(engine)["weights resident"]
+
+
+def test_serving_memory_halves_the_kv_budget_before_it_quantizes(llama_dir):
+    """--memory for a server: the largest --kv-budget (halved from the request) whose plan fits, then an NF4 base."""
+    from memfit.plan.search import MARGIN, fit_serving
+
+    config = ServeConfig(max_seqs=16, kv_budget=2048)  # 16 rows of the tiny Llama's context (128) fill it
+    plans = {(kv, q): plan_serve(llama_dir, ServeConfig(max_seqs=16, kv_budget=kv, quantize=q, lean_allocator=True),
+                                 device="cpu", runtime=0).peak_bytes for kv in (2048, 1024, 512) for q in (None, "nf4")}
+    assert plans[2048, None] > plans[1024, None] > plans[512, None] > plans[512, "nf4"]
+    fit = fit_serving(llama_dir, config, int((plans[2048, None] + plans[1024, None]) / 2 / MARGIN), runtime=0)
+    assert (fit.config.kv_budget, fit.config.quantize) == (1024, None)
+    assert fit.changes == ["--kv-budget 1024", "--lean-allocator"]
+    budget = int((plans[512, None] + plans[512, "nf4"]) / 2 / MARGIN)
+    small = fit_serving(llama_dir, config, budget, runtime=0)
+    assert small.config.quantize == "nf4" and small.plan.peak_bytes <= MARGIN * budget
+
+
+def test_generate_memory_end_to_end(llama_dir):
+    text = cli_ok("generate", "--model", llama_dir, "--prompt", "gimp vim", "-n", 3, "--memory", "8GB")
+    assert "--memory 8GB: --lean-allocator" in text and "planned and measured" in text

@@ -44,10 +44,8 @@ def _run(**values: Any) -> None:
     if values["for_"] not in _KINDS:
         raise ConfigError(f"--for {values['for_']!r}: choose one of {', '.join(_KINDS)}.")
     if values["for_"] != "finetune":
-        if values["memory"] is not None:
-            raise ConfigError(f"--memory chooses fine-tuning settings; plan --for {values['for_']} without it and "
-                              "read the plan's largest component.")
-        _print(_plan_generation(values, serving, generation, train), values, f"{values['for_']} on {values['model']}")
+        plan, command = _plan_generation(values, serving, generation, train)
+        _print(plan, values, f"{values['for_']} on {values['model']}", command)
         return
     adapter = method_config(values["method"], {k: values.pop(k) for k in _FLAGS.fields}, values["targets"],
                             values["modules_to_save"], values["sets"])
@@ -69,7 +67,8 @@ def _run(**values: Any) -> None:
 
 
 def _plan_generation(values: dict[str, Any], serving: dict[str, Any], generation: dict[str, Any],
-                     train: TrainConfig) -> Any:
+                     train: TrainConfig) -> tuple[Any, str | None]:
+    """(plan, the command --memory chose or None) of a generation or a server."""
     from memfit.plan.generate import plan_generate, plan_serve
     from memfit.serve.loading import ServeConfig
 
@@ -78,10 +77,21 @@ def _plan_generation(values: dict[str, Any], serving: dict[str, Any], generation
                          quantize=train.quantize, weights_budget=train.weights_budget,
                          expert_budget=train.expert_budget, lean_allocator=train.lean_allocator,
                          device=values["device"], **serving)
-    if values["for_"] == "serve":
-        return plan_serve(values["model"], config)
-    return plan_generate(values["model"], replace(config, max_loras=1) if adapters else config,
-                         generation["prompt_tokens"], generation["max_new_tokens"], generation["prompts"])
+    shape = None if values["for_"] == "serve" else (generation["prompt_tokens"], generation["max_new_tokens"],
+                                                    generation["prompts"])
+    if shape is not None and adapters:
+        config = replace(config, max_loras=1)  # as memfit generate serves its one adapter
+    if values["memory"] is not None:
+        from memfit.plan.search import fit_serving
+
+        fit = fit_serving(values["model"], config, values["memory"], shape)
+        adapter_flags = [f"--adapter {shlex.quote(d)}" if shape else f"--adapter {n}={shlex.quote(d)}"
+                         for n, d in adapters.items()]
+        return fit.plan, " ".join(["memfit", values["for_"], "--model", shlex.quote(str(values["model"])),
+                                   *adapter_flags, *fit.changes])
+    if shape is None:
+        return plan_serve(values["model"], config), None
+    return plan_generate(values["model"], config, *shape), None
 
 
 def _print(plan: Any, values: dict[str, Any], what: str, command: str | None = None) -> None:
@@ -152,8 +162,9 @@ def _register() -> None:
               option_param("data", Path | None, "--data", help="The run's JSONL data (optional): sets the task and a "
                            "classifier's labels."),
               option_param("memory", str | None, "--memory", help="Choose the settings that fit this much memory "
-                           "(e.g. '2GB'): the micro-batch, then AdamW8bit, then an NF4 base, with the least "
-                           "slowdown; prints their plan and the `memfit finetune` command to run."),
+                           "(e.g. '2GB'): for a fine-tune the micro-batch, then AdamW8bit, then an NF4 base; for "
+                           "generate/serve fewer rows at once or a smaller --kv-budget, then an NF4 base; prints "
+                           "their plan and the command to run."),
               option_param("json", bool, "--json", default=False, help="Print the plan as one JSON object (bytes "
                            "per component and peak_bytes), for scripts."),
               *_FLAGS.params(), *field_params(TrainConfig)]

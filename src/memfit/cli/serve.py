@@ -23,6 +23,7 @@ from memfit.cli.app import app
 from memfit.cli.options import build_command, field_params
 from memfit.cli.options import option_param as _opt
 from memfit.errors import ConfigError, MemfitError
+from memfit.local import load_tokenizer, model_dir
 from memfit.plan.isolated import plan_generate_isolated, plan_serve_isolated
 from memfit.serve.engine import Request, SamplingParams
 from memfit.serve.loading import ServeConfig, build_engine, engine_memory
@@ -58,15 +59,19 @@ def generate(**values: Any) -> None:
     out, chat, quiet = values.pop("out"), values.pop("chat"), values.pop("quiet")
     params = SamplingParams(max_new_tokens=values.pop("max_new_tokens"), temperature=values.pop("temperature"),
                             top_p=values.pop("top_p"), seed=values.pop("seed"))
-    adapter, plan = values.pop("adapter"), values.pop("plan")
+    adapter, plan, memory = values.pop("adapter"), values.pop("plan"), values.pop("memory")
     model = values.pop("model")
     config = ServeConfig(adapters={"adapter": str(adapter)} if adapter else None, serve_adapters=adapter is not None,
                          max_loras=1, **values)
-    engine, tokenizer, _ = build_engine(model, config)
+    tokenizer = load_tokenizer(model_dir(model))  # the prompts' lengths size a --memory fit, before the model
     encode = (lambda t: chat_ids(tokenizer, [{"role": "user", "content": t}])) if chat else (  # noqa: E731
         lambda t: list(tokenizer(t)["input_ids"]))
     console = Console(stderr=True, quiet=quiet)
     encoded = [encode(t) for t in texts]
+    if memory is not None:
+        config = _fit(config, memory, console, lambda: plan_generate_isolated(
+            str(model), config, max(len(p) for p in encoded), params.max_new_tokens, len(encoded), memory))
+    engine, _, _ = build_engine(model, config)
     planned = _plan(config, console, lambda: plan_generate_isolated(
         str(model), config, max(len(p) for p in encoded), params.max_new_tokens, len(encoded))) if plan else None
     decoders = [Decoder(tokenizer) for _ in texts]
@@ -113,6 +118,18 @@ def generate(**values: Any) -> None:
                            columns=("component", "planned", "measured", "measured ÷ planned"))
 
 
+def _fit(config: ServeConfig, memory: str, console: Console, fit: Callable[[], dict]) -> ServeConfig:
+    """--memory: the settings `memfit.plan.search.fit_serving` chose (`fit()`, in a fresh process), announced."""
+    try:
+        out = fit()
+    except RuntimeError as e:
+        raise ConfigError(f"--memory could not plan this run ({e}); run it without --memory.") from e
+    chosen = ServeConfig(**out["serve"])
+    console.print(f"--memory {memory}: {' '.join(out['changes']) or 'the settings as given'} (planned peak "
+                  f"{format_size(out['plan']['peak_bytes'])})", highlight=False)
+    return chosen
+
+
 def _plan(config: ServeConfig, console: Console, plan: Callable[[], dict]) -> dict | None:
     """The planner's prediction for this run (`plan()`: planned in a fresh process); None where it does not cover
     the run. A plan is advice: a failure to plan is one line, never a stopped run."""
@@ -145,6 +162,8 @@ _GENERATE = [
     _opt("quiet", bool, "--quiet", "-q", default=False, help="Only the completions."),
     _opt("plan", bool, "--plan/--no-plan", default=True, help="Plan the memory first (memfit plan, a few seconds) "
          "and print planned against measured at the end."),
+    _opt("memory", str | None, "--memory", help="Fit in this much memory, e.g. '1GB': fewer rows at once "
+         "(--max-seqs), then an NF4 base, as `memfit plan --for generate --memory` chooses.", rich_help_panel="Memory"),
     *field_params(ServeConfig, names=_MEMORY + ["max_seqs", "kv_budget"]),
 ]
 app.command("generate")(build_command(generate, _GENERATE, """Generate text with a base model and an adapter.
@@ -194,13 +213,15 @@ def serve(**values: Any) -> None:
     from memfit.serve.app import ServerState, build_app
 
     host, port, allow = values.pop("host"), values.pop("port"), values.pop("allow_runtime_adapters")
-    plan = values.pop("plan")
+    plan, memory = values.pop("plan"), values.pop("memory")
     model = values.pop("model")
     config = ServeConfig(adapters=_adapter_pairs(values.pop("adapters")), any_module=allow, **values)
     if config.adapter_dir is not None and not Path(config.adapter_dir).is_dir():
         raise ConfigError(f"--adapter-dir {config.adapter_dir} is not a directory.")
-    engine, tokenizer, name = build_engine(model, config)
     console = Console(stderr=True)
+    if memory is not None:
+        config = _fit(config, memory, console, lambda: plan_serve_isolated(str(model), config, memory))
+    engine, tokenizer, name = build_engine(model, config)
     planned = _plan(config, console, lambda: plan_serve_isolated(str(model), config)) if plan else None
     state = ServerState(engine.start(), tokenizer, name, Path(config.adapter_dir) if config.adapter_dir else None,
                         allow)
@@ -233,6 +254,8 @@ _SERVE = [
     _opt("port", int, "--port", default=8000, help="Port to listen on."),
     _opt("plan", bool, "--plan/--no-plan", default=True, help="Plan the memory at the server's limits first "
          "(memfit plan --for serve, a few seconds) and print planned against measured when it stops."),
+    _opt("memory", str | None, "--memory", help="Fit in this much memory, e.g. '1GB': a smaller --kv-budget, then an "
+         "NF4 base, as `memfit plan --for serve --memory` chooses.", rich_help_panel="Memory"),
     *field_params(ServeConfig, names=_SERVING + _MEMORY),
 ]
 app.command("serve")(build_command(serve, _SERVE, """Serve a model and many adapters over the OpenAI HTTP API.

@@ -29,15 +29,17 @@ def plan_isolated(model_dir: str, adapter: AdapterConfig, train: TrainConfig, ta
 
 
 def plan_generate_isolated(model_dir: str, config: ServeConfig, prompt_tokens: int, new_tokens: int,
-                           prompts: int) -> dict[str, Any]:
-    """{"plan": Plan.to_dict()} of `memfit generate` (see `plan_generate`), planned in a fresh process."""
+                           prompts: int, memory: str | None = None) -> dict[str, Any]:
+    """{"plan": Plan.to_dict()} of `memfit generate` (see `plan_generate`), planned in a fresh process; with
+    `memory`, also "serve" and "changes" of the settings `fit_serving` chose."""
     return _run({"kind": "generate", "model": str(model_dir), "serve": dataclasses.asdict(config),
-                 "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "prompts": prompts})
+                 "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "prompts": prompts, "memory": memory})
 
 
-def plan_serve_isolated(model_dir: str, config: ServeConfig) -> dict[str, Any]:
-    """{"plan": Plan.to_dict()} of `memfit serve` at its limits (see `plan_serve`), planned in a fresh process."""
-    return _run({"kind": "serve", "model": str(model_dir), "serve": dataclasses.asdict(config)})
+def plan_serve_isolated(model_dir: str, config: ServeConfig, memory: str | None = None) -> dict[str, Any]:
+    """{"plan": Plan.to_dict()} of `memfit serve` at its limits (see `plan_serve`), planned in a fresh process;
+    with `memory`, as `plan_generate_isolated`."""
+    return _run({"kind": "serve", "model": str(model_dir), "serve": dataclasses.asdict(config), "memory": memory})
 
 
 def _run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -55,16 +57,21 @@ def main(spec_text: str) -> None:
     import memfit.cli  # noqa: F401  (the run's imports, so the resident set measured is the run's)
     from memfit.plan.generate import plan_generate, plan_serve
     from memfit.plan.predict import plan_finetune
-    from memfit.plan.search import fit_memory
+    from memfit.plan.search import fit_memory, fit_serving
 
     spec = json.loads(spec_text)
     try:
-        if spec["kind"] == "serve":
-            out = {"plan": plan_serve(spec["model"], ServeConfig(**spec["serve"])).to_dict()}
-        elif spec["kind"] == "generate":
-            plan = plan_generate(spec["model"], ServeConfig(**spec["serve"]), spec["prompt_tokens"],
-                                 spec["new_tokens"], spec["prompts"])
-            out = {"plan": plan.to_dict()}
+        if spec["kind"] in ("serve", "generate"):
+            config = ServeConfig(**spec["serve"])
+            shape = (spec["prompt_tokens"], spec["new_tokens"], spec["prompts"]) if spec["kind"] == "generate" \
+                else None
+            if spec["memory"] is not None:
+                fit = fit_serving(spec["model"], config, spec["memory"], shape)
+                out = {"plan": fit.plan.to_dict(), "serve": dataclasses.asdict(fit.config), "changes": fit.changes}
+            elif shape is None:
+                out = {"plan": plan_serve(spec["model"], config).to_dict()}
+            else:
+                out = {"plan": plan_generate(spec["model"], config, *shape).to_dict()}
         else:
             adapter, train = config_from_dict(spec["adapter"]), TrainConfig.from_dict(spec["train"])
             args = {"task": spec["task"], "labels": spec["labels"], "device": spec["device"]}

@@ -19,6 +19,7 @@ from memfit.adapters import AdapterConfig
 from memfit.errors import ConfigError
 from memfit.local import load_tokenizer
 from memfit.plan.predict import Plan, peak_of, plan_finetune
+from memfit.serve.loading import ServeConfig
 from memfit.tiers.budget import format_size, parse_size
 from memfit.tiers.memory import rss_bytes
 from memfit.train.config import TrainConfig
@@ -113,3 +114,64 @@ def _changes(requested: TrainConfig, chosen: TrainConfig, dev: torch.device) -> 
     if dev.type == "cpu":
         flags.append("--lean-allocator")
     return flags
+
+
+@dataclass
+class ServingFit:
+    config: ServeConfig
+    plan: Plan
+    changes: list[str]
+
+
+def fit_serving(model_dir: str | os.PathLike, config: ServeConfig, memory: int | str,
+                generation: tuple[int, int, int] | None = None, runtime: int | None = None) -> ServingFit:
+    """The settings of `memfit serve` (or, with generation = (prompt tokens, new tokens, prompts), of `memfit
+    generate`) whose plan fits `memory` (with `MARGIN`): first less concurrency (--kv-budget halved for a server,
+    --max-seqs for a generation: slower, the same text), then an NF4 base (slightly different logits) with the
+    concurrency asked for and then less. ConfigError naming the smallest plan when none fits."""
+    from memfit.plan.generate import plan_generate, plan_serve
+
+    budget = parse_size(memory)
+    dev = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if runtime is None and dev.type == "cpu":
+        tokenizer = load_tokenizer(model_dir)
+        runtime = rss_bytes()
+        del tokenizer
+    base = replace(config, lean_allocator=config.lean_allocator or dev.type == "cpu")
+    smallest: tuple[int, ServeConfig] | None = None
+    for quantize in dict.fromkeys([config.quantize, config.quantize or "nf4"]):
+        for candidate in _less_concurrency(replace(base, quantize=quantize), generation):
+            if generation is None:
+                plan = plan_serve(model_dir, candidate, runtime=runtime)
+            else:
+                plan = plan_generate(model_dir, candidate, *generation, runtime=runtime)
+            if smallest is None or plan.peak_bytes < smallest[0]:
+                smallest = (plan.peak_bytes, candidate)
+            if plan.peak_bytes <= MARGIN * budget:
+                return ServingFit(candidate, plan, _serving_changes(config, candidate, dev))
+    assert smallest is not None
+    need, candidate = smallest
+    raise ConfigError(f"nothing fits in {format_size(budget)}: the smallest plan needs {format_size(need / MARGIN)} "
+                      f"({' '.join(_serving_changes(config, candidate, dev)) or 'as asked'}); the weights do not "
+                      "shrink further here (--weights-budget streams them, which the planner does not model yet).")
+
+
+def _less_concurrency(config: ServeConfig, generation: tuple[int, int, int] | None) -> list[ServeConfig]:
+    """`config`, then with its concurrency halved step by step: --max-seqs down to 1 for a generation, --kv-budget
+    down to one request of 512 tokens (or the generation's own length) for a server."""
+    out = [config]
+    if generation is not None:
+        rows = min(config.max_seqs, generation[2])  # more rows than prompts change nothing
+        while rows > 1:
+            rows //= 2
+            out.append(replace(config, max_seqs=rows))
+    else:
+        while out[-1].kv_budget // 2 >= 512:
+            out.append(replace(out[-1], kv_budget=out[-1].kv_budget // 2))
+    return out
+
+
+def _serving_changes(requested: ServeConfig, chosen: ServeConfig, dev: torch.device) -> list[str]:
+    flags = [f"--{name.replace('_', '-')} {getattr(chosen, name)}" for name in ("max_seqs", "kv_budget", "quantize")
+             if getattr(chosen, name) != getattr(requested, name)]
+    return flags + (["--lean-allocator"] if chosen.lean_allocator and not requested.lean_allocator else [])
