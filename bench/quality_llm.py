@@ -63,7 +63,7 @@ ROWS: dict[str, tuple[str | None, dict, tuple[float, ...]]] = {
     "IncreLoRA, rank-2 budget": ("increlora", {"init_rank": 1, "target_rank": 2, "alpha": 4.0}, ADAPTER_LRS),
     "AdaLoRA, rank-2 budget": ("adalora", {"init_rank": 4, "target_rank": 2, "alpha": 8.0}, ADAPTER_LRS),
     "DiffFit": ("difffit", {}, BLOCK_LRS),
-    "Compacter": ("compacter", {}, BLOCK_LRS),
+    "Compacter": ("compacter", {"reduction": 16}, BLOCK_LRS),  # n=4 divides SmolLM2's 576 and 576 // 16
 }
 ABLATION_OF = "MoS, LoRA r=2 budget (active rank 16)"
 ABLATION = {
