@@ -374,8 +374,7 @@ def main() -> None:
         out = adapter if name == list(FINETUNE)[0] else WORK / "run"
         r = {"kind": "finetune", "flags": flags, "predicted": planned["peak_bytes"],
              "components": planned["components"], "measured": finetune_peak(model, lean, rows, out),
-             "estimators": estimators(model, flags[flags.index("--quantize") + 1] if "--quantize" in flags else None,
-                                      args.deepspeed_path)}
+             "estimators": estimators(model, _quantize(flags), args.deepspeed_path)}
         if name in DEFAULT_ALLOCATOR:
             r["measured_default"] = finetune_peak(model, flags, rows, WORK / "run")
         done(name, r)
@@ -389,8 +388,7 @@ def main() -> None:
         printed, measured = generate_peak(models[which], prompts, new, flags)
         done(name, {"kind": "generate", "flags": flags, "predicted": planned["peak_bytes"],
                     "components": planned["components"], "measured": measured, "printed_plan": printed,
-                    "estimators": estimators(models[which], flags[flags.index("--quantize") + 1]
-                                             if "--quantize" in flags else None, None)})
+                    "estimators": estimators(models[which], _quantize(flags), None)})
 
     def serve_config(name: str, which: str, kv: int, seqs: int, flags: list[str]) -> None:
         plan_flags = [f for f in flags if f != "ADAPTER"] + (["--adapter", str(adapter)] if "ADAPTER" in flags else [])
@@ -400,8 +398,7 @@ def main() -> None:
         measured = serve_peak(models[which], tokenizer, kv, seqs, serve_flags)
         done(name, {"kind": "serve", "flags": flags, "predicted": planned["peak_bytes"],
                     "components": planned["components"], "measured": measured,
-                    "estimators": estimators(models[which], flags[flags.index("--quantize") + 1]
-                                             if "--quantize" in flags else None, None)})
+                    "estimators": estimators(models[which], _quantize(flags), None)})
 
     for runner, table in ((finetune_config, FINETUNE), (generate_config, GENERATE), (serve_config, SERVE)):
         for name, spec in table.items():
@@ -447,6 +444,10 @@ def main() -> None:
     path = report("plan", "memfit plan: predicted against measured peak", HEADER, _rows(payload), payload)
     plot(payload, IMG / "plan.png")
     print_readme_tables(readme_tables, path)
+
+
+def _quantize(flags: list[str]) -> str | None:
+    return flags[flags.index("--quantize") + 1] if "--quantize" in flags else None
 
 
 def _changes(command: str, requested: list[str]) -> list[str]:

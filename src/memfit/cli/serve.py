@@ -68,12 +68,13 @@ def generate(**values: Any) -> None:
         lambda t: list(tokenizer(t)["input_ids"]))
     console = Console(stderr=True, quiet=quiet)
     encoded = [encode(t) for t in texts]
-    if memory is not None:
-        config = _fit(config, memory, console, lambda: plan_generate_isolated(
-            str(model), config, max(len(p) for p in encoded), params.max_new_tokens, len(encoded), memory))
-    engine, _, _ = build_engine(model, config)
-    planned = _plan(config, console, lambda: plan_generate_isolated(
-        str(model), config, max(len(p) for p in encoded), params.max_new_tokens, len(encoded))) if plan else None
+    shape = (max(len(p) for p in encoded), params.max_new_tokens, len(encoded))
+    if memory is not None:  # the chosen settings' plan is the run's
+        config, planned = _fit(config, memory, console, lambda: plan_generate_isolated(str(model), config, *shape,
+                                                                                     memory))
+    else:
+        planned = _plan(config, console, lambda: plan_generate_isolated(str(model), config, *shape)) if plan else None
+    engine, _, _ = build_engine(model, config, tokenizer=tokenizer)
     decoders = [Decoder(tokenizer) for _ in texts]
     kv = [0]  # the largest KV cache seen
     stream = len(texts) == 1 and out is None
@@ -118,8 +119,9 @@ def generate(**values: Any) -> None:
                            columns=("component", "planned", "measured", "measured ÷ planned"))
 
 
-def _fit(config: ServeConfig, memory: str, console: Console, fit: Callable[[], dict]) -> ServeConfig:
-    """--memory: the settings `memfit.plan.search.fit_serving` chose (`fit()`, in a fresh process), announced."""
+def _fit(config: ServeConfig, memory: str, console: Console, fit: Callable[[], dict]) -> tuple[ServeConfig, dict]:
+    """--memory: (the settings `memfit.plan.search.fit_serving` chose, their plan), from `fit()` in a fresh
+    process, announced."""
     try:
         out = fit()
     except RuntimeError as e:
@@ -127,7 +129,7 @@ def _fit(config: ServeConfig, memory: str, console: Console, fit: Callable[[], d
     chosen = ServeConfig(**out["serve"])
     console.print(f"--memory {memory}: {' '.join(out['changes']) or 'the settings as given'} (planned peak "
                   f"{format_size(out['plan']['peak_bytes'])})", highlight=False)
-    return chosen
+    return chosen, out["plan"]
 
 
 def _plan(config: ServeConfig, console: Console, plan: Callable[[], dict]) -> dict | None:
@@ -220,9 +222,10 @@ def serve(**values: Any) -> None:
         raise ConfigError(f"--adapter-dir {config.adapter_dir} is not a directory.")
     console = Console(stderr=True)
     if memory is not None:
-        config = _fit(config, memory, console, lambda: plan_serve_isolated(str(model), config, memory))
+        config, planned = _fit(config, memory, console, lambda: plan_serve_isolated(str(model), config, memory))
+    else:
+        planned = _plan(config, console, lambda: plan_serve_isolated(str(model), config)) if plan else None
     engine, tokenizer, name = build_engine(model, config)
-    planned = _plan(config, console, lambda: plan_serve_isolated(str(model), config)) if plan else None
     state = ServerState(engine.start(), tokenizer, name, Path(config.adapter_dir) if config.adapter_dir else None,
                         allow)
     if planned is not None:

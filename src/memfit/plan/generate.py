@@ -20,13 +20,13 @@ from dataclasses import replace
 import torch
 
 from memfit.errors import ConfigError
-from memfit.local import load_config, load_tokenizer
+from memfit.local import load_config
 from memfit.local import model_dir as local_dir
-from memfit.plan.predict import ALLOCATOR_NOTE, Component, Plan, fake_base, weights_note
+from memfit.plan.predict import ALLOCATOR_NOTE, Component, Plan, fake_base, runtime_bytes, weights_note
 from memfit.plan.trace import LiveBytes
 from memfit.serve.engine import Engine, Request, SamplingParams
 from memfit.serve.loading import ServeConfig, build_engine
-from memfit.tiers.memory import rss_bytes, storage_bytes
+from memfit.tiers.memory import storage_bytes
 
 # ServeConfig fields whose memory terms the planner does not model yet.
 UNCOVERED = {"weights_budget": "--weights-budget", "expert_budget": "--expert-budget"}
@@ -57,10 +57,10 @@ def plan_serve(model_dir: str | os.PathLike, config: ServeConfig, device: str | 
     the larger), each finishing its last token."""
     context = getattr(load_config(local_dir(model_dir, weights=False)), "max_position_embeddings", None)
     longest = min(config.kv_budget, context or config.kv_budget)
-    per_row = min(config.kv_budget // config.max_seqs, longest)
-    shapes = [(1, longest - 2, 2)] + ([(config.max_seqs, per_row - 2, 2)] if per_row >= 3 else [])
     if longest < 3:
         raise ConfigError(f"--kv-budget {config.kv_budget} leaves no room for a request; raise it.")
+    per_row = min(config.kv_budget // config.max_seqs, longest)
+    shapes = [(1, longest - 2, 2)] + ([(config.max_seqs, per_row - 2, 2)] if per_row >= 3 else [])
     return _plan(model_dir, config, shapes, device, runtime,
                  f"--kv-budget {config.kv_budget} tokens: 1 x {longest} or {config.max_seqs} x {per_row}",
                  serving=True)
@@ -80,9 +80,7 @@ def _plan(model_dir: str | os.PathLike, config: ServeConfig, shapes: list[tuple[
         import uvicorn  # noqa: F401
 
         import memfit.serve.app  # noqa: F401
-    tokenizer = load_tokenizer(root) if runtime is None and dev.type == "cpu" else None
-    overhead = (rss_bytes() if runtime is None else runtime) if dev.type == "cpu" else 0
-    del tokenizer
+    overhead = runtime_bytes(root, dev, runtime)
     from transformers import AutoModelForCausalLM
 
     model, _, mode = fake_base(root, AutoModelForCausalLM, load_config(root), dev, config.quantize)

@@ -105,11 +105,7 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
     task_obj = TASKS[task](labels or (["0", "1"] if task == "classify" else None))
     config = load_config(root, **task_obj.model_kwargs())
     cls = auto_class(task_obj)
-    # Measured before anything is built: the runtime (interpreter, torch, transformers, memfit, the tokenizer the
-    # run loads before its model) on this machine.
-    tokenizer = load_tokenizer(root) if runtime is None and dev.type == "cpu" else None
-    overhead = (rss_bytes() if runtime is None else runtime) if dev.type == "cpu" else 0
-    del tokenizer
+    overhead = runtime_bytes(root, dev, runtime)
     model, new, mode = fake_base(root, cls, config, dev, train.quantize, pad_token=task == "classify")
     with mode, torch.device(dev):
         if new and not adapter.modules_to_save:
@@ -131,6 +127,20 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
         notes.append(ALLOCATOR_NOTE)
     parts = runtime + held + components
     return Plan(parts, peak_of({c.name: c.bytes for c in parts}), str(dev), notes)
+
+
+def runtime_bytes(root: str | os.PathLike, dev: torch.device, runtime: int | None = None) -> int:
+    """The runtime's resident bytes on the CPU (0 elsewhere): `runtime` when measured already, else this process's
+    resident set with the model's tokenizer loaded (the interpreter, torch, transformers, memfit, and the
+    tokenizer every run loads before its model), measured before anything is built."""
+    if dev.type != "cpu":
+        return 0
+    if runtime is not None:
+        return runtime
+    tokenizer = load_tokenizer(root)
+    size = rss_bytes()
+    del tokenizer
+    return size
 
 
 def fake_base(root: Path, cls: Any, config: Any, dev: torch.device, quantize: str | None,

@@ -17,11 +17,9 @@ import torch
 
 from memfit.adapters import AdapterConfig
 from memfit.errors import ConfigError
-from memfit.local import load_tokenizer
-from memfit.plan.predict import Plan, peak_of, plan_finetune
+from memfit.plan.predict import Plan, peak_of, plan_finetune, runtime_bytes
 from memfit.serve.loading import ServeConfig
 from memfit.tiers.budget import format_size, parse_size
-from memfit.tiers.memory import rss_bytes
 from memfit.train.config import TrainConfig
 
 # A plan must fit in this share of the budget: bench/plan.py's worst plan ÷ measured peak with --lean-allocator was
@@ -49,11 +47,8 @@ def fit_memory(model_dir: str | os.PathLike, adapter: AdapterConfig, train: Trai
     budget = parse_size(memory)
     room = MARGIN * budget
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if runtime is None and dev.type == "cpu":  # measured once: each trace leaves some memory behind
-        tokenizer = load_tokenizer(model_dir)  # the run holds it before its model
-        runtime = rss_bytes()
-        del tokenizer
-    kw = {"task": task, "labels": labels, "device": device, "runtime": runtime or 0}
+    runtime = runtime_bytes(model_dir, dev, runtime)  # measured once: each trace leaves some memory behind
+    kw = {"task": task, "labels": labels, "device": device, "runtime": runtime}
     if dev.type == "cpu":
         train = replace(train, lean_allocator=True)
     smallest: tuple[float, Plan, int] | None = None
@@ -133,10 +128,7 @@ def fit_serving(model_dir: str | os.PathLike, config: ServeConfig, memory: int |
 
     budget = parse_size(memory)
     dev = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if runtime is None and dev.type == "cpu":
-        tokenizer = load_tokenizer(model_dir)
-        runtime = rss_bytes()
-        del tokenizer
+    runtime = runtime_bytes(model_dir, dev, runtime)
     base = replace(config, lean_allocator=config.lean_allocator or dev.type == "cpu")
     smallest: tuple[int, ServeConfig] | None = None
     for quantize in dict.fromkeys([config.quantize, config.quantize or "nf4"]):

@@ -49,10 +49,12 @@ class LiveBytes(TorchDispatchMode):
         if meta and func is torch.ops.aten.nonzero.default:  # the loss's target positions: every one of them
             t = args[0]
             out = torch.empty((t.numel(), t.dim()), dtype=torch.long, device=t.device)
-        elif meta and func is torch.ops.aten._grouped_mm.default:
+        elif meta and func is torch.ops.aten._grouped_mm.default and _grouped_mm_shape(*args) is not None:
             # transformers' MoE experts (tokens sorted by expert, one grouped matmul): the CPU runs it in fp32,
             # while its meta kernel accepts bf16 only. Its output has the shapes' size whatever the routing.
-            out = _grouped_mm_output(*args, **(kwargs or {}))
+            a = args[0]
+            out = torch.empty(_grouped_mm_shape(*args), dtype=(kwargs or {}).get("out_dtype") or a.dtype,
+                              device=a.device)
         else:
             out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
@@ -75,19 +77,17 @@ class LiveBytes(TorchDispatchMode):
         self.current -= self._live.pop(key, 0)
 
 
-def _grouped_mm_output(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | None = None, *args,
-                       out_dtype: torch.dtype | None = None, **kwargs) -> torch.Tensor:
-    """An empty tensor of `torch._grouped_mm(a, b, offs)`'s output: [M, N] for 2-D a and 3-D b (groups of rows),
-    [G, M, N] for 3-D a and b, and for 2-D a and b (groups along K)."""
+def _grouped_mm_shape(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | None = None,
+                      *rest) -> tuple[int, ...] | None:
+    """The shape of `torch._grouped_mm(a, b, offs)`'s output: [M, N] for 2-D a and 3-D b (groups of rows), [G, M, N]
+    for 3-D a and b and for 2-D a and b (groups along K), [M, N] for 3-D a and 2-D b; None for operands the op
+    refuses (the op itself then raises its own error)."""
     if a.dim() == 2 and b.dim() == 3:
-        shape = (a.shape[0], b.shape[-1])
-    elif a.dim() == 3 and b.dim() == 3:
-        shape = (a.shape[0], a.shape[1], b.shape[-1])
-    elif a.dim() == 2 and b.dim() == 2:
-        shape = (offs.shape[0], a.shape[0], b.shape[-1])
-    elif a.dim() == 3 and b.dim() == 2:
-        shape = (a.shape[1], b.shape[-1])
-    else:
-        raise NotImplementedError(f"grouped_mm of {a.dim()}-D and {b.dim()}-D operands")
-    return torch.empty(shape, dtype=out_dtype or a.dtype, device=a.device)
-
+        return (a.shape[0], b.shape[-1])
+    if a.dim() == 3 and b.dim() == 3:
+        return (a.shape[0], a.shape[1], b.shape[-1])
+    if a.dim() == 2 and b.dim() == 2 and offs is not None:
+        return (offs.shape[0], a.shape[0], b.shape[-1])
+    if a.dim() == 3 and b.dim() == 2:
+        return (a.shape[1], b.shape[-1])
+    return None

@@ -125,16 +125,16 @@ def eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
     return ids
 
 
-def build_engine(model_path: str | os.PathLike, config: ServeConfig,
-                 model: nn.Module | None = None) -> tuple[Engine, Any, str]:
+def build_engine(model_path: str | os.PathLike, config: ServeConfig, model: nn.Module | None = None,
+                 tokenizer: Any = None) -> tuple[Engine, Any, str]:
     """(engine, tokenizer, the base model's name) for `model_path` under `config`; adapters given are read now, so
     a bad one fails at start with its name and the reason. model: the base model as `config` would load it, built
-    already (`memfit plan` passes one of fake tensors)."""
+    already (`memfit plan` passes one of fake tensors); tokenizer: the model's, loaded already."""
     path = model_dir(model_path)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if config.lean_allocator and device.type == "cpu" and model is None:
         lean_allocator()
-    tokenizer = load_tokenizer(path)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
     skeleton = _skeleton(path) if config.serve_adapters else None
     factors = {name: lora_factors(d, skeleton) for name, d in (config.adapters or {}).items()}
     rank = config.max_lora_rank or max([DEFAULT_RANK, *(a.shape[0] for f in factors.values()
