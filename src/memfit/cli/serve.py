@@ -141,7 +141,9 @@ def _plan(config: ServeConfig, console: Console, plan: Callable[[], dict]) -> di
         return None
     try:
         return plan()["plan"]
-    except (MemfitError, RuntimeError) as e:
+    except MemfitError:
+        return None  # the run itself reports bad input, in its own words
+    except RuntimeError as e:  # the planning process failed: an architecture the fake-tensor trace cannot run
         console.print(f"no memory plan for this run: {e}"[:300], highlight=False)
         return None
 
