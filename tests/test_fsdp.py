@@ -65,6 +65,7 @@ def _step(model, opt, x) -> float:
 
 def _worker(out: Path) -> None:
     from memfit.train.distributed import (
+        exit_worker,
         gather_trainable_state,
         init_distributed,
         load_checkpoint,
@@ -129,6 +130,7 @@ def _worker(out: Path) -> None:
     except CheckpointError as e:
         (bad / f"error{info.rank}.txt").write_text(str(e))
     dist.destroy_process_group()
+    exit_worker(0)  # what `memfit` does under torchrun: exiting through interpreter finalization can abort in gloo
 
 
 def _single_process():

@@ -6,6 +6,7 @@ Each command lives in its own module and registers on `memfit.cli.app.app` (or i
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import typer
@@ -37,8 +38,16 @@ def main() -> None:
     # bitsandbytes (an optional benchmark baseline that PEFT imports when present) warns on every start about an
     # optional CPU kernel package; it is not ours to act on.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    code: int | str | None = 0
     try:
         app()
     except MemfitError as e:
         Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        code = 2
+    except SystemExit as e:  # typer ends every command this way
+        code = e.code
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # a torchrun worker: its exit must not abort
+        from memfit.train.distributed import exit_worker
+
+        exit_worker(code)
+    sys.exit(code)

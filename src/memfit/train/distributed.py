@@ -21,8 +21,10 @@ run code on resume). The price is that a checkpoint resumes only on the same num
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -76,6 +78,19 @@ def teardown_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_worker(code: int | str | None = 0) -> None:
+    """End a torchrun worker whose process group is torn down, skipping interpreter finalization: there, gloo's
+    threads are destroyed still joinable in up to half of CPU runs ("terminate called without an active exception",
+    SIGABRT), which fails a run that finished and wrote everything. Output is flushed first; nothing else runs at
+    exit in memfit (checkpoints and exports are already written and renamed atomically)."""
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else int(code is not None))
 
 
 def is_main_process() -> bool:
