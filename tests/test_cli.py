@@ -106,3 +106,15 @@ def test_demo_runs_on_a_small_encoder(tmp_path, bert_dir, sections):
                     "--max-steps", "3")
     assert "validation accuracy" in output and "LoRA r=8 on the same modules" in output
     assert (tmp_path / "demo" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("args", "code", "out"), [(["version"], 0, "memfit "),
+                                                   (["export", "--adapter", "missing", "--out", "x"], 2, "error:")])
+def test_a_torchrun_worker_keeps_its_exit_code_and_output(tmp_path, args, code, out):
+    """Under torchrun the CLI leaves through os._exit (gloo can abort in interpreter finalization): the command's
+    exit code and everything it printed must survive that."""
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "memfit.cli", *args], capture_output=True, text=True, timeout=120,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert out in proc.stdout + proc.stderr and "Traceback" not in proc.stderr

@@ -6,7 +6,6 @@ Each command lives in its own module and registers on `memfit.cli.app.app` (or i
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import typer
@@ -46,8 +45,8 @@ def main() -> None:
         code = 2
     except SystemExit as e:  # typer ends every command this way
         code = e.code
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # a torchrun worker: its exit must not abort
-        from memfit.train.distributed import exit_worker
+    from memfit.train.distributed import exit_worker, launched_by_torchrun
 
+    if launched_by_torchrun():  # its exit must not abort in gloo's teardown
         exit_worker(code)
     sys.exit(code)

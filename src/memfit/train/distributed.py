@@ -55,9 +55,14 @@ class DistInfo:
     backend: str
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process is one rank of a torchrun (or compatible) launch: the environment names its rank."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> DistInfo:
     """Join the process group torchrun describes in the environment: NCCL on GPUs, gloo on CPUs."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    if not launched_by_torchrun():
         raise ConfigError("no torchrun environment (RANK, WORLD_SIZE): launch with "
                           "`torchrun --nproc-per-node N -m memfit.cli finetune ...` to shard.")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
