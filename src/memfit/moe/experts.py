@@ -50,6 +50,10 @@ class OffloadedExperts(nn.Module):
     def needed(self, top_k_index: torch.Tensor) -> list[int]:
         return [e for e in torch.unique(top_k_index).tolist() if e < self.num_experts]  # E marks a dropped slot
 
+    def routed(self, by_expert_k: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top-k positions, tokens) routed to expert `e`, in eager order, from top_k_index.T [k, T]."""
+        return torch.where(by_expert_k == e)
+
     def compute(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 record: bool = False) -> torch.Tensor:
         needed = self.needed(top_k_index)
@@ -58,7 +62,7 @@ class OffloadedExperts(nn.Module):
         parts = {}
         try:
             for e in order:
-                pos, tok = torch.where(by_expert_k == e)
+                pos, tok = self.routed(by_expert_k, e)
                 with self.runtime.expert(self.layer, e) as (gate_up, down):  # tensors, or quantized parts
                     y = expert_mlp(hidden_states[tok], gate_up, down, self.act_fn)
                 parts[e] = (tok, y * top_k_weights[tok, pos, None])
@@ -80,7 +84,7 @@ class OffloadedExperts(nn.Module):
         parts = {}
         try:
             for e in order:
-                pos, tok = torch.where(by_expert_k == e)
+                pos, tok = self.routed(by_expert_k, e)
                 g = grad_out[tok]
                 w = top_k_weights[tok, pos, None]  # the router's dtype, which may differ from the experts'
                 grad_y = (g.to(w.dtype) * w).to(hidden_states.dtype)

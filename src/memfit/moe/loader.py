@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from memfit.errors import ConfigError
 from memfit.local import load_config, model_dir
-from memfit.moe.arch import arch_for, expert_shape, moe_layers
+from memfit.moe.arch import MoeArch, arch_for, expert_shape, moe_layers
 from memfit.moe.experts import OffloadedExperts
 from memfit.moe.policies import make_policy
 from memfit.moe.predictors import Predictor, make_predictor
@@ -32,11 +32,12 @@ from memfit.tiers.st_reader import SafetensorsReader
 DEFAULT_BUDGET = "25%"
 DEFAULT_POLICY = "predictive"
 DEFAULT_PREDICTOR = "cross-layer"
+DEFAULT_IO_THREADS = 2
 
 
 def load(checkpoint_dir: str | os.PathLike, expert_budget: int | str = DEFAULT_BUDGET, policy: str = DEFAULT_POLICY,
          predictor: str | os.PathLike | Predictor | None = DEFAULT_PREDICTOR, *, dtype: torch.dtype = torch.float32,
-         drop_cache: bool = True, prefetch: bool = True, io_threads: int = 2) -> PreTrainedModel:
+         drop_cache: bool = True, prefetch: bool = True, io_threads: int = DEFAULT_IO_THREADS) -> PreTrainedModel:
     """Load a MoE causal LM with its experts offloaded; the result works with `generate` and plain forwards.
 
     expert_budget: bytes of experts held in memory: a size ("3GB", "512MiB", an int) or a share of all
@@ -68,17 +69,15 @@ def load(checkpoint_dir: str | os.PathLike, expert_budget: int | str = DEFAULT_B
         with empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = moe_layers(model)
-    E, H, I = expert_shape(next(iter(layers.values()))[1].mlp.experts)
     reader = SafetensorsReader(root, drop_cache=drop_cache, direct=drop_cache)
     try:
-        store = ExpertStore(reader, arch, {l: prefix for l, (prefix, _) in layers.items()}, E, H, I, dtype, root,
-                            quant)
+        store = expert_store(reader, arch, layers, dtype, root, quant)
         top_k = config.num_experts_per_tok
         slots = expert_slots(expert_budget, store, top_k)
         blocks = {l: layer for l, (_, layer) in layers.items()}
         fingerprint = store.fingerprint()
         chosen = make_predictor(predictor, blocks, arch, lambda: fingerprint)
-        cache_policy = make_policy(policy, slots, E)
+        cache_policy = make_policy(policy, slots, store.num_experts)
         if cache_policy.needs_predictor and chosen is None:
             raise ConfigError(f"policy {policy!r} works from predictions; give a predictor ('cross-layer' or a trained "
                               "routing-path file), or choose lru, lfu or score.")
@@ -93,11 +92,18 @@ def load(checkpoint_dir: str | os.PathLike, expert_budget: int | str = DEFAULT_B
         reader.close()
         raise
     for l, layer in blocks.items():
-        layer.mlp.experts = OffloadedExperts(runtime, l, E, acts[l])
+        layer.mlp.experts = OffloadedExperts(runtime, l, store.num_experts, acts[l])
     if (root / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(root, local_files_only=True)
     model.memfit_moe = runtime
     return model.eval()
+
+
+def expert_store(reader: SafetensorsReader, arch: MoeArch, layers: dict[int, tuple[str, nn.Module]], dtype: torch.dtype,
+                 root: Path, quant: dict[str, dict] | None) -> ExpertStore:
+    """The store of `layers`' experts (`moe_layers`), located from the checkpoint's headers (no expert is read)."""
+    E, H, I = expert_shape(next(iter(layers.values()))[1].mlp.experts)
+    return ExpertStore(reader, arch, {l: prefix for l, (prefix, _) in layers.items()}, E, H, I, dtype, root, quant)
 
 
 def expert_slots(budget: int | str, store: ExpertStore, top_k: int) -> int:

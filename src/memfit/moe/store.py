@@ -119,6 +119,18 @@ class ExpertStore:
         """Weights of all experts (gate, up and down of each), however they are stored."""
         return 3 * self.hidden * self.intermediate * len(self._parts)
 
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of the staging buffer each reading thread keeps for parts converted to the compute dtype as they
+        are read (0 when every part is stored in it)."""
+        return max((p.info.nbytes for parts in self._parts.values() for p in parts if not self._raw(p.info)),
+                   default=0)
+
+    @property
+    def span_bytes(self) -> int:
+        """Bytes of the longest single read `fill` makes (a run of parts that lie back to back)."""
+        return max(sum(p.info.nbytes for p in run) for runs in self._runs.values() for run in runs)
+
     def keys(self) -> list[ExpertKey]:
         return list(self._parts)
 

@@ -355,6 +355,12 @@ class SafetensorsReader:
                     serial_copy_(out[lo - info.offset: hi - info.offset], staged[lo - pos: hi - pos])
             pos += need
 
+    def staging_bytes(self, span: int) -> int:
+        """Resident bytes of the staging buffer of a thread whose direct reads are spans of at most `span` bytes:
+        the pages their aligned ranges touch, at most the buffer (0 when reads are buffered)."""
+        aligned = -(-(span + _DIRECT_ALIGN - 1) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+        return min(_DIRECT_CHUNK, aligned) if self.direct else 0
+
     def _staging_buffer(self) -> mmap.mmap:
         """This thread's page-aligned buffer (an anonymous mapping) for direct reads, allocated once."""
         buf = getattr(self._staging, "buf", None)

@@ -50,6 +50,31 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def checkpointed(fn, *args, **kwargs):
+    """fn(*args, **kwargs) under non-reentrant activation checkpointing, as a streamed layer runs in training (the
+    planner traces the same): caches off, since the recompute in backward must see the same inputs (a KV cache would
+    be appended to twice)."""
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    for name in _CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            kwargs[name] = None
+    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+def read_buffer_bytes(params: dict[int, list[_StreamedParam]], reader: SafetensorsReader) -> int:
+    """Resident bytes of the stream's reads at their most, as `StreamHandle._read_layer` allocates them: one
+    `read_many` mapping per layer (its tensors at 64-byte offsets), of which the reader's pool keeps two resident
+    (the computing layer and the prefetched one, reused once free), plus a converted copy of each of those two
+    layers when the checkpoint stores another dtype than the model computes in (`.to(dtype)` copies then)."""
+    sizes = []
+    for layer in params.values():
+        stored = sum(-(-reader.info(s.key).nbytes // 64) * 64 for s in layer)
+        converted = sum(s.nbytes for s in layer if reader.info(s.key).dtype != s.dtype)
+        sizes.append(stored + converted)
+    return sum(sorted(sizes)[-2:])
+
+
 @dataclass(frozen=True)
 class _StreamedParam:
     """One streamed tensor: its owner module inside the layer, attribute, checkpoint key, dtype, size, and the
@@ -141,14 +166,8 @@ class StreamHandle:
         forward = self._inner[i]
         if not torch.is_grad_enabled():
             return self._run(i, forward, None, *args, **kwargs)
-        # The recompute in backward must see the same inputs: a KV cache would be appended to twice.
-        if kwargs.get("use_cache"):
-            kwargs["use_cache"] = False
-        for name in _CACHE_KWARGS:
-            if kwargs.get(name) is not None:
-                kwargs[name] = None
         calls = [0]  # 0 before the forward, 1 before the backward's recompute
-        return checkpoint(self._run, i, forward, calls, *args, use_reentrant=False, **kwargs)
+        return checkpointed(self._run, i, forward, calls, *args, **kwargs)
 
     def _run(self, i: int, forward, calls: list[int] | None, *args, **kwargs):
         backward = calls is not None and calls[0] > 0
@@ -321,34 +340,63 @@ def stream_weights(model: nn.Module, checkpoint_dir: str | os.PathLike, budget_b
     device = torch.device(device)
     reader = SafetensorsReader(checkpoint_dir, drop_cache=drop_cache, pool=2)  # the two-layer window
     try:
-        prefix, layers = find_layers(model)
-        names = param_aliases(model)
-        params = {i: _plan_layer(layer, f"{prefix}.{i}", names, reader) for i, layer in enumerate(layers)}
-        total = _resident_bytes(model, set())
-        budget = parse_budget(budget_bytes, total, "the model's weight bytes")
-        embedding, head = _vocab_candidates(model, names) if vocab and budget < total else (None, None)
-        keys = {m: checkpoint_key(names.get(m.weight, []), reader) for m in (embedding, head) if m is not None}
-        embedding, head = (m if keys.get(m) else None for m in (embedding, head))  # absent: a fresh head
-        embedding, head = _vocab_on_disk(model, layers, params, budget, embedding, head)
-        on_disk = [m.weight for m in (embedding, head) if m is not None]
+        layout = stream_layout(model, reader, budget_bytes, vocab)
+        embedding, head, keys = layout.embedding, layout.head, layout.keys
         vocab_stream = VocabStream(reader, embedding, keys.get(embedding), head, keys.get(head), device) \
-            if on_disk else None
-        pinned = _choose_pinned(model, layers, params, budget, on_disk)
-        for i in pinned:
-            del params[i]
-        streamed = _tensors(layers, params) + on_disk
-        resident = _resident_bytes(model, streamed)
-        load_resident(model, reader, streamed, device=device)
+            if embedding is not None or head is not None else None
+        resident = _resident_bytes(model, layout.streamed)
+        load_resident(model, reader, layout.streamed, device=device)
     except BaseException:
         reader.close()
         raise
-    handle = StreamHandle(model, reader, layers, params, pinned, budget, resident, device, vocab_stream)
+    handle = StreamHandle(model, reader, layout.layers, layout.params, layout.pinned, layout.budget, resident, device,
+                          vocab_stream)
     if vocab_stream is not None:
         vocab_stream.install()
     for i in handle.streamed:
         handle._release(i)  # frees the weights the model was built with
     model.memfit_stream = handle
     return handle
+
+
+@dataclass
+class StreamLayout:
+    """What `stream_weights` streams: the streamed layers' tensors (`params`, by layer), the layers kept whole
+    (`pinned`), the embedding and head read from disk (None: resident) with their checkpoint keys, and the budget."""
+
+    layers: nn.ModuleList
+    params: dict[int, list[_StreamedParam]]
+    pinned: list[int]
+    embedding: nn.Embedding | None
+    head: nn.Linear | None
+    keys: dict[nn.Module, str]
+    budget: int
+
+    @property
+    def streamed(self) -> list[torch.Tensor]:
+        """The model's tensors that live on disk."""
+        return _tensors(self.layers, self.params) + [m.weight for m in (self.embedding, self.head) if m is not None]
+
+
+def stream_layout(model: nn.Module, reader: SafetensorsReader, budget_bytes: int | float | str,
+                  vocab: bool = False) -> StreamLayout:
+    """The layout `stream_weights` gives `model` under `budget_bytes` (see there), from the model's shapes and the
+    checkpoint's headers alone: `memfit plan` calls it on a model of fake tensors. Streamed tensors are the frozen
+    ones (or meta ones) the checkpoint holds."""
+    prefix, layers = find_layers(model)
+    names = param_aliases(model)
+    params = {i: _plan_layer(layer, f"{prefix}.{i}", names, reader) for i, layer in enumerate(layers)}
+    total = _resident_bytes(model, set())
+    budget = parse_budget(budget_bytes, total, "the model's weight bytes")
+    embedding, head = _vocab_candidates(model, names) if vocab and budget < total else (None, None)
+    keys = {m: checkpoint_key(names.get(m.weight, []), reader) for m in (embedding, head) if m is not None}
+    embedding, head = (m if keys.get(m) else None for m in (embedding, head))  # absent: a fresh head
+    embedding, head = _vocab_on_disk(model, layers, params, budget, embedding, head)
+    on_disk = [m.weight for m in (embedding, head) if m is not None]
+    pinned = _choose_pinned(model, layers, params, budget, on_disk)
+    for i in pinned:
+        del params[i]
+    return StreamLayout(layers, params, pinned, embedding, head, keys, budget)
 
 
 def _tensors(layers: nn.ModuleList, params: dict[int, list[_StreamedParam]]) -> list[torch.Tensor]:
