@@ -22,14 +22,13 @@ import torch
 from memfit.errors import ConfigError
 from memfit.local import load_config
 from memfit.local import model_dir as local_dir
-from memfit.plan.predict import ALLOCATOR_NOTE, Component, Plan, fake_base, runtime_bytes, weights_note
+from memfit.plan.components import Component, Plan
+from memfit.plan.offload import plan_offload
+from memfit.plan.predict import ALLOCATOR_NOTE, fake_base, runtime_bytes, weights_note
 from memfit.plan.trace import LiveBytes
 from memfit.serve.engine import Engine, Request, SamplingParams
 from memfit.serve.loading import ServeConfig, build_engine
 from memfit.tiers.memory import storage_bytes
-
-# ServeConfig fields whose memory terms the planner does not model yet.
-UNCOVERED = {"weights_budget": "--weights-budget", "expert_budget": "--expert-budget"}
 
 
 def plan_generate(model_dir: str | os.PathLike, config: ServeConfig, prompt_tokens: int, new_tokens: int,
@@ -68,12 +67,12 @@ def plan_serve(model_dir: str | os.PathLike, config: ServeConfig, device: str | 
 
 def _plan(model_dir: str | os.PathLike, config: ServeConfig, shapes: list[tuple[int, int, int]],
           device: str | None, runtime: int | None, shape_note: str, serving: bool = False) -> Plan:
-    for key, flag in UNCOVERED.items():
-        if getattr(config, key) is not None:
-            raise ConfigError(f"memfit plan does not model {flag} for generation yet; plan without it (an upper "
-                              "bound on its weights) or measure the run.")
     if config.quantize is not None and config.quantize not in ("nf4", "int8"):
         raise ConfigError(f"--quantize must be nf4 or int8, got {config.quantize!r}.")
+    if config.quantize is not None and (config.weights_budget or config.expert_budget) is not None:
+        raise ConfigError("--quantize does not combine with --weights-budget or --expert-budget (weights are read "
+                          "per use in their stored dtype); write the quantized checkpoint once (memfit quantize "
+                          "--model M --out DIR) and plan DIR as --model.")
     root = local_dir(model_dir, weights=False)
     dev = torch.device(device or config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if serving and runtime is None:  # the server's own imports are part of its runtime
@@ -84,12 +83,17 @@ def _plan(model_dir: str | os.PathLike, config: ServeConfig, shapes: list[tuple[
     from transformers import AutoModelForCausalLM
 
     model, _, mode = fake_base(root, AutoModelForCausalLM, load_config(root), dev, config.quantize)
-    weights = storage_bytes([*model.parameters(), *model.buffers()])
+    with mode, torch.device(dev):
+        streamed, offloaded = plan_offload(model, root, config.weights_budget, config.expert_budget, training=False)
+    on_disk = {t.untyped_storage()._cdata for t in streamed}
+    weights = storage_bytes([t for t in [*model.parameters(), *model.buffers()]
+                             if t.untyped_storage()._cdata not in on_disk])
     note = weights_note(model)
+    base = storage_bytes([*model.parameters(), *model.buffers()])  # the slots are what the wrapping adds
     engine, _, _ = build_engine(root, replace(config, device=str(dev)), model=model)
     engine.eos_ids = set()  # a fake token is always 1: never let it end a request early
     held = [*model.parameters(), *model.buffers()]
-    slots = storage_bytes(held) - weights
+    slots = storage_bytes(held) - base
     host = engine.adapters.host_bytes() if engine.adapters is not None else 0
     adapter = next(iter(config.adapters or {}), None)
     kv, top = 0, 0
@@ -105,7 +109,7 @@ def _plan(model_dir: str | os.PathLike, config: ServeConfig, shapes: list[tuple[
     parts = ([Component("runtime", overhead, "this process's resident set before the model: interpreter, torch, "
                         "transformers, memfit, the tokenizer" + (", the HTTP server" if serving else ""))]
              if dev.type == "cpu" else [])
-    parts += [Component("weights resident", weights, note)]
+    parts += [Component("weights resident", weights, note), *offloaded]
     if engine.adapters is not None:
         parts += [Component("adapter slots", slots, f"{config.max_loras} slots on the device"),
                   Component("adapters in host memory", host, "the adapters given at start, as read")]

@@ -13,7 +13,7 @@ here (`overhead`), and the allocator's retention of freed memory, which `--lean-
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ from memfit.errors import ConfigError
 from memfit.local import is_gguf, load_config, load_tokenizer
 from memfit.local import model_dir as local_dir
 from memfit.moe.arch import ARCHS
+from memfit.plan.components import Component, Plan
+from memfit.plan.offload import plan_offload
 from memfit.plan.trace import LiveBytes
 from memfit.quant.checkpoint import empty_quantized, is_quantized_dir
 from memfit.quant.codebooks import CODEBOOKS, dynamic_map
@@ -40,34 +42,12 @@ from memfit.train.tasks import TASKS, Task
 from memfit.train.trainer import make_optimizer
 
 # Flags whose memory terms the planner does not model yet: a plan that ignored them would be wrong, so it refuses.
-UNCOVERED = {"weights_budget": "--weights-budget", "expert_budget": "--expert-budget", "shard": "--shard"}
+UNCOVERED = {"shard": "--shard"}
+# What offloading adds to the memory held through a step (`memfit.plan.offload`).
+OFFLOADED = ("stream buffers", "expert cache", "expert reads")
 ALLOCATOR_NOTE = ("on the CPU the measured peak is the resident set, and glibc keeps freed activation memory in its "
                   "heap: runs measured 3-41% above these live bytes (bench/plan.py); --lean-allocator returns it at "
                   "once, and the run then measures what is predicted here")
-
-
-@dataclass
-class Component:
-    name: str
-    bytes: int
-    note: str = ""
-
-
-@dataclass
-class Plan:
-    """The predicted components of a run's peak; `peak_bytes` is their sum at the step's highest point."""
-
-    components: list[Component]
-    peak_bytes: int
-    device: str
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, "peak_bytes": self.peak_bytes, "notes": self.notes,
-                "components": {c.name: c.bytes for c in self.components}}
-
-    def get(self, name: str) -> int:
-        return next((c.bytes for c in self.components if c.name == name), 0)
 
 
 def _batch(task: Task, batch: int, length: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -101,17 +81,22 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {sorted(TASKS)}.")
     root = local_dir(model_dir, weights=False)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    experts = train.expert_budget is not None
+    dev = torch.device(device or ("cpu" if experts or not torch.cuda.is_available() else "cuda"))
+    _check_offload(train, task, dev)
     task_obj = TASKS[task](labels or (["0", "1"] if task == "classify" else None))
     config = load_config(root, **task_obj.model_kwargs())
     cls = auto_class(task_obj)
     overhead = runtime_bytes(root, dev, runtime)
     model, new, mode = fake_base(root, cls, config, dev, train.quantize, pad_token=task == "classify")
     with mode, torch.device(dev):
+        streamed, offloaded = plan_offload(model, root, train.weights_budget, train.expert_budget, training=True)
         if new and not adapter.modules_to_save:
             adapter = replace(adapter, modules_to_save=new)
         inject(model, adapter)
-        weights = [p for p in model.parameters() if not p.requires_grad] + list(model.buffers())
+        on_disk = {t.untyped_storage()._cdata for t in streamed}
+        weights = [t for t in [*model.parameters(), *model.buffers()]
+                   if not t.requires_grad and t.untyped_storage()._cdata not in on_disk]
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ConfigError("the adapter leaves no parameter to train; check --targets.")
@@ -125,8 +110,18 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
                          "transformers, memfit, the tokenizer")] if dev.type == "cpu" else []
     if dev.type == "cpu" and not train.lean_allocator:
         notes.append(ALLOCATOR_NOTE)
-    parts = runtime + held + components
+    parts = runtime + held + offloaded + components
     return Plan(parts, peak_of({c.name: c.bytes for c in parts}), str(dev), notes)
+
+
+def _check_offload(train: TrainConfig, task: str, dev: torch.device) -> None:
+    """The combinations `memfit finetune` refuses, refused here in its words."""
+    if train.expert_budget is not None and (task != "causal-lm" or dev.type != "cpu"):
+        raise ConfigError("--expert-budget fine-tunes causal language models on the CPU (its cache is in host RAM); "
+                          "plan it with --device cpu, without --task classify.")
+    if train.weights_budget is not None and train.quantize is not None and train.expert_budget is None:
+        raise ConfigError("--quantize with --weights-budget would quantize every layer at every read; write the "
+                          "quantized checkpoint once (memfit quantize) and plan streaming it.")
 
 
 def runtime_bytes(root: str | os.PathLike, dev: torch.device, runtime: int | None = None) -> int:
@@ -193,10 +188,12 @@ def _fake_copy(model: nn.Module, dev: torch.device) -> nn.Module:
 
 def peak_of(parts: dict[str, int]) -> int:
     """The peak components add up to: what is held (runtime, weights, and the optimizer's states, which persist
-    from the first step on, so every later update's forward and backward runs beside them), plus the gradients and
+    from the first step on, so every later update's forward and backward runs beside them, and what offloading
+    holds: the stream's buffers, the expert cache and its staging), plus the gradients and
     the larger of the backward's activations and the optimizer step's temporaries."""
     get = lambda name: parts.get(name, 0)  # noqa: E731
-    held = get("runtime") + get("weights resident") + get("trainable weights") + get("optimizer states")
+    held = get("runtime") + get("weights resident") + get("trainable weights") + get("optimizer states") + sum(
+        get(name) for name in OFFLOADED)
     return held + get("gradients") + max(get("activations"), get("optimizer step"))
 
 

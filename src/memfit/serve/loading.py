@@ -157,11 +157,13 @@ def build_engine(model_path: str | os.PathLike, config: ServeConfig, model: nn.M
 
 def engine_memory(engine: Engine) -> dict[str, int]:
     """Bytes of what the engine holds, by `memfit plan`'s component names: the base's weights (each storage once:
-    tied weights share one), the adapter slots and the adapters kept in host memory."""
+    tied weights share one), the adapter slots, the adapters kept in host memory and an MoE's expert cache."""
     every = storage_bytes([*engine.model.parameters(), *engine.model.buffers()])
+    experts = getattr(engine.model, "memfit_moe", None)
+    cache = {"expert cache": experts.cache.nbytes} if experts is not None else {}
     if engine.adapters is None:
-        return {"weights resident": every}
+        return {"weights resident": every, **cache}
     slots = storage_bytes([t for layer in engine.adapters.wrapped.values()
                            for t in (layer.lora_A, layer.lora_B, layer.scale)])
     return {"weights resident": every - slots, "adapter slots": slots,
-            "adapters in host memory": engine.adapters.host_bytes()}
+            "adapters in host memory": engine.adapters.host_bytes(), **cache}

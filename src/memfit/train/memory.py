@@ -119,6 +119,9 @@ def measured_components(model: nn.Module, optimizer: torch.optim.Optimizer, meas
            "trainable weights": trainable,
            "gradients": 0 if getattr(optimizer, "zeroth_order", False) else trainable,
            "optimizer states": optimizer_state_bytes(optimizer)[0], "peak": measured["peak"]}
+    experts = getattr(model, "memfit_moe", None)
+    if experts is not None:
+        out["expert cache"] = experts.cache.nbytes
     if "step_peak" in measured and device.type == "cuda":
         out["activations"] = max(0, measured["step_peak"] - measured["before_step"])
     return out
