@@ -33,6 +33,7 @@ from memfit.tiers.files import atomic_write
 from memfit.tiers.memory import peak_bytes, reset_peak
 from memfit.train.data import read_jsonl
 from memfit.train.memory import plan_rows, print_memory_table
+from memfit.train.metrics import MetricsLog
 
 _MEMORY = ["weights_budget", "quantize", "expert_budget", "lean_allocator", "device"]
 _SERVING = ["adapter_dir", "max_loras", "max_cpu_loras", "max_lora_rank", "max_seqs", "kv_budget"]
@@ -60,7 +61,7 @@ def generate(**values: Any) -> None:
     params = SamplingParams(max_new_tokens=values.pop("max_new_tokens"), temperature=values.pop("temperature"),
                             top_p=values.pop("top_p"), seed=values.pop("seed"))
     adapter, plan, memory = values.pop("adapter"), values.pop("plan"), values.pop("memory")
-    model = values.pop("model")
+    model, metrics = values.pop("model"), _metrics_log(values.pop("metrics"))
     config = ServeConfig(adapters={"adapter": str(adapter)} if adapter else None, serve_adapters=adapter is not None,
                          max_loras=1, **values)
     tokenizer = load_tokenizer(model_dir(model))  # the prompts' lengths size a --memory fit, before the model
@@ -113,10 +114,31 @@ def generate(**values: Any) -> None:
     first = min(r.first_token_s for r in requests) - t0
     console.print(f"{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s (first token after "
                   f"{first:.2f} s)" + (f"; wrote {out}" if out else ""), highlight=False)
+    measured = {**engine_memory(engine), "KV cache": kv[0], "peak": peak_bytes(engine.device)}
     if planned is not None:
-        measured = {**engine_memory(engine), "KV cache": kv[0], "peak": peak_bytes(engine.device)}
         print_memory_table("memory: planned and measured", plan_rows(planned, measured), console,
                            columns=("component", "planned", "measured", "measured ÷ planned"))
+    if metrics is not None:
+        metrics.log(_end_event("generate", planned, measured, tokens=tokens, seconds=seconds))
+
+
+def _metrics_log(path: Path | None) -> MetricsLog | None:
+    """--metrics PATH, checked before the model loads: the file the run's end event is appended to."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise ConfigError(f"--metrics {path} is a directory; give a file, e.g. --metrics {path / 'metrics.jsonl'}.")
+    return MetricsLog(path)
+
+
+def _end_event(command: str, planned: dict | None, measured: dict[str, int], **extra: Any) -> dict[str, Any]:
+    """The run's "end" event, as memfit finetune's metrics.jsonl has it: the peak, and the plan beside what was
+    measured (memory_planned, memory_measured; no plan: measured only)."""
+    event = {"event": "end", "command": command, **extra, "peak_mem_bytes": measured["peak"],
+             "memory_measured": measured}
+    if planned is not None:
+        event["memory_planned"] = {**planned["components"], "peak": planned["peak_bytes"]}
+    return event
 
 
 def _fit(config: ServeConfig, memory: str, console: Console, fit: Callable[[], dict]) -> tuple[ServeConfig, dict]:
@@ -135,10 +157,6 @@ def _fit(config: ServeConfig, memory: str, console: Console, fit: Callable[[], d
 def _plan(config: ServeConfig, console: Console, plan: Callable[[], dict]) -> dict | None:
     """The planner's prediction for this run (`plan()`: planned in a fresh process); None where it does not cover
     the run. A plan is advice: a failure to plan is one line, never a stopped run."""
-    from memfit.plan.generate import UNCOVERED
-
-    if any(getattr(config, k) is not None for k in UNCOVERED):
-        return None
     try:
         return plan()["plan"]
     except MemfitError:
@@ -166,6 +184,9 @@ _GENERATE = [
     _opt("quiet", bool, "--quiet", "-q", default=False, help="Only the completions."),
     _opt("plan", bool, "--plan/--no-plan", default=True, help="Plan the memory first (memfit plan, a few seconds) "
          "and print planned against measured at the end."),
+    _opt("metrics", Path | None, "--metrics", help="Append the run's end event to this JSONL file (created if "
+         "absent): the peak and each memory component, planned and measured (memory_planned, memory_measured), as "
+         "memfit finetune logs them in its metrics.jsonl.", rich_help_panel="Memory"),
     _opt("memory", str | None, "--memory", help="Fit in this much memory, e.g. '1GB': fewer rows at once "
          "(--max-seqs), then an NF4 base, as `memfit plan --for generate --memory` chooses.", rich_help_panel="Memory"),
     *field_params(ServeConfig, names=_MEMORY + ["max_seqs", "kv_budget"]),
@@ -218,7 +239,7 @@ def serve(**values: Any) -> None:
 
     host, port, allow = values.pop("host"), values.pop("port"), values.pop("allow_runtime_adapters")
     plan, memory = values.pop("plan"), values.pop("memory")
-    model = values.pop("model")
+    model, metrics = values.pop("model"), _metrics_log(values.pop("metrics"))
     config = ServeConfig(adapters=_adapter_pairs(values.pop("adapters")), any_module=allow, **values)
     if config.adapter_dir is not None and not Path(config.adapter_dir).is_dir():
         raise ConfigError(f"--adapter-dir {config.adapter_dir} is not a directory.")
@@ -242,11 +263,13 @@ def serve(**values: Any) -> None:
         server.run()
     finally:
         engine.stop()
+        measured = {**engine_memory(engine), "peak": peak_bytes(engine.device)}
         if planned is not None:
-            measured = {**engine_memory(engine), "peak": peak_bytes(engine.device)}
             print_memory_table("memory: planned (at the limits) and measured (since serving began)",
                                plan_rows(planned, measured), console,
                                columns=("component", "planned", "measured", "measured ÷ planned"))
+        if metrics is not None:
+            metrics.log(_end_event("serve", planned, measured))
 
 
 _SERVE = [
@@ -259,6 +282,9 @@ _SERVE = [
     _opt("port", int, "--port", default=8000, help="Port to listen on."),
     _opt("plan", bool, "--plan/--no-plan", default=True, help="Plan the memory at the server's limits first "
          "(memfit plan --for serve, a few seconds) and print planned against measured when it stops."),
+    _opt("metrics", Path | None, "--metrics", help="Append the server's end event (when it stops) to this JSONL "
+         "file (created if absent): the peak and each memory component, planned and measured (memory_planned, "
+         "memory_measured), as memfit finetune logs them in its metrics.jsonl.", rich_help_panel="Memory"),
     _opt("memory", str | None, "--memory", help="Fit in this much memory, e.g. '1GB': a smaller --kv-budget, then an "
          "NF4 base, as `memfit plan --for serve --memory` chooses.", rich_help_panel="Memory"),
     *field_params(ServeConfig, names=_SERVING + _MEMORY),

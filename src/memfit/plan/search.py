@@ -2,10 +2,12 @@
 
 What changes memory without changing what is learned: the micro-batch (the same examples per update, split into
 --grad-accum micro-batches); then what changes the numerics slightly: the optimizer (AdamW's 8 B/param of state ->
-AdamW8bit's 2.03) and, last, an NF4 base under an adapter (QLoRA). Candidates are tried in that order (every split
-before the next switch). Activations are linear in the micro-batch, so two traces (the requested
-batch and batch 1) predict every split; the chosen one is traced again to confirm it. On the CPU the search turns
---lean-allocator on: only then does the measured peak follow the plan (bench/plan.py).
+AdamW8bit's 2.03); then streaming the frozen layers from disk (--weights-budget, the largest share of the weights
+first: exact, but each streamed layer is read twice and recomputed per update); and, last, an NF4 base under an
+adapter (QLoRA). Candidates are tried in that order (every split before the next switch).
+Activations are linear in the micro-batch, so two traces (the requested batch and batch 1) predict every split; the
+chosen one is traced again to confirm it. On the CPU the search turns --lean-allocator on: only then does the
+measured peak follow the plan (bench/plan.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from memfit.train.config import TrainConfig
 # 0.93 (0.90 in a run before the runtime counted the tokenizer): kernels' own scratch buffers and the pages of code
 # the first update brings in are not traced.
 MARGIN = 0.9
+# Shares of the weights a streamed candidate keeps resident, the largest (least read from disk) first.
+STREAM_SHARES = ("75%", "50%", "25%", "10%")
 
 
 @dataclass
@@ -51,16 +55,22 @@ def fit_memory(model_dir: str | os.PathLike, adapter: AdapterConfig, train: Trai
     kw = {"task": task, "labels": labels, "device": device, "runtime": runtime}
     if dev.type == "cpu":
         train = replace(train, lean_allocator=True)
-    smallest: tuple[float, Plan, int] | None = None
+    smallest: tuple[float, Plan, int, TrainConfig] | None = None
     for base in _candidates(train, adapter):
-        full = plan_finetune(model_dir, adapter, base, **kw)
-        one = full if train.batch_size == 1 else plan_finetune(model_dir, adapter, replace(base, batch_size=1), **kw)
+        try:
+            full = plan_finetune(model_dir, adapter, base, **kw)
+            one = full if train.batch_size == 1 else plan_finetune(model_dir, adapter, replace(base, batch_size=1),
+                                                                   **kw)
+        except ConfigError:
+            if base.weights_budget == train.weights_budget:
+                raise
+            continue  # a share too small to stream this model (below its resident part and two layers)
         a1, an = one.get("activations"), full.get("activations")
         for micro in _divisors(train.batch_size):
             activations = a1 + (an - a1) * (micro - 1) / max(1, train.batch_size - 1)
             predicted = peak_of({**full.to_dict()["components"], "activations": activations})
             if smallest is None or predicted < smallest[0]:
-                smallest = (predicted, one if micro == 1 else full, micro)
+                smallest = (predicted, one if micro == 1 else full, micro, base)
             if predicted > room:
                 continue
             chosen = replace(base, batch_size=micro, grad_accum=train.grad_accum * train.batch_size // micro)
@@ -68,31 +78,42 @@ def fit_memory(model_dir: str | os.PathLike, adapter: AdapterConfig, train: Trai
             if plan.peak_bytes <= room:
                 return Fit(chosen, plan, _changes(train, chosen, dev))
     assert smallest is not None
-    need, plan, micro = smallest
+    need, plan, micro, base = smallest
     parts = [c for c in plan.components if c.name != "runtime"]
     top = max(parts, key=lambda c: c.bytes)
-    last = _candidates(train, adapter)[-1]
+    flags = [f"--batch-size {micro}", f"--optim {base.optim}"] + [
+        f"--{name.replace('_', '-')} {getattr(base, name)}" for name in ("weights_budget", "quantize")
+        if getattr(base, name) is not None]
+    streamable = any(c.weights_budget != train.weights_budget for c in _candidates(train, adapter))
     raise ConfigError(f"nothing fits in {format_size(budget)}: the smallest plan needs {format_size(need / MARGIN)} "
-                      f"(--batch-size {micro}, --optim {last.optim}"
-                      f"{f', --quantize {last.quantize}' if last.quantize else ''}); its largest part is {top.name} "
-                      f"({format_size(top.bytes)}){_advice(top.name)}.")
+                      f"({', '.join(flags)}); its largest part is {top.name} ({format_size(top.bytes)})"
+                      f"{_advice(top.name, streamable)}.")
 
 
 def _candidates(train: TrainConfig, adapter: AdapterConfig) -> list[TrainConfig]:
-    """The settings tried, each over every micro-batch: as requested, then AdamW8bit's states, then an NF4 base
-    (QLoRA: the frozen weights at 4.13 bits, a small change to the base's numerics) for an adapter run."""
+    """The settings tried, each over every micro-batch: as requested, then AdamW8bit's states, then for an adapter
+    run on an fp32 base in memory its frozen layers streamed at each of `STREAM_SHARES`, then an NF4 base (QLoRA:
+    the frozen weights at 4.13 bits, a small change to the base's numerics)."""
     out = [train]
     if train.optim == "adamw":
         out.append(replace(train, optim="adamw8bit"))
-    if train.quantize is None and adapter.method != "full":
-        out.append(replace(out[-1], quantize="nf4"))
+    adapter_run = adapter.method != "full" and train.quantize is None
+    lean = out[-1]
+    if adapter_run and train.weights_budget is None and train.expert_budget is None and train.shard is None:
+        out += [replace(lean, weights_budget=share) for share in STREAM_SHARES]
+    if adapter_run:
+        out.append(replace(lean, quantize="nf4"))
     return out
 
 
-def _advice(component: str) -> str:
+def _advice(component: str, streamable: bool) -> str:
     if component == "weights resident":
-        return (": --weights-budget would stream it from disk, which the planner does not model yet (measure such "
-                "a run with memfit finetune)")
+        if streamable:
+            return (": what streaming leaves resident (the embedding, the head and norms; a streamed head is not "
+                    "planned yet), or an NF4 base")
+        return ": --weights-budget would stream it from disk"
+    if component in ("stream buffers", "expert cache"):
+        return ": a smaller --weights-budget or --expert-budget"
     if component == "activations":
         return ": lower --max-length"
     return ""
@@ -106,6 +127,8 @@ def _changes(requested: TrainConfig, chosen: TrainConfig, dev: torch.device) -> 
         flags.append(f"--optim {chosen.optim}")
     if chosen.quantize != requested.quantize:
         flags.append(f"--quantize {chosen.quantize}")
+    if chosen.weights_budget != requested.weights_budget:
+        flags.append(f"--weights-budget {chosen.weights_budget}")
     if dev.type == "cpu":
         flags.append("--lean-allocator")
     return flags
@@ -123,7 +146,8 @@ def fit_serving(model_dir: str | os.PathLike, config: ServeConfig, memory: int |
     """The settings of `memfit serve` (or, with generation = (prompt tokens, new tokens, prompts), of `memfit
     generate`) whose plan fits `memory` (with `MARGIN`): first less concurrency (--kv-budget halved for a server,
     --max-seqs for a generation: slower, the same text), then an NF4 base (slightly different logits) with the
-    concurrency asked for and then less. ConfigError naming the smallest plan when none fits."""
+    concurrency asked for and then less, then the fp32 base streamed from disk (the same text, every streamed layer
+    read per token: the slowest) at each of `STREAM_SHARES`. ConfigError naming the smallest plan when none fits."""
     from memfit.plan.generate import plan_generate, plan_serve
 
     budget = parse_size(memory)
@@ -131,12 +155,20 @@ def fit_serving(model_dir: str | os.PathLike, config: ServeConfig, memory: int |
     runtime = runtime_bytes(model_dir, dev, runtime)
     base = replace(config, lean_allocator=config.lean_allocator or dev.type == "cpu")
     smallest: tuple[int, ServeConfig] | None = None
-    for quantize in dict.fromkeys([config.quantize, config.quantize or "nf4"]):
-        for candidate in _less_concurrency(replace(base, quantize=quantize), generation):
-            if generation is None:
-                plan = plan_serve(model_dir, candidate, runtime=runtime)
-            else:
-                plan = plan_generate(model_dir, candidate, *generation, runtime=runtime)
+    bases = [replace(base, quantize=q) for q in dict.fromkeys([config.quantize, config.quantize or "nf4"])]
+    if (config.quantize, config.weights_budget, config.expert_budget) == (None, None, None):
+        bases += [replace(base, weights_budget=share) for share in STREAM_SHARES]
+    for candidates in (_less_concurrency(b, generation) for b in bases):
+        for candidate in candidates:
+            try:
+                if generation is None:
+                    plan = plan_serve(model_dir, candidate, runtime=runtime)
+                else:
+                    plan = plan_generate(model_dir, candidate, *generation, runtime=runtime)
+            except ConfigError:
+                if candidate.weights_budget == config.weights_budget:
+                    raise
+                break  # a share too small to stream this model
             if smallest is None or plan.peak_bytes < smallest[0]:
                 smallest = (plan.peak_bytes, candidate)
             if plan.peak_bytes <= MARGIN * budget:
@@ -145,7 +177,7 @@ def fit_serving(model_dir: str | os.PathLike, config: ServeConfig, memory: int |
     need, candidate = smallest
     raise ConfigError(f"nothing fits in {format_size(budget)}: the smallest plan needs {format_size(need / MARGIN)} "
                       f"({' '.join(_serving_changes(config, candidate, dev)) or 'as asked'}); the weights do not "
-                      "shrink further here (--weights-budget streams them, which the planner does not model yet).")
+                      "shrink further here (what streaming leaves resident, the embedding, head and norms, stays).")
 
 
 def _less_concurrency(config: ServeConfig, generation: tuple[int, int, int] | None) -> list[ServeConfig]:
@@ -164,6 +196,7 @@ def _less_concurrency(config: ServeConfig, generation: tuple[int, int, int] | No
 
 
 def _serving_changes(requested: ServeConfig, chosen: ServeConfig, dev: torch.device) -> list[str]:
-    flags = [f"--{name.replace('_', '-')} {getattr(chosen, name)}" for name in ("max_seqs", "kv_budget", "quantize")
+    flags = [f"--{name.replace('_', '-')} {getattr(chosen, name)}"
+             for name in ("max_seqs", "kv_budget", "quantize", "weights_budget")
              if getattr(chosen, name) != getattr(requested, name)]
     return flags + (["--lean-allocator"] if chosen.lean_allocator and not requested.lean_allocator else [])
