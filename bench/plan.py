@@ -78,6 +78,8 @@ FINETUNE = {
     "MoE (Mixtral, 8 experts), LoRA attention, adamw8bit, 8x128": (
         "moe", ["--targets", "q_proj,k_proj,v_proj,o_proj", "--optim", "adamw8bit", "--batch-size", "8",
                 "--max-length", "128"]),
+    "SmolLM2, LoRA q,v, --weights-budget 300MB, 4x128": ("smollm2", ["--weights-budget", "300MB", *QV]),
+    "MoE (Mixtral, 8 experts), LoRA q,v, --expert-budget 50%, 4x128": ("moe", ["--expert-budget", "50%", *QV]),
 }
 DEFAULT_ALLOCATOR = list(FINETUNE)[:4]
 # name -> (model, prompts, prompt tokens, new tokens, flags of both `memfit plan --for generate` and generate)
@@ -85,6 +87,10 @@ GENERATE = {
     "SmolLM2, generate 1 x (64 + 48)": ("smollm2", 1, 64, 48, ["--lean-allocator"]),
     "SmolLM2, generate 8 x (200 + 32), NF4": ("smollm2", 8, 200, 32, ["--quantize", "nf4", "--lean-allocator"]),
     "SmolLM2 + LoRA, generate 4 x (120 + 32)": ("smollm2", 4, 120, 32, ["ADAPTER", "--lean-allocator"]),
+    "SmolLM2, generate 2 x (120 + 8), --weights-budget 300MB": ("smollm2", 2, 120, 8, ["--weights-budget", "300MB",
+                                                                                       "--lean-allocator"]),
+    "MoE (Mixtral), generate 4 x (120 + 32), --expert-budget 25%": ("moe", 4, 120, 32, ["--expert-budget", "25%",
+                                                                                      "--lean-allocator"]),
 }
 # name -> (model, kv budget, max seqs, flags)
 SERVE = {
