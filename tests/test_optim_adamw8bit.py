@@ -289,8 +289,9 @@ def _cpu_flags() -> set[str]:
 
 @pytest.mark.parametrize(("rows", "row"), [(1, 70_001), (37, 700), (6, 512), (3, 100)])
 def test_the_vector_kernel_is_bitwise_the_scalar_one(rows, row):
-    """The AVX2 path (gathers, direct search, pipelined over blocks, prefetch) against the same C compiled without
-    AVX2, which runs the maths value by value. Rows of 700 mix full blocks with a partial one between them (the
+    """The vector path (AVX-512 VBMI: byte-plane decoding and the search-free encoder; else AVX2: gathers and the
+    direct search; both pipelined over blocks, with prefetch) against the same C compiled without AVX2, which runs
+    the maths value by value. Rows of 700 mix full blocks with a partial one between them (the
     pipeline's pending block must survive it); rows of 100 have only partial blocks; 1 x 70,001 is one flat run."""
     vector, scalar = kernels.load(), kernels.load(scalar=True)
     if vector is None or scalar is None:
@@ -312,10 +313,38 @@ def test_the_vector_kernel_is_bitwise_the_scalar_one(rows, row):
         hp = _hyper(dict(betas=(0.9, 0.999), lr=1e-2, weight_decay=0.1, eps=1e-8), step)
         for lib, (p, mq, ma, vq, va) in states.items():
             lib.adamw8bit_blocks(*(t.data_ptr() for t in (p, grad, mq, ma, vq, va)), row, 0, nb,
-                                 *(t.data_ptr() for t in (tm.qmap, tm.direct, tv.qmap, tv.direct, hp)))
+                                 *(t.data_ptr() for t in (tm.qmap, tm.direct, tm.encoder, tv.qmap, tv.direct,
+                                                          tv.encoder, hp)))
     for name, a, b in zip(("p", "mq", "ma", "vq", "va"), states[vector], states[scalar], strict=True):
         assert torch.equal(a, b), name
     assert not torch.equal(states[vector][1], start[1])  # the codes really changed
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_vector_encoder_gives_the_nearest_code_everywhere(signed):
+    """The kernel's encoder (on AVX-512 VBMI the search-free one: a bound from the value's bits and one fused
+    multiply-add, then one comparison with a midpoint) against torch.bucketize on the map's midpoints: a sweep of
+    every 331st fp32 bit pattern (all signs and magnitudes, NaN and inf included), every midpoint and its two
+    neighbours (the ties), the decades' edges and the values around 1 and 2. An exhaustive run over all 2^32
+    patterns matched too (see the module docstring of memfit.optim.kernels)."""
+    lib = kernels.load()
+    if lib is None:
+        pytest.skip("no C compiler here")
+    from memfit.optim.quant import mids_of, quantize_normalized, tables
+
+    t = tables(signed)
+    mids = mids_of(t.qmap)
+    edges = torch.tensor([10.0 ** -k for k in range(9)] + [0.0, 1.0, 2.0, 4.0, float("inf"), 1e30, 1e-30])
+    special = torch.cat([mids, edges, -edges])
+    special = torch.cat([special, torch.nextafter(special, torch.tensor(9.0)),
+                         torch.nextafter(special, torch.tensor(-9.0)), torch.tensor([float("nan"), -float("nan")])])
+    sweep = torch.arange(-(2**31), 2**31 - 1, 331, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    x = torch.cat([sweep, special])
+    out = torch.empty(x.numel(), dtype=torch.uint8)
+    lib.encode_values(x.data_ptr(), out.data_ptr(), x.numel(), t.direct.data_ptr(), t.encoder.data_ptr(), signed)
+    assert torch.equal(out, quantize_normalized(x, t))
+    inside = (x.abs() <= 1) if signed else ((x >= 0) & (x <= 1))
+    assert torch.equal(out[inside].long(), torch.bucketize(x[inside], mids))  # nearest; a tie to the lower
 
 
 @pytest.mark.parametrize("signed", [True, False])

@@ -5,13 +5,20 @@ ops it runs ~40x slower than torch's fused AdamW on CPU, and torch.compile's gen
 a recomputed reduction) was still ~9x slower here. One pass over each 256-value block does it all.
 
 Speed: the update itself is bound by the divider (two divisions and a square root per value, as in torch's
-fused AdamW); the rest is four table lookups per value, which GCC does not vectorise by itself (it emulates
-gathers). The AVX2 path gathers explicitly, finds codes by the direct search of `memfit.optim.quant` (no
-search loop, no 64 KB table), and is software-pipelined: block b is decoded and updated while block b-1, whose
-new absmax is known by then, is requantised, so the lookups of one overlap the divider of the other; the next
-block's lines are prefetched. Without AVX2 (or with `scalar=True`) plain C runs the same maths value by value:
-both give bitwise the same states (`tests/test_optim_adamw8bit.py`), and the same as the earlier
-table-lookup kernel they replace (2.4x faster on one thread here).
+fused AdamW); the rest is four table lookups per value (decode m and v, encode them again), which GCC does not
+vectorise by itself. Three paths, chosen by what `-march=native` offers, all bitwise the same states:
+- AVX-512 VBMI (Zen 4, Ice Lake and later): no gathers, which cost ~10 cycles per 8 values on Zen 4. Decoding
+  reads the map from four byte planes with byte permutes, 64 codes at a time; encoding is search-free: a lower
+  bound of the code from the value's bits and one fused multiply-add (the map is sign, decade and linear
+  fraction: `memfit.optim.quant.encoder_table`), then one exact comparison with the midpoint above it, read the
+  same way. Checked against the direct search on all 2^32 fp32 bit patterns of both maps (both matched; the
+  tests sweep every 331st pattern and every tie).
+- AVX2: gathers, and the direct search of `memfit.optim.quant` (one gather per code, no search loop).
+- Without AVX2 (or with `scalar=True`) plain C runs the same maths value by value: the reference the tests hold
+  both vector paths to (`tests/test_optim_adamw8bit.py`).
+Both vector paths are software-pipelined: block b is decoded and updated while block b-1, whose new absmax is
+known by then, is requantised, so the lookups of one overlap the divider of the other; the next block's lines
+are prefetched.
 
 Building and caching: `memfit.native` (a private, hash-checked cache). Without a working compiler, `load()` returns
 None and the optimizer falls back to chunked torch ops (same maths, slower).
@@ -28,9 +35,9 @@ import torch
 
 from memfit.errors import CheckpointError
 from memfit.native import compile_library
-from memfit.optim.quant import BLOCK, E_LO, EXPONENTS, QuantTables
+from memfit.optim.quant import BLOCK, E_LO, ENC_LAYOUT, EXPONENTS, QuantTables
 
-SOURCE = r"""#include <stdint.h>
+TEMPLATE = r"""#include <stdint.h>
 #include <string.h>
 #include <math.h>
 #ifdef __AVX2__
@@ -129,15 +136,230 @@ static inline uint32_t hmax(__m256i x) {
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+#define VBMI_PATH 1
+/* AVX-512 VBMI path: no gathers. Decoding reads the map from four byte planes (byte k of every entry, 256 bytes
+   each: two two-table byte permutes and a blend give one byte of 64 values) and interleaves them into fp32;
+   encoding computes each code from the value's bits and one fused multiply-add (memfit.optim.quant.encoder_table)
+   and finishes with one exact comparison against the midpoint read the same way. */
+typedef struct {
+    __m512i d0, d1, neg;
+    __m512 l0, l1, s, o, b, top, e;
+    __m512i map[4][4], mid[4][4];  /* byte planes: [byte of the fp32 value][64-entry quarter] */
+} Enc;
+
+/* Byte i of 64 codes is placed at i' so that the in-lane unpacks below return values 16q..16q+15 in vector q:
+   ORDER[16L + 4q + r] = 16q + 4L + r (its own inverse). */
+static const uint8_t ORDER[64] = {ORDER_INIT};
+static const uint8_t PACK[64] = {PACK_INIT};  /* low bytes of the dwords of two vectors, into ORDER's places */
+#define PACK_HI 0xFF00FF00FF00FF00ull  /* ORDER's places of vectors 2 and 3 */
+
+static void enc_load(Enc* v, const uint8_t* table) {
+    const int32_t* w = (const int32_t*)table;
+    const float* f = (const float*)table;
+    v->d0 = _mm512_loadu_si512(w + ENC_D);
+    v->d1 = _mm512_loadu_si512(w + ENC_D + 16);
+    v->l0 = _mm512_loadu_ps(f + ENC_L);
+    v->l1 = _mm512_loadu_ps(f + ENC_L + 16);
+    v->s = _mm512_loadu_ps(f + ENC_S);
+    v->o = _mm512_loadu_ps(f + ENC_O);
+    v->b = _mm512_loadu_ps(f + ENC_B);
+    v->top = _mm512_set1_ps(f[ENC_TOP]);
+    v->e = _mm512_set1_ps(f[ENC_E]);
+    v->neg = _mm512_set1_epi32(w[ENC_NEG]);
+    const uint8_t* planes = table + 4 * ENC_INTS;
+    for (int k = 0; k < 4; k++)
+        for (int j = 0; j < 4; j++) {
+            v->map[k][j] = _mm512_loadu_si512(planes + 256 * k + 64 * j);
+            v->mid[k][j] = _mm512_loadu_si512(planes + 1024 + 256 * k + 64 * j);
+        }
+}
+
+/* 64 fp32 table entries for 64 codes already in ORDER's places, as four vectors in natural order. */
+static inline void lookup64(__m512i codes, const __m512i planes[4][4], __m512i out[4]) {
+    const __mmask64 high = _mm512_movepi8_mask(codes);
+    __m512i b[4];
+    for (int k = 0; k < 4; k++)
+        b[k] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(planes[k][0], codes, planes[k][1]),
+                                      _mm512_permutex2var_epi8(planes[k][2], codes, planes[k][3]));
+    const __m512i lo01 = _mm512_unpacklo_epi8(b[0], b[1]), hi01 = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi8(b[2], b[3]), hi23 = _mm512_unpackhi_epi8(b[2], b[3]);
+    out[0] = _mm512_unpacklo_epi16(lo01, lo23);
+    out[1] = _mm512_unpackhi_epi16(lo01, lo23);
+    out[2] = _mm512_unpacklo_epi16(hi01, hi23);
+    out[3] = _mm512_unpackhi_epi16(hi01, hi23);
+}
+
+static inline void decode64(const uint8_t* codes, const Enc* v, __m512 scale, __m512 out[4]) {
+    __m512i raw[4];
+    lookup64(_mm512_permutexvar_epi8(_mm512_loadu_si512(ORDER), _mm512_loadu_si512(codes)), v->map, raw);
+    for (int q = 0; q < 4; q++) out[q] = _mm512_mul_ps(_mm512_castsi512_ps(raw[q]), scale);
+}
+
+/* A lower bound c0 of 16 codes, at most one below (see encoder_table); `is_signed` is a constant where inlined. */
+static inline __m512i code_bound16(__m512 x, const Enc* v, const int is_signed) {
+    const __m512i one = _mm512_set1_epi32(1);
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i abits = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF));
+    const __m512 a = _mm512_castsi512_ps(abits);
+    const __m512i binade = _mm512_subs_epu16(_mm512_srli_epi32(abits, 23), _mm512_set1_epi32(ENC_E_MIN));
+    const __m512i start = _mm512_permutex2var_epi32(v->d0, binade, v->d1);
+    const __m512 edge = _mm512_permutex2var_ps(v->l0, binade, v->l1);
+    const __m512i t = _mm512_mask_add_epi32(start, _mm512_cmp_ps_mask(a, edge, _CMP_GE_OQ), start, one);
+    const __m512 u = _mm512_fmadd_ps(a, _mm512_permutexvar_ps(t, v->s), _mm512_permutexvar_ps(t, v->o));
+    /* NaN: min gives TOP and both unordered comparisons count, so 255 like every |x| >= 1 (a binade index past 31
+       wraps, but any decade's u is then far above E) */
+    __m512i c = _mm512_cvttps_epi32(_mm512_min_ps(u, v->top));
+    c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(u, _mm512_permutexvar_ps(t, v->b), _CMP_NLE_UQ), c, one);
+    c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(u, v->e, _CMP_NLE_UQ), c, one);
+    const __mmask16 negative = _mm512_movepi32_mask(bits);
+    if (is_signed) return _mm512_max_epi32(_mm512_mask_sub_epi32(c, negative, v->neg, c), _mm512_setzero_si512());
+    return _mm512_maskz_mov_epi32(_knot_mask16(negative), c);  /* below every unsigned midpoint */
+}
+
+/* Codes of 64 values x * scale, exactly those of quant(). */
+static inline void encode64(const float* x, __m512 scale, const Enc* v, const int is_signed, uint8_t* out) {
+    __m512 xs[4];
+    __m512i c[4];
+    for (int q = 0; q < 4; q++) {
+        xs[q] = _mm512_mul_ps(_mm512_load_ps(x + 16 * q), scale);
+        c[q] = code_bound16(xs[q], v, is_signed);
+    }
+    const __m512i pack = _mm512_loadu_si512(PACK);
+    const __m512i placed = _mm512_mask_blend_epi8(PACK_HI, _mm512_permutex2var_epi8(c[0], pack, c[1]),
+                                                  _mm512_permutex2var_epi8(c[2], pack, c[3]));
+    __m512i mid[4];
+    lookup64(placed, v->mid, mid);
+    __mmask16 above[4];
+    for (int q = 0; q < 4; q++) above[q] = _mm512_cmp_ps_mask(_mm512_castsi512_ps(mid[q]), xs[q], _CMP_LT_OQ);
+    const __mmask64 up = _mm512_kunpackd(_mm512_kunpackw(above[3], above[2]), _mm512_kunpackw(above[1], above[0]));
+    const __m512i codes = _mm512_permutexvar_epi8(_mm512_loadu_si512(ORDER), placed);
+    _mm512_storeu_si512(out, _mm512_mask_add_epi8(codes, up, codes, _mm512_set1_epi8(1)));
+}
+
+static inline uint32_t hmax16(__m512i x) { return (uint32_t)_mm512_reduce_max_epu32(x); }
+
+/* Full blocks [b0, b1) of one flat run or rows, software-pipelined like the AVX2 path (block b-1 is encoded
+   while block b is decoded and updated); partial blocks go to block_scalar. */
+static void blocks_vbmi(float* restrict p, const float* restrict g, uint8_t* restrict mq, float* restrict ma,
+                        uint8_t* restrict vq, float* restrict va, int64_t row, int64_t b0, int64_t b1,
+                        const float* restrict mmap, const int32_t* restrict mdirect, const uint8_t* restrict menc,
+                        const float* restrict vmap, const int32_t* restrict vdirect, const uint8_t* restrict venc,
+                        Hyper h) {
+    Enc em, ev;
+    enc_load(&em, menc);
+    enc_load(&ev, venc);
+    const int64_t per_row = (row + BLOCK - 1) / BLOCK;
+    float buf[2][2][BLOCK] __attribute__((aligned(64)));  /* [block parity][m, v] */
+    int64_t pend = -1;
+    int pend_par = 0;
+    float pend_im = 0.0f, pend_iv = 0.0f;
+    const __m512 w1 = _mm512_set1_ps(h.w1), beta2 = _mm512_set1_ps(h.beta2), w2 = _mm512_set1_ps(h.w2);
+    const __m512 decay = _mm512_set1_ps(h.decay), neg_step = _mm512_set1_ps(h.neg_step);
+    const __m512 bc2s = _mm512_set1_ps(h.bc2s), eps = _mm512_set1_ps(h.eps);
+    const __m512i nosign = _mm512_set1_epi32(0x7FFFFFFF);
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t r = b / per_row, col = (b - r * per_row) * BLOCK, s = r * row + col;
+        const int len = (row - col < BLOCK) ? (int)(row - col) : BLOCK;
+        if (len < BLOCK) {
+            block_scalar(p + s, g + s, mq + s, ma + b, vq + s, va + b, len, mmap, mdirect, vmap, vdirect, h);
+            continue;
+        }
+        const int par = pend_par ^ 1;
+        float* restrict m = buf[par][0];
+        float* restrict v = buf[par][1];
+        const __m512 am = _mm512_set1_ps(ma[b]), av = _mm512_set1_ps(va[b]);
+        const __m512 pim = _mm512_set1_ps(pend_im), piv = _mm512_set1_ps(pend_iv);
+        __m512i mmax = _mm512_setzero_si512(), vmax = _mm512_setzero_si512();
+        if (b + 1 < b1) {
+            const int64_t ahead = s + BLOCK;
+            for (int k = 0; k < BLOCK; k += 16) {
+                __builtin_prefetch(p + ahead + k, 1);
+                __builtin_prefetch(g + ahead + k, 0);
+            }
+            for (int k = 0; k < BLOCK; k += 64) {
+                __builtin_prefetch(mq + ahead + k, 1);
+                __builtin_prefetch(vq + ahead + k, 1);
+            }
+        }
+        for (int k = 0; k < BLOCK; k += 64) {
+            __m512 m0[4], v0[4];
+            decode64(mq + s + k, &em, am, m0);
+            decode64(vq + s + k, &ev, av, v0);
+            for (int q = 0; q < 4; q++) {
+                const int i = k + 16 * q;
+                const __m512 gi = _mm512_loadu_ps(g + s + i);
+                const __m512 mi = _mm512_add_ps(m0[q], _mm512_mul_ps(w1, _mm512_sub_ps(gi, m0[q])));
+                const __m512 vi = _mm512_add_ps(_mm512_mul_ps(v0[q], beta2), _mm512_mul_ps(_mm512_mul_ps(w2, gi), gi));
+                const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), bc2s), eps);
+                const __m512 pk = _mm512_loadu_ps(p + s + i);
+                _mm512_storeu_ps(p + s + i, _mm512_add_ps(_mm512_mul_ps(pk, decay),
+                                                          _mm512_mul_ps(neg_step, _mm512_div_ps(mi, denom))));
+                _mm512_store_ps(m + i, mi);
+                _mm512_store_ps(v + i, vi);
+                mmax = _mm512_max_epu32(mmax, _mm512_and_si512(_mm512_castps_si512(mi), nosign));
+                vmax = _mm512_max_epu32(vmax, _mm512_castps_si512(vi));
+            }
+            if (pend >= 0) {
+                encode64(buf[pend_par][0] + k, pim, &em, 1, mq + pend + k);
+                encode64(buf[pend_par][1] + k, piv, &ev, 0, vq + pend + k);
+            }
+        }
+        const float fm = frombits(hmax16(mmax)), fv = frombits(hmax16(vmax));
+        ma[b] = fm;
+        va[b] = fv;
+        pend = s;
+        pend_par = par;
+        pend_im = fm > 0.0f ? 1.0f / fm : 0.0f;
+        pend_iv = fv > 0.0f ? 1.0f / fv : 0.0f;
+    }
+    if (pend >= 0) {
+        const __m512 pim = _mm512_set1_ps(pend_im), piv = _mm512_set1_ps(pend_iv);
+        for (int k = 0; k < BLOCK; k += 64) {
+            encode64(buf[pend_par][0] + k, pim, &em, 1, mq + pend + k);
+            encode64(buf[pend_par][1] + k, piv, &ev, 0, vq + pend + k);
+        }
+    }
+}
+
+/* Codes of n values (any n) with the vector encoder: what the tests sweep against quant(). */
+void encode_values(const float* restrict x, uint8_t* restrict out, int64_t n, const int32_t* restrict direct,
+                   const uint8_t* restrict enc, int is_signed) {
+    Enc v;
+    enc_load(&v, enc);
+    float tmp[64] __attribute__((aligned(64)));
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        memcpy(tmp, x + i, sizeof tmp);
+        encode64(tmp, _mm512_set1_ps(1.0f), &v, is_signed, out + i);
+    }
+    for (; i < n; i++) out[i] = quant(x[i], direct);
+}
+#else
+void encode_values(const float* restrict x, uint8_t* restrict out, int64_t n, const int32_t* restrict direct,
+                   const uint8_t* restrict enc, int is_signed) {
+    (void)enc;
+    (void)is_signed;
+    for (int64_t i = 0; i < n; i++) out[i] = quant(x[i], direct);
+}
+#endif
+
 /* Blocks [b0, b1) of a tensor of rows of `row` values (a flat tensor is one row); a block never crosses a row.
    Vector path: software-pipelined over full blocks. While block b is decoded and updated (the update is
    bound by the divider: two divisions and a square root per value), block b-1, whose absmax is now known, is
    requantised from a second buffer, so the gathers and integer work of one overlap the divider of the other. */
 void adamw8bit_blocks(float* restrict p, const float* restrict g, uint8_t* restrict mq, float* restrict ma,
                       uint8_t* restrict vq, float* restrict va, int64_t row, int64_t b0, int64_t b1,
-                      const float* restrict mmap, const int32_t* restrict mdirect,
-                      const float* restrict vmap, const int32_t* restrict vdirect, const float* restrict hp) {
+                      const float* restrict mmap, const int32_t* restrict mdirect, const uint8_t* restrict menc,
+                      const float* restrict vmap, const int32_t* restrict vdirect, const uint8_t* restrict venc,
+                      const float* restrict hp) {
     const Hyper h = {hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6]};
+#ifdef VBMI_PATH
+    blocks_vbmi(p, g, mq, ma, vq, va, row, b0, b1, mmap, mdirect, menc, vmap, vdirect, venc, h);
+    return;
+#endif
+    (void)menc;
+    (void)venc;
     const int64_t per_row = (row + BLOCK - 1) / BLOCK;
 #ifdef __AVX2__
     float buf[2][2][BLOCK] __attribute__((aligned(32)));  /* [block parity][m, v] */
@@ -215,7 +437,19 @@ void adamw8bit_blocks(float* restrict p, const float* restrict g, uint8_t* restr
 }
 """
 
-FLAGS = [f"-DBLOCK={BLOCK}", f"-DE_LO={E_LO}", f"-DEXPONENTS={EXPONENTS}"]
+
+
+def _byte_orders() -> dict[str, str]:
+    """ORDER and PACK of the VBMI path as C initialisers (see the comments there)."""
+    order = [16 * ((i >> 2) & 3) + 4 * (i >> 4) + (i & 3) for i in range(64)]
+    pack = [64 * (((i >> 2) & 3) % 2) + 4 * (4 * (i >> 4) + (i & 3)) for i in range(64)]
+    return {"ORDER_INIT": ", ".join(map(str, order)), "PACK_INIT": ", ".join(map(str, pack))}
+
+
+SOURCE = TEMPLATE
+for _name, _init in _byte_orders().items():
+    SOURCE = SOURCE.replace(_name, _init)
+FLAGS = [f"-D{k}={v}" for k, v in dict(BLOCK=BLOCK, E_LO=E_LO, EXPONENTS=EXPONENTS, **ENC_LAYOUT).items()]
 MIN_PARALLEL_BLOCKS = 256  # below ~64K values one thread is faster than a hand-off
 
 
@@ -228,7 +462,10 @@ def load(scalar: bool = False) -> ctypes.CDLL | None:
         return None
     fn = lib.adamw8bit_blocks
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 5
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 7
+    enc = lib.encode_values
+    enc.restype = None
+    enc.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int]
     return lib
 
 
@@ -256,7 +493,7 @@ def adamw8bit_step(p: torch.Tensor, g: torch.Tensor, mq: torch.Tensor, ma: torch
         raise CheckpointError(f"8-bit AdamW kernel: {n} values do not split into rows of {row}.")
     fn = load().adamw8bit_blocks
     ptrs = [t.data_ptr() for t in (p, g, mq, ma, vq, va)]
-    tables = [t.data_ptr() for t in (tm.qmap, tm.direct, tv.qmap, tv.direct, hp)]
+    tables = [t.data_ptr() for t in (tm.qmap, tm.direct, tm.encoder, tv.qmap, tv.direct, tv.encoder, hp)]
     threads = min(torch.get_num_threads(), max(1, nb // MIN_PARALLEL_BLOCKS))
     if threads == 1:
         fn(*ptrs, row, 0, nb, *tables)

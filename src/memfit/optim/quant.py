@@ -25,7 +25,7 @@ from functools import cache
 
 import torch
 
-from memfit.quant.codebooks import dynamic_map
+from memfit.quant.codebooks import DECADES, dynamic_map
 
 BLOCK = 256
 
@@ -41,12 +41,76 @@ def direct_index(bits: torch.Tensor) -> torch.Tensor:
     return ((sign * EXPONENTS + exponent) << 7) | ((bits >> 16) & 0x7F)
 
 
+# The arithmetic encoder (`encoder_table`): binades from 2^(ENC_E_MIN - 127) up get their own decade lookup.
+ENC_E_MIN = 103  # the binade of 1e-7, the lowest decade's edge: every smaller value lies in decade 0 too
+ENC_DELTA = 1 / 64  # u is lowered by this (> its rounding error, < the gap between two thresholds): c0 <= code
+ENC_INTS = 128  # int32 words before the byte planes; offsets of each field within them below
+ENC_D, ENC_L, ENC_O, ENC_S, ENC_B, ENC_TOP, ENC_E, ENC_NEG = 0, 32, 64, 80, 96, 112, 113, 114
+ENC_LAYOUT = dict(ENC_E_MIN=ENC_E_MIN, ENC_INTS=ENC_INTS, ENC_D=ENC_D, ENC_L=ENC_L, ENC_O=ENC_O, ENC_S=ENC_S,
+                  ENC_B=ENC_B, ENC_TOP=ENC_TOP, ENC_E=ENC_E, ENC_NEG=ENC_NEG)  # the C kernel's -D flags
+
+
+def mids_of(qmap: torch.Tensor) -> torch.Tensor:
+    """The 255 midpoints between neighbouring map entries, computed in double and rounded to fp32 once."""
+    return ((qmap[:-1].double() + qmap[1:].double()) / 2).float()
+
+
+def encoder_table(qmap: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The tables of the vector kernel's search-free encoder, as one uint8 buffer.
+
+    The map is sign, decade and linear fraction, so the number of midpoints below a magnitude a in decade t
+    (edges lo_t = 10^(t-7) .. 10^(t-6), n_t cells of width w_t) is C_t + min(floor(u), n_t - 1) + [u > B_t] +
+    [u > E] with u = (a - lo_t) / w_t: C_t midpoints lie below the decade, its own grid puts one at each whole u,
+    B_t is the midpoint to the decade below and E the one to the map's 1.0 (top decade only). The kernel computes
+    U = a / w_t + (C_t - lo_t / w_t - ENC_DELTA) with one fused multiply-add (tables S and O), so C_t needs no
+    addition and, since C_t grows with t, the clamp and E become constants of U (TOP, E). The decade comes from
+    the binade (a per-binade start decade D and the next decade's edge L, one comparison). Lowering U by
+    ENC_DELTA means rounding can only undercount, by at most one: the code is c0 + [mids[c0] < x], one exact
+    comparison with a midpoint read from byte planes (four 256-byte tables, one per byte of the fp32 value,
+    looked up 64 codes at a time). A negative x takes NEG - c0(|x|) with the signed map (it is mirrored), clamped
+    at 0, and 0 with the unsigned one; NaN counts every midpoint, like the direct search. Layout: ENC_INTS int32
+    words (fields at ENC_*), then the byte planes of the map (decoding) and of the midpoints with +inf appended
+    (encoding), [4, 256] each.
+    """
+    mids = mids_of(qmap)
+    mids64 = mids.double()
+    words = torch.zeros(ENC_INTS, dtype=torch.int32)
+    floats = words.view(torch.float32)
+    lo = [10.0 ** (t - DECADES) for t in range(DECADES + 1)]  # lo[t + 1] is decade t's upper edge
+    for t in range(16):
+        d = min(t, DECADES - 1)
+        n = 2**d if signed else 2 ** (d + 1)
+        width = (lo[d + 1] - lo[d]) / n
+        inside = mids64[(mids64 >= lo[d]) & (mids64 < lo[d + 1])]
+        below = int((mids64 < lo[d]).sum())
+        u = (inside - lo[d]) / width
+        assert torch.allclose(u[1:n], torch.arange(1, n, dtype=torch.float64), atol=1e-4) and 0 < u[0] < 1, \
+            "the map is not sign, decade and linear fraction"
+        assert u.numel() == n + (d == DECADES - 1), "only the top decade holds the midpoint to 1.0"
+        floats[ENC_S + t] = 1 / width
+        floats[ENC_O + t] = below - lo[d] / width - ENC_DELTA
+        floats[ENC_B + t] = below + u[0]
+        if d == DECADES - 1:
+            floats[ENC_TOP] = below + n - 1
+            floats[ENC_E] = below + u[n]
+    for e in range(32):
+        start, end = 2.0 ** (ENC_E_MIN + e - 127), 2.0 ** (ENC_E_MIN + e - 126)
+        d = max(0, min(DECADES - 1, sum(start >= lo[k] for k in range(1, DECADES))))
+        words[ENC_D + e] = d
+        floats[ENC_L + e] = lo[d + 1] if d + 1 < DECADES and lo[d + 1] < end else float("inf")
+    words[ENC_NEG] = 2 * int((qmap < 0).sum()) - 1 if signed else -1  # 253: code(-a) = 253 - c0(a) (+ the fix)
+    planes = [t.contiguous().view(torch.uint8).view(256, 4).t().contiguous().view(-1)
+              for t in (qmap, torch.cat([mids, torch.tensor([float("inf")])]))]
+    return torch.cat([words.view(torch.uint8), *planes])
+
+
 @dataclass(frozen=True)
 class QuantTables:
-    """A map with its rounding table, on one device."""
+    """A map with its rounding tables, on one device."""
 
     qmap: torch.Tensor  # [256] fp32 sorted values
     direct: torch.Tensor  # [2 * EXPONENTS * 128] int32: j | threshold << 8 (see the module docstring)
+    encoder: torch.Tensor  # uint8, CPU: the vector kernel's search-free encoder (`encoder_table`)
 
     @staticmethod
     def build(signed: bool) -> QuantTables:
@@ -63,10 +127,10 @@ class QuantTables:
         inside = (j < mids.numel()) & (((mid_bits >> 16) & 0xFFFF) == top)
         flip = torch.where(sign, 0xFFFF, 0)
         threshold = torch.where(inside, (mid_bits & 0xFFFF) ^ flip, 0xFFFF)  # 0xFFFF: no midpoint, never above
-        return QuantTables(qmap, (j.int() | (threshold << 8)).to(torch.int32))
+        return QuantTables(qmap, (j.int() | (threshold << 8)).to(torch.int32), encoder_table(qmap, signed))
 
     def to(self, device: torch.device) -> QuantTables:
-        return QuantTables(self.qmap.to(device), self.direct.to(device))
+        return QuantTables(self.qmap.to(device), self.direct.to(device), self.encoder)
 
 
 @cache
