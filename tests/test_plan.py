@@ -3,6 +3,7 @@ tensors, and `memfit plan`'s output and errors."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -153,7 +154,8 @@ def test_plan_cli_json_and_table(llama_dir, bert_dir, sections):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--weights-budget", "50%"], "does not model --weights-budget"),
+    (["--weights-budget", "1KB"], "weights budget 1.0 KB is too small.*Raise the budget to at least"),
+    (["--expert-budget", "50%"], "cannot offload model_type .llama."),
     (["--optim", "nope"], "unknown optimizer"),
     (["--targets", "nothing_here"], "nothing_here"),
 ])
@@ -212,13 +214,15 @@ def test_finetune_prints_and_logs_planned_against_measured(llama_dir, tmp_path):
     assert planned["peak"] > 0 and measured["peak"] > 0
 
 
-def test_finetune_without_a_plan_where_the_planner_does_not_cover_it(llama_dir, tmp_path):
+def test_a_streamed_finetune_prints_and_logs_its_plan(llama_dir, tmp_path):
     rows = write_jsonl(tmp_path / "d.jsonl", [{"text": "the quick brown fox jumps over the lazy dog " * 4}] * 8)
     out = tmp_path / "run"
     text = cli_ok("finetune", "--model", llama_dir, "--data", rows, "--out", out, "--max-steps", 1,
                   "--batch-size", 4, "--max-length", 24, "--weights-budget", "60%")
-    assert "planned and measured" not in text
-    assert "memory_planned" not in _end_event(out)
+    assert "planned and measured" in text
+    end = _end_event(out)
+    assert end["memory_planned"]["stream buffers"] > 0
+    assert end["memory_planned"]["weights resident"] == end["memory_measured"]["weights resident"]
 
 
 def test_memory_chooses_the_largest_micro_batch_that_fits(llama_dir):
@@ -241,17 +245,28 @@ def test_memory_chooses_the_largest_micro_batch_that_fits(llama_dir):
 
 
 def test_memory_quantizes_the_base_last(llama_dir):
-    """A budget below every fp32-base plan and above the NF4 one: the search ends at --quantize nf4 (QLoRA)."""
-    from memfit.plan.search import MARGIN, fit_memory
+    """The search's order: as requested, AdamW8bit, the layers streamed at shrinking shares, an NF4 base (QLoRA)
+    last; a budget below every fp32-base plan (in memory or streamed) and above the NF4 one ends at NF4."""
+    from memfit.errors import ConfigError
+    from memfit.plan.search import MARGIN, STREAM_SHARES, _candidates, fit_memory
 
     adapter = get_method("lora").config_cls(r=4, target_modules="all-linear")
+    order = _candidates(TrainConfig(batch_size=2, max_length=64), adapter)
+    assert [(c.optim, c.weights_budget, c.quantize) for c in order] == [
+        ("adamw", None, None), *[("adamw8bit", s, None) for s in (None, *STREAM_SHARES)], ("adamw8bit", None, "nf4")]
     small = TrainConfig(batch_size=1, max_length=64, optim="adamw8bit", lean_allocator=True)
-    fp32, nf4 = (plan_finetune(llama_dir, adapter, replace(small, quantize=q), device="cpu", runtime=0).peak_bytes
-                 for q in (None, "nf4"))
-    fit = fit_memory(llama_dir, adapter, TrainConfig(batch_size=2, max_length=64), int((fp32 + nf4) / 2 / MARGIN),
-                     device="cpu", runtime=0)
-    assert (fit.train.batch_size, fit.train.optim, fit.train.quantize) == (1, "adamw8bit", "nf4")
-    assert "--quantize nf4" in fit.changes
+    fp32 = []
+    for share in (None, *STREAM_SHARES):
+        with contextlib.suppress(ConfigError):  # a share too small to stream the tiny model
+            fp32.append(plan_finetune(llama_dir, adapter, replace(small, weights_budget=share), device="cpu",
+                                      runtime=0).peak_bytes)
+    nf4 = plan_finetune(llama_dir, adapter, replace(small, quantize="nf4"), device="cpu", runtime=0).peak_bytes
+    budget = int((min(fp32) + nf4) / 2 / MARGIN)
+    fit = fit_memory(llama_dir, adapter, TrainConfig(batch_size=2, max_length=64), budget, device="cpu", runtime=0)
+    if nf4 < min(fp32):
+        assert (fit.train.batch_size, fit.train.optim, fit.train.quantize) == (1, "adamw8bit", "nf4")
+    else:  # this tiny model streams below its NF4 plan (its untied embedding streams too): streaming comes first
+        assert fit.train.weights_budget is not None and fit.train.quantize is None
 
 
 def test_memory_nothing_fits_names_the_smallest_budget(llama_dir):
@@ -260,7 +275,7 @@ def test_memory_nothing_fits_names_the_smallest_budget(llama_dir):
 
     adapter = get_method("lora").config_cls(r=4, target_modules="all-linear")
     with pytest.raises(ConfigError, match=r"nothing fits in .*the smallest plan needs .*--batch-size 1, --optim "
-                                          r"adamw8bit, --quantize nf4\).*largest part is"):
+                                          r"adamw8bit, --(quantize nf4|weights-budget \d+%)\).*largest part is"):
         fit_memory(llama_dir, adapter, TrainConfig(batch_size=8, max_length=64), "1MB", device="cpu")
 
 

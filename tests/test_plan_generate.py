@@ -96,7 +96,8 @@ def test_plan_for_generate_and_serve_cli(llama_dir):
 
 @pytest.mark.parametrize("flags, message", [
     (["--for", "train"], "choose one of finetune, generate, serve"),
-    (["--for", "generate", "--weights-budget", "50%"], "does not model --weights-budget"),
+    (["--for", "generate", "--weights-budget", "1KB"], "weights budget 1.0 KB is too small"),
+    (["--for", "generate", "--weights-budget", "50%", "--quantize", "nf4"], "--quantize with --weights-budget"),
     (["--for", "generate", "--prompt-tokens", 5000, "--kv-budget", 4096], "above --kv-budget"),
     (["--for", "serve", "--memory", "1MB"], "nothing fits in 1.0 MB: the smallest plan needs"),
 ])
@@ -139,6 +140,17 @@ def test_serving_memory_halves_the_kv_budget_before_it_quantizes(llama_dir):
     budget = int((plans[512, None] + plans[512, "nf4"]) / 2 / MARGIN)
     small = fit_serving(llama_dir, config, budget, runtime=0)
     assert small.config.quantize == "nf4" and small.plan.peak_bytes <= MARGIN * budget
+
+
+def test_generate_logs_planned_and_measured_to_metrics(llama_dir, tmp_path):
+    path = tmp_path / "logs" / "generate.jsonl"
+    for _ in range(2):  # appended, one line per run
+        cli_ok("generate", "--model", llama_dir, "--prompt", "gimp vim", "-n", 3, "--metrics", path)
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(events) == 2 and events[-1]["event"] == "end" and events[-1]["tokens"] == 3
+    planned, measured = events[-1]["memory_planned"], events[-1]["memory_measured"]
+    assert planned["weights resident"] == measured["weights resident"] and planned["KV cache"] == measured["KV cache"]
+    assert measured["peak"] == events[-1]["peak_mem_bytes"] > 0 and planned["peak"] > 0
 
 
 def test_generate_memory_end_to_end(llama_dir):

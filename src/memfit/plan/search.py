@@ -101,7 +101,7 @@ def _candidates(train: TrainConfig, adapter: AdapterConfig) -> list[TrainConfig]
     lean = out[-1]
     if adapter_run and train.weights_budget is None and train.expert_budget is None and train.shard is None:
         out += [replace(lean, weights_budget=share) for share in STREAM_SHARES]
-    if adapter_run:
+    if adapter_run and train.weights_budget is None:  # a streamed base is quantized by memfit quantize, once
         out.append(replace(lean, quantize="nf4"))
     return out
 
