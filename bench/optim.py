@@ -60,9 +60,20 @@ def variants(params: list[torch.nn.Parameter], swap: Path) -> dict[str, tuple[to
     """name -> (optimizer, bytes moved per parameter, hook run before each timed step)."""
     import torch
 
-    from memfit.optim import AdamW8bit, OffloadAdamW
+    from memfit.optim import AdamW8bit, OffloadAdamW, kernels
 
     none = lambda: None  # noqa: E731
+
+    class AVX2Path(AdamW8bit):
+        """The same optimizer stepping with the AVX2 build of the kernel (gathers), for the comparison."""
+
+        def step(self, closure=None):  # noqa: ANN001, ANN202
+            os.environ["MEMFIT_KERNEL_ISA"] = "avx2"
+            try:
+                return super().step(closure)
+            finally:
+                del os.environ["MEMFIT_KERNEL_ISA"]
+
     out = {
         "torch AdamW foreach": (torch.optim.AdamW(params, foreach=True, **HYPER), 28, none),
         "torch AdamW fused": (torch.optim.AdamW(params, fused=True, **HYPER), 28, none),
@@ -72,6 +83,8 @@ def variants(params: list[torch.nn.Parameter], swap: Path) -> dict[str, tuple[to
         "offload-disk cold": (OffloadAdamW(params, offload="disk", path=swap / "cold", durable=True, **HYPER), 28 + 24,
                               lambda: drop_cache(swap / "cold")),
     }
+    if kernels.vector_path() == "avx512-vbmi":
+        out["memfit AdamW8bit, AVX2 path"] = (AVX2Path(params, **HYPER), 16, none)
     try:
         import bitsandbytes as bnb
 
@@ -96,6 +109,7 @@ README_LABELS = {
     "torch AdamW foreach": "torch AdamW (foreach)",
     "torch AdamW fused": "torch AdamW (fused)",
     "memfit AdamW8bit": "**memfit AdamW8bit**",
+    "memfit AdamW8bit, AVX2 path": "memfit AdamW8bit, AVX2 path (gathers)",
     "bitsandbytes AdamW8bit": "bitsandbytes AdamW8bit",
     "offload-cpu": "memfit offload-cpu",
     "offload-disk warm": "memfit offload-disk, swap in page cache",
@@ -165,7 +179,7 @@ def main() -> None:
     path = report("optim", f"Optimizer step, {n / 1e6:.0f}M fp32 params, {torch.get_num_threads()} threads, "
                   f"triad {triad:.1f} GB/s", ["variant", "step ms", "state B/param (RAM)", "moved B/param", "GB/s",
                                               "÷ triad", "step ÷ fused"], rows,
-                  {"params": n, "triad_gbs": triad, "triad_all": triads, "kernel": kernels.load() is not None,
+                  {"params": n, "triad_gbs": triad, "triad_all": triads, "kernel": kernels.vector_path(),
                    "results": results, "bitsandbytes": bnb})
     print_readme_tables(readme_tables, path)
 

@@ -23,9 +23,9 @@ PLANTED = b"\x7fELF planted by someone else"
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMFIT_CACHE", str(tmp_path))
     monkeypatch.delenv("MEMFIT_NO_KERNEL", raising=False)
-    kernels.load.cache_clear()
+    kernels._load.cache_clear()
     yield tmp_path / "kernels"
-    kernels.load.cache_clear()
+    kernels._load.cache_clear()
 
 
 def _built(cache: Path) -> list[Path]:
@@ -49,7 +49,7 @@ def test_the_cache_is_created_private_and_each_build_records_its_hash(cache):
 
 def test_a_recorded_kernel_is_reused_without_compiling(cache, monkeypatch):
     kernels.load()
-    kernels.load.cache_clear()
+    kernels._load.cache_clear()
 
     def no_compiler(*args, **kwargs):
         raise subprocess.SubprocessError("compiled again")
@@ -65,7 +65,7 @@ def test_a_tampered_kernel_is_rebuilt_not_loaded(cache):
     (so,) = _built(cache)
     so.unlink()  # a new file, not a write into the one this process has mapped
     so.write_bytes(PLANTED)
-    kernels.load.cache_clear()
+    kernels._load.cache_clear()
     assert kernels.load() is not None  # a planted file could not even be loaded: this is a rebuilt one
     digest = hashlib.sha256(so.read_bytes()).hexdigest()
     assert digest != hashlib.sha256(PLANTED).hexdigest()
@@ -77,7 +77,7 @@ def test_a_kernel_without_its_record_is_rebuilt(cache):
     (so,) = _built(cache)
     _record(so).unlink()
     before = so.stat().st_ino
-    kernels.load.cache_clear()
+    kernels._load.cache_clear()
     kernels.load()
     assert so.stat().st_ino != before and _record(so).read_text().strip() == hashlib.sha256(so.read_bytes()).hexdigest()
 
@@ -89,7 +89,7 @@ def test_a_cache_others_can_write_is_bypassed_not_trusted(cache, tmp_path, monke
     monkeypatch.setenv("MEMFIT_CACHE", str(tmp_path / "probe"))  # learn the kernel's file name
     kernels.load()
     name = _built(tmp_path / "probe" / "kernels")[0].name
-    kernels.load.cache_clear()
+    kernels._load.cache_clear()
     monkeypatch.setenv("MEMFIT_CACHE", str(tmp_path))
     cache.mkdir()
     os.chmod(cache, 0o777)

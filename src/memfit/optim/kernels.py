@@ -14,8 +14,8 @@ vectorise by itself. Three paths, chosen by what `-march=native` offers, all bit
   same way. Checked against the direct search on all 2^32 fp32 bit patterns of both maps (both matched; the
   tests sweep every 331st pattern and every tie).
 - AVX2: gathers, and the direct search of `memfit.optim.quant` (one gather per code, no search loop).
-- Without AVX2 (or with `scalar=True`) plain C runs the same maths value by value: the reference the tests hold
-  both vector paths to (`tests/test_optim_adamw8bit.py`).
+- Without AVX2 (or the "scalar" build, `load("scalar")`) plain C runs the same maths value by value: the
+  reference the tests hold both vector paths to (`tests/test_optim_adamw8bit.py`).
 Both vector paths are software-pipelined: block b is decoded and updated while block b-1, whose new absmax is
 known by then, is requantised, so the lookups of one overlap the divider of the other; the next block's lines
 are prefetched.
@@ -28,12 +28,13 @@ Threads: ctypes releases the GIL, so a small thread pool splits the blocks acros
 from __future__ import annotations
 
 import ctypes
+import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
 import torch
 
-from memfit.errors import CheckpointError
+from memfit.errors import CheckpointError, ConfigError
 from memfit.native import compile_library
 from memfit.optim.quant import BLOCK, E_LO, ENC_LAYOUT, EXPONENTS, QuantTables
 
@@ -322,6 +323,8 @@ static void blocks_vbmi(float* restrict p, const float* restrict g, uint8_t* res
     }
 }
 
+int vector_path(void) { return 2; }
+
 /* Codes of n values (any n) with the vector encoder: what the tests sweep against quant(). */
 void encode_values(const float* restrict x, uint8_t* restrict out, int64_t n, const int32_t* restrict direct,
                    const uint8_t* restrict enc, int is_signed) {
@@ -336,6 +339,12 @@ void encode_values(const float* restrict x, uint8_t* restrict out, int64_t n, co
     for (; i < n; i++) out[i] = quant(x[i], direct);
 }
 #else
+#ifdef __AVX2__
+int vector_path(void) { return 1; }
+#else
+int vector_path(void) { return 0; }
+#endif
+
 void encode_values(const float* restrict x, uint8_t* restrict out, int64_t n, const int32_t* restrict direct,
                    const uint8_t* restrict enc, int is_signed) {
     (void)enc;
@@ -453,11 +462,23 @@ FLAGS = [f"-D{k}={v}" for k, v in dict(BLOCK=BLOCK, E_LO=E_LO, EXPONENTS=EXPONEN
 MIN_PARALLEL_BLOCKS = 256  # below ~64K values one thread is faster than a hand-off
 
 
+# Builds of the kernel: "native" takes the best vector path -march=native offers; "avx2" leaves AVX-512 out (the
+# gather path on any AVX2 CPU); "scalar" leaves AVX2 out too (the value-by-value reference).
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"], "scalar": ["-mno-avx2"]}
+
+
+def load(isa: str | None = None) -> ctypes.CDLL | None:
+    """The compiled kernel, or None (with one warning) when no C compiler works here. `isa`: one of ISA_FLAGS,
+    default $MEMFIT_KERNEL_ISA or "native" (set it to compare a vector path with the scalar reference)."""
+    isa = isa or os.environ.get("MEMFIT_KERNEL_ISA", "native")
+    if isa not in ISA_FLAGS:
+        raise ConfigError(f"MEMFIT_KERNEL_ISA={isa!r} is not a kernel build; use one of {', '.join(ISA_FLAGS)}.")
+    return _load(isa)
+
+
 @cache
-def load(scalar: bool = False) -> ctypes.CDLL | None:
-    """The compiled kernel, or None (with one warning) when no C compiler works here. `scalar`: without the AVX2
-    path (the reference the tests hold the vector path to)."""
-    lib = compile_library("adamw8bit", SOURCE, FLAGS + ["-mno-avx2"] * scalar, "the 8-bit AdamW step")
+def _load(isa: str) -> ctypes.CDLL | None:
+    lib = compile_library("adamw8bit", SOURCE, FLAGS + ISA_FLAGS[isa], "the 8-bit AdamW step")
     if lib is None:
         return None
     fn = lib.adamw8bit_blocks
@@ -466,7 +487,14 @@ def load(scalar: bool = False) -> ctypes.CDLL | None:
     enc = lib.encode_values
     enc.restype = None
     enc.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+    lib.vector_path.restype = ctypes.c_int
     return lib
+
+
+def vector_path(isa: str | None = None) -> str | None:
+    """Which path the build runs: "avx512-vbmi", "avx2" or "scalar" (None: no compiler)."""
+    lib = load(isa)
+    return None if lib is None else ("scalar", "avx2", "avx512-vbmi")[lib.vector_path()]
 
 
 @cache
