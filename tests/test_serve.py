@@ -392,7 +392,8 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(served, tmp_path):
     model_dir, adapters = served
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "memfit.cli", "serve", "--model", str(model_dir), "--adapter",
-                             f"lora={adapters['lora']}", "--port", str(port)], stdout=subprocess.DEVNULL,
+                             f"lora={adapters['lora']}", "--port", str(port), "--metrics",
+                             str(tmp_path / "serve.jsonl")], stdout=subprocess.DEVNULL,
                             stderr=(tmp_path / "stderr").open("w"))
     try:
         for _ in range(600):
@@ -416,5 +417,8 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(served, tmp_path):
         assert proc.wait(timeout=60) == 0
         log = (tmp_path / "stderr").read_text()  # planned at its limits when it started, measured as it stops
         assert "memory plan at --kv-budget" in log and "planned (at the limits) and measured" in log
+        end = json.loads((tmp_path / "serve.jsonl").read_text().splitlines()[-1])  # --metrics: its end event
+        assert end["event"] == "end" and end["memory_planned"]["peak"] > 0
+        assert end["memory_measured"]["peak"] > end["memory_measured"]["weights resident"] > 0
     finally:
         proc.kill()

@@ -12,6 +12,7 @@ here (`overhead`), and the allocator's retention of freed memory, which `--lean-
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -87,7 +88,7 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
     task_obj = TASKS[task](labels or (["0", "1"] if task == "classify" else None))
     config = load_config(root, **task_obj.model_kwargs())
     cls = auto_class(task_obj)
-    overhead = runtime_bytes(root, dev, runtime)
+    overhead = runtime_bytes(root, dev, runtime, run_imports(adapter))
     model, new, mode = fake_base(root, cls, config, dev, train.quantize, pad_token=task == "classify")
     with mode, torch.device(dev):
         streamed, offloaded = plan_offload(model, root, train.weights_budget, train.expert_budget, training=True)
@@ -106,8 +107,9 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
     held = [Component("weights resident", storage_bytes(weights), weights_note(model)),
             Component("trainable weights", storage_bytes(trainable),
                       f"{sum(p.numel() for p in trainable):,} parameters")]
+    imported = "".join(f", {name}" for name in run_imports(adapter))
     runtime = [Component("runtime", overhead, "this process's resident set before the model: interpreter, torch, "
-                         "transformers, memfit, the tokenizer")] if dev.type == "cpu" else []
+                         f"transformers, memfit, the tokenizer{imported}")] if dev.type == "cpu" else []
     if dev.type == "cpu" and not train.lean_allocator:
         notes.append(ALLOCATOR_NOTE)
     parts = runtime + held + offloaded + components
@@ -124,14 +126,27 @@ def _check_offload(train: TrainConfig, task: str, dev: torch.device) -> None:
                           "quantized checkpoint once (memfit quantize) and plan streaming it.")
 
 
-def runtime_bytes(root: str | os.PathLike, dev: torch.device, runtime: int | None = None) -> int:
+def run_imports(adapter: AdapterConfig | None) -> tuple[str, ...]:
+    """Modules the run imports while it injects `adapter` and that the planner's own process would not count:
+    PEFT's table of default targets (with what it pulls in, ~57 MB here) when no --targets are given and the
+    method has no default of its own."""
+    default = adapter is not None and adapter.target_modules is None
+    return ("peft.utils.constants",) if default and type(adapter).default_targets is AdapterConfig.default_targets \
+        else ()
+
+
+def runtime_bytes(root: str | os.PathLike, dev: torch.device, runtime: int | None = None,
+                  imports: tuple[str, ...] = ()) -> int:
     """The runtime's resident bytes on the CPU (0 elsewhere): `runtime` when measured already, else this process's
-    resident set with the model's tokenizer loaded (the interpreter, torch, transformers, memfit, and the
-    tokenizer every run loads before its model), measured before anything is built."""
+    resident set with the model's tokenizer loaded and `imports` imported (the interpreter, torch, transformers,
+    memfit, the tokenizer every run loads before its model, and what injecting the adapter imports: `run_imports`),
+    measured before anything is built."""
     if dev.type != "cpu":
         return 0
     if runtime is not None:
         return runtime
+    for name in imports:
+        importlib.import_module(name)
     tokenizer = load_tokenizer(root)
     size = rss_bytes()
     del tokenizer

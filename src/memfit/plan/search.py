@@ -19,7 +19,7 @@ import torch
 
 from memfit.adapters import AdapterConfig
 from memfit.errors import ConfigError
-from memfit.plan.predict import Plan, peak_of, plan_finetune, runtime_bytes
+from memfit.plan.predict import Plan, peak_of, plan_finetune, run_imports, runtime_bytes
 from memfit.serve.loading import ServeConfig
 from memfit.tiers.budget import format_size, parse_size
 from memfit.train.config import TrainConfig
@@ -51,7 +51,7 @@ def fit_memory(model_dir: str | os.PathLike, adapter: AdapterConfig, train: Trai
     budget = parse_size(memory)
     room = MARGIN * budget
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    runtime = runtime_bytes(model_dir, dev, runtime)  # measured once: each trace leaves some memory behind
+    runtime = runtime_bytes(model_dir, dev, runtime, run_imports(adapter))  # once: each trace leaves some behind
     kw = {"task": task, "labels": labels, "device": device, "runtime": runtime}
     if dev.type == "cpu":
         train = replace(train, lean_allocator=True)
