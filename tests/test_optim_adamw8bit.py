@@ -412,3 +412,37 @@ def test_the_kernel_refuses_states_that_do_not_fit_their_parameter():
     hp = _hyper(dict(betas=(0.9, 0.999), lr=1e-2, weight_decay=0.0, eps=1e-8), 1)
     with pytest.raises(CheckpointError, match="exp_avg_sq_q must be a contiguous CPU torch.uint8 tensor of 1000"):
         kernels.adamw8bit_step(p, g, mq, ma, vq, va, hp, tables(True), tables(False), n)
+
+
+def test_the_compiled_torch_op_path_matches_the_eager_one():
+    """What accelerators run: `update_chunk` compiled by torch.compile (here through Inductor's CPU backend, the
+    same graph a GPU lowers to Triton), over rows with partial blocks and three learning rates (0-d tensors: no
+    recompilation). States bitwise the eager path's; the weights within float rounding (the compiler may fuse the
+    division differently)."""
+    import shutil
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("torch.compile's CPU backend needs a C++ compiler")
+    import torch._dynamo
+
+    from memfit.optim.adamw8bit import _hyper, block_ids, chunk_update
+    from memfit.optim.quant import blocks_per_row, tables
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(4)
+    rows, row = 37, 700
+    n, nb = rows * row, rows * blocks_per_row(row)
+    start = [torch.randn(n, generator=g), torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g),
+             torch.rand(nb, generator=g), torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g),
+             torch.rand(nb, generator=g) * 1e-4]
+    eager, compiled = [t.clone() for t in start], [t.clone() for t in start]
+    ids = block_ids(0, n, row)
+    for step in range(1, 4):
+        grad = torch.randn(n, generator=g)
+        hp = _hyper(dict(betas=(0.9, 0.999), lr=1e-2 * step, weight_decay=0.1, eps=1e-8), step)
+        for fn, state in ((chunk_update(False), eager), (chunk_update(True), compiled)):
+            fn(state[0], grad, *state[1:], hp, tables(True), tables(False), ids)
+    assert torch.allclose(eager[0], compiled[0], rtol=1e-6, atol=1e-7), (eager[0] - compiled[0]).abs().max()
+    for name, a, b in zip(("mq", "ma", "vq", "va"), eager[1:], compiled[1:], strict=True):
+        assert torch.equal(a, b), name
+    assert not torch.equal(compiled[1], start[1])

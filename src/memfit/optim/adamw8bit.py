@@ -7,7 +7,8 @@ absmax. Smaller tensors (biases, norms) keep fp32 `exp_avg` / `exp_avg_sq` like 
 a rounding error of the memory and the most sensitive to quantisation.
 
 On CPU the update is one fused pass (`memfit.optim.kernels`); on CUDA, or without a C compiler, the same
-maths runs as torch ops in chunks of `chunk_size` values so temporaries stay small.
+maths runs as torch ops in chunks of `chunk_size` values so temporaries stay small, compiled by torch.compile
+on accelerators (a few fused kernels per chunk, no host sync).
 
 FSDP2 (DTensor) parameters are updated through their local shards. So that the states shard like the
 parameters (and a checkpoint holds each rank's own part, as memfit.train.distributed writes it), blocks then run
@@ -19,7 +20,8 @@ one sharded on another dim, keeps fp32 states.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import cache
 from typing import Any
 
 import torch
@@ -150,19 +152,30 @@ def step_8bit(p: torch.Tensor, g: torch.Tensor, mq: torch.Tensor, ma: torch.Tens
               va: torch.Tensor, hp: torch.Tensor, row: int, chunk_size: int = 1 << 20) -> None:
     """One update of flat fp32 p with gradient g and 8-bit states (codes mq, vq; absmax ma, va; blocks along rows
     of `row` values): p = p * hp[3] + hp[4] * m / (sqrt(v) / hp[5] + hp[6]). The fused CPU kernel where it is
-    built, else torch ops in chunks of whole blocks (any device)."""
+    built; elsewhere the same maths as torch ops in chunks of whole blocks, compiled into fused kernels on
+    accelerators (`chunk_update`). `hp` is a CPU tensor; nothing here waits for the device."""
     tm, tv = tables(True, p.device), tables(False, p.device)
     if p.device.type == "cpu" and kernels.load() is not None:
         kernels.adamw8bit_step(p, g, mq, ma, vq, va, hp, tm, tv, row)
         return
+    update = chunk_update(p.device.type != "cpu")
+    if p.device.type != "cpu":  # pinned, so the copy is queued behind the step's kernels, not waited for
+        hp = hp.pin_memory().to(p.device, non_blocking=True) if p.device.type == "cuda" else hp.to(p.device)
     # Chunks start on block boundaries: multiples of 256 within one flat run, or whole rows.
     unit = BLOCK if row % BLOCK == 0 or row == p.numel() else row
     step = max(1, chunk_size // unit) * unit
     for s in range(0, p.numel(), step):
         e = min(s + step, p.numel())
         b0, b1 = _block_of(s, row), _block_of(e - 1, row) + 1  # host arithmetic: no device sync per chunk
-        update_chunk(p[s:e], g[s:e], mq[s:e], ma[b0:b1], vq[s:e], va[b0:b1], hp, tm, tv,
-                     block_ids(s, e, row, p.device) - b0)
+        update(p[s:e], g[s:e], mq[s:e], ma[b0:b1], vq[s:e], va[b0:b1], hp, tm, tv,
+               block_ids(s, e, row, p.device) - b0)
+
+
+@cache
+def chunk_update(compiled: bool) -> Callable[..., None]:
+    """`update_chunk`, or it compiled by torch.compile (the accelerator path: its ~25 elementwise passes, the
+    block maxima and the table lookups fused into a few kernels, for any chunk length)."""
+    return torch.compile(update_chunk, dynamic=True) if compiled else update_chunk
 
 
 def _block_of(i: int, row: int) -> int:
@@ -199,15 +212,16 @@ def _hyper(group: dict[str, Any], step: float) -> torch.Tensor:
 
 def update_chunk(p: torch.Tensor, g: torch.Tensor, mq: torch.Tensor, ma: torch.Tensor, vq: torch.Tensor,
                  va: torch.Tensor, hp: torch.Tensor, tm: QuantTables, tv: QuantTables, ids: torch.Tensor) -> None:
-    """The kernel's maths as torch ops (any device) on one chunk of whole blocks; `ids`: block of each value.
-    `hp` lives on the CPU, so reading it never waits for the device."""
-    w1, beta2, w2, decay, neg_step, bc2s, eps = hp.tolist()
+    """The kernel's maths as torch ops (any device) on one chunk of whole blocks; `ids`: block of each value, `hp`
+    the step's constants (on p's device, or the CPU: 0-d tensors either way, so a compiled step never recompiles
+    for a new learning rate)."""
+    w1, beta2, w2, decay, neg_step, bc2s, eps = (hp[i].to(p.device) for i in range(7))
     m = tm.qmap[mq.long()] * ma[ids]
     v = tv.qmap[vq.long()] * va[ids]
-    m += (g - m) * w1
+    m = m + (g - m) * w1
     v = v * beta2 + (g * w2) * g
-    denom = v.sqrt().div_(bc2s).add_(eps)
-    p.mul_(decay).add_((m / denom).mul_(neg_step))
+    denom = v.sqrt() / bc2s + eps
+    p.copy_(p * decay + (m / denom) * neg_step)
     for codes, absmax, x, t in ((mq, ma, m, tm), (vq, va, v, tv)):
         new_codes, new_absmax = quantize(x, t, ids, absmax.numel())
         codes.copy_(new_codes)
