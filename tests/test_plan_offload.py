@@ -173,3 +173,19 @@ def test_plan_refuses_a_streamed_head(wide_dir):
     """A budget that streams the head too is refused in one line naming the fix."""
     one_error_line(memfit_cli("plan", "--model", wide_dir, "--weights-budget", "25%"),
                    "streams the output head too.*plan a larger budget")
+
+
+def test_memory_with_weights_on_disk_is_not_offered_nf4(wide_dir, moe_dir):
+    """A run already streamed or offloaded cannot also be quantized at load: --memory says nothing fits instead of
+    failing on a quantized candidate it built itself."""
+    from memfit.errors import ConfigError
+    from memfit.plan.search import fit_memory, fit_serving
+
+    adapter = get_method("lora").config_cls(**QV)
+    with pytest.raises(ConfigError, match=r"nothing fits in 100.0 KB: the smallest plan needs"):
+        fit_memory(moe_dir, adapter, TrainConfig(batch_size=2, max_length=16, expert_budget="50%"), "100KB",
+                   device="cpu", runtime=0)
+    for config in (ServeConfig(serve_adapters=False, weights_budget="50%", device="cpu"),
+                   ServeConfig(serve_adapters=False, expert_budget="50%", device="cpu")):
+        with pytest.raises(ConfigError, match=r"nothing fits in 100.0 KB: the smallest plan needs"):
+            fit_serving(wide_dir if config.weights_budget else moe_dir, config, "100KB", (8, 4, 1), runtime=0)

@@ -93,15 +93,15 @@ def fit_memory(model_dir: str | os.PathLike, adapter: AdapterConfig, train: Trai
 def _candidates(train: TrainConfig, adapter: AdapterConfig) -> list[TrainConfig]:
     """The settings tried, each over every micro-batch: as requested, then AdamW8bit's states, then for an adapter
     run on an fp32 base in memory its frozen layers streamed at each of `STREAM_SHARES`, then an NF4 base (QLoRA:
-    the frozen weights at 4.13 bits, a small change to the base's numerics)."""
+    the frozen weights at 4.13 bits, a small change to the base's numerics). A base already streamed, offloaded or
+    sharded is neither: --quantize combines with none of those (`TrainConfig` refuses each pair)."""
     out = [train]
     if train.optim == "adamw":
         out.append(replace(train, optim="adamw8bit"))
-    adapter_run = adapter.method != "full" and train.quantize is None
     lean = out[-1]
-    if adapter_run and train.weights_budget is None and train.expert_budget is None and train.shard is None:
+    if adapter.method != "full" and (train.quantize, train.weights_budget, train.expert_budget, train.shard) == (
+            None, None, None, None):
         out += [replace(lean, weights_budget=share) for share in STREAM_SHARES]
-    if adapter_run and train.weights_budget is None:  # a streamed base is quantized by memfit quantize, once
         out.append(replace(lean, quantize="nf4"))
     return out
 
@@ -147,7 +147,9 @@ def fit_serving(model_dir: str | os.PathLike, config: ServeConfig, memory: int |
     generate`) whose plan fits `memory` (with `MARGIN`): first less concurrency (--kv-budget halved for a server,
     --max-seqs for a generation: slower, the same text), then an NF4 base (slightly different logits) with the
     concurrency asked for and then less, then the fp32 base streamed from disk (the same text, every streamed layer
-    read per token: the slowest) at each of `STREAM_SHARES`. ConfigError naming the smallest plan when none fits."""
+    read per token: the slowest) at each of `STREAM_SHARES`; the last two only for an fp32 base in memory (a
+    streamed or offloaded base is quantized once, by memfit quantize). ConfigError naming the smallest plan when
+    none fits."""
     from memfit.plan.generate import plan_generate, plan_serve
 
     budget = parse_size(memory)
@@ -155,9 +157,9 @@ def fit_serving(model_dir: str | os.PathLike, config: ServeConfig, memory: int |
     runtime = runtime_bytes(model_dir, dev, runtime)
     base = replace(config, lean_allocator=config.lean_allocator or dev.type == "cpu")
     smallest: tuple[int, ServeConfig] | None = None
-    bases = [replace(base, quantize=q) for q in dict.fromkeys([config.quantize, config.quantize or "nf4"])]
-    if (config.quantize, config.weights_budget, config.expert_budget) == (None, None, None):
-        bases += [replace(base, weights_budget=share) for share in STREAM_SHARES]
+    bases = [base]
+    if (config.quantize, config.weights_budget, config.expert_budget) == (None, None, None):  # fp32, in memory
+        bases += [replace(base, quantize="nf4"), *(replace(base, weights_budget=share) for share in STREAM_SHARES)]
     for candidates in (_less_concurrency(b, generation) for b in bases):
         for candidate in candidates:
             try:
