@@ -64,12 +64,12 @@ def checkpointed(fn, *args, **kwargs):
 
 def read_buffer_bytes(params: dict[int, list[_StreamedParam]], reader: SafetensorsReader) -> int:
     """Resident bytes of the stream's reads at their most, as `StreamHandle._read_layer` allocates them: one
-    `read_many` mapping per layer (its tensors at 64-byte offsets), of which the reader's pool keeps two resident
-    (the computing layer and the prefetched one, reused once free), plus a converted copy of each of those two
-    layers when the checkpoint stores another dtype than the model computes in (`.to(dtype)` copies then)."""
+    `read_many` mapping per layer, of which the reader's pool keeps two resident (the computing layer and the
+    prefetched one, reused once free), plus a converted copy of each of those two layers when the checkpoint stores
+    another dtype than the model computes in (`.to(dtype)` copies then)."""
     sizes = []
     for layer in params.values():
-        stored = sum(-(-reader.info(s.key).nbytes // 64) * 64 for s in layer)
+        stored = reader.read_many_bytes([s.key for s in layer])
         converted = sum(s.nbytes for s in layer if reader.info(s.key).dtype != s.dtype)
         sizes.append(stored + converted)
     return sum(sorted(sizes)[-2:])
