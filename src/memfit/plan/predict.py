@@ -117,13 +117,11 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
 
 
 def _check_offload(train: TrainConfig, task: str, dev: torch.device) -> None:
-    """The combinations `memfit finetune` refuses, refused here in its words."""
+    """What `memfit finetune` refuses of --expert-budget (`train.finetune.load_base`; `TrainConfig` itself refuses
+    the flags it does not combine with), refused here before a fake model is built."""
     if train.expert_budget is not None and (task != "causal-lm" or dev.type != "cpu"):
         raise ConfigError("--expert-budget fine-tunes causal language models on the CPU (its cache is in host RAM); "
                           "plan it with --device cpu, without --task classify.")
-    if train.weights_budget is not None and train.quantize is not None and train.expert_budget is None:
-        raise ConfigError("--quantize with --weights-budget would quantize every layer at every read; write the "
-                          "quantized checkpoint once (memfit quantize) and plan streaming it.")
 
 
 def run_imports(adapter: AdapterConfig | None) -> tuple[str, ...]:
