@@ -189,3 +189,18 @@ def test_memory_with_weights_on_disk_is_not_offered_nf4(wide_dir, moe_dir):
                    ServeConfig(serve_adapters=False, expert_budget="50%", device="cpu")):
         with pytest.raises(ConfigError, match=r"nothing fits in 100.0 KB: the smallest plan needs"):
             fit_serving(wide_dir if config.weights_budget else moe_dir, config, "100KB", (8, 4, 1), runtime=0)
+
+
+def test_offloaded_experts_are_planned_on_the_cpu_where_a_gpu_is_present(moe_dir, monkeypatch):
+    """The experts' cache is in host RAM and memfit.moe runs the model on the CPU: the plans and --memory searches
+    are the CPU's (its runtime, --lean-allocator), whatever device a GPU host would default to."""
+    from memfit.plan.search import fit_memory, fit_serving
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config = ServeConfig(serve_adapters=False, expert_budget="25%")
+    assert plan_generate(moe_dir, config, 20, 4, runtime=0).device == "cpu"
+    serving = fit_serving(moe_dir, config, "8GB", (20, 4, 1))
+    tuning = fit_memory(moe_dir, get_method("lora").config_cls(**QV),
+                        TrainConfig(batch_size=2, max_length=16, expert_budget="25%"), "8GB")
+    for fit in (serving, tuning):
+        assert fit.plan.device == "cpu" and fit.plan.get("runtime") > 0 and "--lean-allocator" in fit.changes

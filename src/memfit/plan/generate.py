@@ -69,12 +69,12 @@ def _plan(model_dir: str | os.PathLike, config: ServeConfig, shapes: list[tuple[
           device: str | None, runtime: int | None, shape_note: str, serving: bool = False) -> Plan:
     if config.quantize is not None and config.quantize not in ("nf4", "int8"):
         raise ConfigError(f"--quantize must be nf4 or int8, got {config.quantize!r}.")
-    if config.quantize is not None and (config.weights_budget or config.expert_budget) is not None:
+    if config.quantize is not None and (config.weights_budget is not None or config.expert_budget is not None):
         raise ConfigError("--quantize does not combine with --weights-budget or --expert-budget (weights are read "
                           "per use in their stored dtype); write the quantized checkpoint once (memfit quantize "
                           "--model M --out DIR) and plan DIR as --model.")
     root = local_dir(model_dir, weights=False)
-    dev = torch.device(device or config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = serve_device(config, device)
     if serving and runtime is None:  # the server's own imports are part of its runtime
         import uvicorn  # noqa: F401
 
@@ -118,6 +118,15 @@ def _plan(model_dir: str | os.PathLike, config: ServeConfig, shapes: list[tuple[
                         "(the cache's append copies it layer by layer)")]
     notes = [ALLOCATOR_NOTE] if dev.type == "cpu" and not config.lean_allocator else []
     return Plan(parts, sum(c.bytes for c in parts), str(dev), notes)
+
+
+def serve_device(config: ServeConfig, device: str | None = None) -> torch.device:
+    """The device `memfit generate` and `serve` run the model on: the CPU for offloaded experts, whatever --device
+    says (`memfit.moe.load` keeps the model and its cache in host RAM), else `device`, --device, or cuda where
+    there is one."""
+    if config.expert_budget is not None:
+        return torch.device("cpu")
+    return torch.device(device or config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _trace(engine: Engine, held: list[torch.Tensor], adapter: str | None, rows: int, prompt: int,

@@ -82,8 +82,7 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {sorted(TASKS)}.")
     root = local_dir(model_dir, weights=False)
-    experts = train.expert_budget is not None
-    dev = torch.device(device or ("cpu" if experts or not torch.cuda.is_available() else "cuda"))
+    dev = run_device(train, device)
     _check_offload(train, task, dev)
     task_obj = TASKS[task](labels or (["0", "1"] if task == "classify" else None))
     config = load_config(root, **task_obj.model_kwargs())
@@ -114,6 +113,13 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
         notes.append(ALLOCATOR_NOTE)
     parts = runtime + held + offloaded + components
     return Plan(parts, peak_of({c.name: c.bytes for c in parts}), str(dev), notes)
+
+
+def run_device(train: TrainConfig, device: str | None = None) -> torch.device:
+    """The device `memfit finetune` runs on: `device`, else the CPU for offloaded experts (their cache is in host
+    RAM), else cuda where there is one."""
+    return torch.device(device or ("cpu" if train.expert_budget is not None or not torch.cuda.is_available()
+                                   else "cuda"))
 
 
 def _check_offload(train: TrainConfig, task: str, dev: torch.device) -> None:

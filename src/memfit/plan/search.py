@@ -19,7 +19,7 @@ import torch
 
 from memfit.adapters import AdapterConfig
 from memfit.errors import ConfigError
-from memfit.plan.predict import Plan, peak_of, plan_finetune, run_imports, runtime_bytes
+from memfit.plan.predict import Plan, peak_of, plan_finetune, run_device, run_imports, runtime_bytes
 from memfit.serve.loading import ServeConfig
 from memfit.tiers.budget import format_size, parse_size
 from memfit.train.config import TrainConfig
@@ -50,7 +50,7 @@ def fit_memory(model_dir: str | os.PathLike, adapter: AdapterConfig, train: Trai
     would fit and its largest component when none does. `runtime` as for `plan_finetune`."""
     budget = parse_size(memory)
     room = MARGIN * budget
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = run_device(train, device)
     runtime = runtime_bytes(model_dir, dev, runtime, run_imports(adapter))  # once: each trace leaves some behind
     kw = {"task": task, "labels": labels, "device": device, "runtime": runtime}
     if dev.type == "cpu":
@@ -150,10 +150,10 @@ def fit_serving(model_dir: str | os.PathLike, config: ServeConfig, memory: int |
     read per token: the slowest) at each of `STREAM_SHARES`; the last two only for an fp32 base in memory (a
     streamed or offloaded base is quantized once, by memfit quantize). ConfigError naming the smallest plan when
     none fits."""
-    from memfit.plan.generate import plan_generate, plan_serve
+    from memfit.plan.generate import plan_generate, plan_serve, serve_device
 
     budget = parse_size(memory)
-    dev = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = serve_device(config)
     runtime = runtime_bytes(model_dir, dev, runtime)
     base = replace(config, lean_allocator=config.lean_allocator or dev.type == "cpu")
     smallest: tuple[int, ServeConfig] | None = None
