@@ -23,7 +23,7 @@ from memfit.errors import ConfigError
 from memfit.local import load_config
 from memfit.local import model_dir as local_dir
 from memfit.plan.components import Component, Plan
-from memfit.plan.offload import plan_offload
+from memfit.plan.offload import plan_offload, resident
 from memfit.plan.predict import ALLOCATOR_NOTE, fake_base, runtime_bytes, weights_note
 from memfit.plan.trace import LiveBytes
 from memfit.serve.engine import Engine, Request, SamplingParams
@@ -85,9 +85,7 @@ def _plan(model_dir: str | os.PathLike, config: ServeConfig, shapes: list[tuple[
     model, _, mode = fake_base(root, AutoModelForCausalLM, load_config(root), dev, config.quantize)
     with mode, torch.device(dev):
         streamed, offloaded = plan_offload(model, root, config.weights_budget, config.expert_budget, training=False)
-    on_disk = {t.untyped_storage()._cdata for t in streamed}
-    weights = storage_bytes([t for t in [*model.parameters(), *model.buffers()]
-                             if t.untyped_storage()._cdata not in on_disk])
+    weights = storage_bytes(resident([*model.parameters(), *model.buffers()], streamed))
     note = weights_note(model)
     base = storage_bytes([*model.parameters(), *model.buffers()])  # the slots are what the wrapping adds
     engine, _, _ = build_engine(root, replace(config, device=str(dev)), model=model)

@@ -115,6 +115,13 @@ class _PlanRuntime:
     end_backward = abort_backward = backward_done = end
 
 
+def resident(tensors: list[torch.Tensor], streamed: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`tensors` but those that share a storage with a streamed one (`plan_offload`'s first result): what stays in
+    memory, each tied weight judged by its one storage."""
+    on_disk = {t.untyped_storage()._cdata for t in streamed}
+    return [t for t in tensors if t.untyped_storage()._cdata not in on_disk]
+
+
 def plan_offload(model: nn.Module, root: Path, weights_budget: str | int | None, expert_budget: str | int | None,
                  training: bool) -> tuple[list[torch.Tensor], list[Component]]:
     """(the tensors that live on disk, the components the offloading adds) of `model` as the loaders build it: its

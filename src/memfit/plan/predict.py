@@ -29,7 +29,7 @@ from memfit.local import is_gguf, load_config, load_tokenizer
 from memfit.local import model_dir as local_dir
 from memfit.moe.arch import ARCHS
 from memfit.plan.components import Component, Plan
-from memfit.plan.offload import plan_offload
+from memfit.plan.offload import plan_offload, resident
 from memfit.plan.trace import LiveBytes
 from memfit.quant.checkpoint import empty_quantized, is_quantized_dir
 from memfit.quant.codebooks import CODEBOOKS, dynamic_map
@@ -94,9 +94,7 @@ def plan_finetune(model_dir: str | os.PathLike, adapter: AdapterConfig, train: T
         if new and not adapter.modules_to_save:
             adapter = replace(adapter, modules_to_save=new)
         inject(model, adapter)
-        on_disk = {t.untyped_storage()._cdata for t in streamed}
-        weights = [t for t in [*model.parameters(), *model.buffers()]
-                   if not t.requires_grad and t.untyped_storage()._cdata not in on_disk]
+        weights = resident([t for t in [*model.parameters(), *model.buffers()] if not t.requires_grad], streamed)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ConfigError("the adapter leaves no parameter to train; check --targets.")
