@@ -112,8 +112,8 @@ def _advice(component: str, streamable: bool) -> str:
             return (": what streaming leaves resident (the embedding, the head and norms; a streamed head is not "
                     "planned yet), or an NF4 base")
         return ": --weights-budget would stream it from disk"
-    if component in ("stream buffers", "expert cache"):
-        return ": a smaller --weights-budget or --expert-budget"
+    if component == "expert cache":
+        return ": a smaller --expert-budget"
     if component == "activations":
         return ": lower --max-length"
     return ""
