@@ -29,8 +29,10 @@ import functools
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,7 +52,7 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def checkpointed(fn, *args, **kwargs):
+def checkpointed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """fn(*args, **kwargs) under non-reentrant activation checkpointing, as a streamed layer runs in training (the
     planner traces the same): caches off, since the recompute in backward must see the same inputs (a KV cache would
     be appended to twice)."""
