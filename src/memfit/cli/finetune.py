@@ -132,7 +132,8 @@ def _register(name: str, scratch: bool, doc: str) -> None:
     train_names = [f.name for f in dataclasses.fields(TrainConfig) if not (scratch and f.name in _SCRATCH_ONLY)]
     memory = [] if scratch else [option_param(
         "memory", str | None, "--memory", help="Fit the run in this much memory, e.g. '2GB': `memfit plan` chooses "
-        "the micro-batch (same examples per update, in --grad-accum steps), then AdamW8bit, then an NF4 base, "
+        "the micro-batch (same examples per update, in --grad-accum steps), then AdamW8bit, then the frozen "
+        "layers streamed from disk (--weights-budget), then an NF4 base, "
         "with the least slowdown, and on the CPU turns --lean-allocator on; the run prints planned against "
         "measured.",
         rich_help_panel="Memory")]

@@ -162,8 +162,9 @@ def _register() -> None:
               option_param("data", Path | None, "--data", help="The run's JSONL data (optional): sets the task and a "
                            "classifier's labels."),
               option_param("memory", str | None, "--memory", help="Choose the settings that fit this much memory "
-                           "(e.g. '2GB'): for a fine-tune the micro-batch, then AdamW8bit, then an NF4 base; for "
-                           "generate/serve fewer rows at once or a smaller --kv-budget, then an NF4 base; prints "
+                           "(e.g. '2GB'): for a fine-tune the micro-batch, then AdamW8bit, then the frozen layers "
+                           "streamed (--weights-budget), then an NF4 base; for generate/serve fewer rows at once or "
+                           "a smaller --kv-budget, then an NF4 base, then the layers streamed; prints "
                            "their plan and the command to run."),
               option_param("json", bool, "--json", default=False, help="Print the plan as one JSON object (bytes "
                            "per component and peak_bytes), for scripts."),

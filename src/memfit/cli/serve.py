@@ -188,7 +188,8 @@ _GENERATE = [
          "absent): the peak and each memory component, planned and measured (memory_planned, memory_measured), as "
          "memfit finetune logs them in its metrics.jsonl.", rich_help_panel="Memory"),
     _opt("memory", str | None, "--memory", help="Fit in this much memory, e.g. '1GB': fewer rows at once "
-         "(--max-seqs), then an NF4 base, as `memfit plan --for generate --memory` chooses.", rich_help_panel="Memory"),
+         "(--max-seqs), then an NF4 base, then the layers streamed from disk (--weights-budget), as `memfit plan "
+         "--for generate --memory` chooses.", rich_help_panel="Memory"),
     *field_params(ServeConfig, names=_MEMORY + ["max_seqs", "kv_budget"]),
 ]
 app.command("generate")(build_command(generate, _GENERATE, """Generate text with a base model and an adapter.
@@ -286,7 +287,8 @@ _SERVE = [
          "file (created if absent): the peak and each memory component, planned and measured (memory_planned, "
          "memory_measured), as memfit finetune logs them in its metrics.jsonl.", rich_help_panel="Memory"),
     _opt("memory", str | None, "--memory", help="Fit in this much memory, e.g. '1GB': a smaller --kv-budget, then an "
-         "NF4 base, as `memfit plan --for serve --memory` chooses.", rich_help_panel="Memory"),
+         "NF4 base, then the layers streamed from disk (--weights-budget), as `memfit plan --for serve --memory` "
+         "chooses.", rich_help_panel="Memory"),
     *field_params(ServeConfig, names=_SERVING + _MEMORY),
 ]
 app.command("serve")(build_command(serve, _SERVE, """Serve a model and many adapters over the OpenAI HTTP API.
