@@ -167,6 +167,9 @@ def test_nothing_fits_names_streaming_as_tried(wide_dir):
 def test_metrics_must_be_a_file(wide_dir, tmp_path):
     one_error_line(memfit_cli("generate", "--model", wide_dir, "--prompt", "hi", "--metrics", tmp_path),
                    "--metrics .* is a directory; give a file")
+    under_a_file = write_jsonl(tmp_path / "rows.jsonl", [{"text": "hi"}]) / "metrics.jsonl"
+    one_error_line(memfit_cli("generate", "--model", wide_dir, "--prompt", "hi", "--metrics", under_a_file),
+                   "--metrics .* cannot be written")
 
 
 def test_plan_refuses_a_streamed_head(wide_dir):

@@ -123,11 +123,18 @@ def generate(**values: Any) -> None:
 
 
 def _metrics_log(path: Path | None) -> MetricsLog | None:
-    """--metrics PATH, checked before the model loads: the file the run's end event is appended to."""
+    """--metrics PATH, created before the model loads, so that a path it cannot write is a one-line error now and
+    not a traceback once the run is done: the file the run's end event is appended to."""
     if path is None:
         return None
     if path.is_dir():
         raise ConfigError(f"--metrics {path} is a directory; give a file, e.g. --metrics {path / 'metrics.jsonl'}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError as e:
+        raise ConfigError(f"--metrics {path} cannot be written ({e.strerror or e}); give a file in a writable "
+                          "folder.") from e
     return MetricsLog(path)
 
 
