@@ -27,7 +27,7 @@ from memfit.plan.offload import plan_offload, resident
 from memfit.plan.predict import ALLOCATOR_NOTE, fake_base, runtime_bytes, weights_note
 from memfit.plan.trace import LiveBytes
 from memfit.serve.engine import Engine, Request, SamplingParams
-from memfit.serve.loading import ServeConfig, build_engine
+from memfit.serve.loading import ServeConfig, build_engine, serve_device
 from memfit.tiers.memory import storage_bytes
 
 
@@ -116,15 +116,6 @@ def _plan(model_dir: str | os.PathLike, config: ServeConfig, shapes: list[tuple[
                         "(the cache's append copies it layer by layer)")]
     notes = [ALLOCATOR_NOTE] if dev.type == "cpu" and not config.lean_allocator else []
     return Plan(parts, sum(c.bytes for c in parts), str(dev), notes)
-
-
-def serve_device(config: ServeConfig, device: str | None = None) -> torch.device:
-    """The device `memfit generate` and `serve` run the model on: the CPU for offloaded experts, whatever --device
-    says (`memfit.moe.load` keeps the model and its cache in host RAM), else `device`, --device, or cuda where
-    there is one."""
-    if config.expert_budget is not None:
-        return torch.device("cpu")
-    return torch.device(device or config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _trace(engine: Engine, held: list[torch.Tensor], adapter: str | None, rows: int, prompt: int,

@@ -20,7 +20,7 @@ import torch
 from memfit.adapters import AdapterConfig
 from memfit.errors import ConfigError
 from memfit.plan.predict import Plan, peak_of, plan_finetune, run_device, run_imports, runtime_bytes
-from memfit.serve.loading import ServeConfig
+from memfit.serve.loading import ServeConfig, serve_device
 from memfit.tiers.budget import format_size, parse_size
 from memfit.train.config import TrainConfig
 
@@ -150,7 +150,7 @@ def fit_serving(model_dir: str | os.PathLike, config: ServeConfig, memory: int |
     read per token: the slowest) at each of `STREAM_SHARES`; the last two only for an fp32 base in memory (a
     streamed or offloaded base is quantized once, by memfit quantize). ConfigError naming the smallest plan when
     none fits."""
-    from memfit.plan.generate import plan_generate, plan_serve, serve_device
+    from memfit.plan.generate import plan_generate, plan_serve
 
     budget = parse_size(memory)
     dev = serve_device(config)

@@ -125,13 +125,21 @@ def eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
     return ids
 
 
+def serve_device(config: ServeConfig, device: str | None = None) -> torch.device:
+    """The device the model runs on: the CPU for offloaded experts, whatever --device says (`memfit.moe.load` keeps
+    the model and its cache in host RAM), else `device`, --device, or cuda where there is one."""
+    if config.expert_budget is not None:
+        return torch.device("cpu")
+    return torch.device(device or config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def build_engine(model_path: str | os.PathLike, config: ServeConfig, model: nn.Module | None = None,
                  tokenizer: Any = None) -> tuple[Engine, Any, str]:
     """(engine, tokenizer, the base model's name) for `model_path` under `config`; adapters given are read now, so
     a bad one fails at start with its name and the reason. model: the base model as `config` would load it, built
     already (`memfit plan` passes one of fake tensors); tokenizer: the model's, loaded already."""
     path = model_dir(model_path)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = serve_device(config)
     if config.lean_allocator and device.type == "cpu" and model is None:
         lean_allocator()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
