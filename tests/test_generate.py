@@ -72,6 +72,12 @@ def test_bad_input_is_one_line(tmp_path, llama_dir):
     proc = subprocess.run([sys.executable, "-m", "memfit.cli", "generate", "--model", str(llama_dir), "--prompt",
                            "hi", "--chat"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "has no chat template" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "memfit.cli", "generate", "--model", str(llama_dir), "--prompt",
+                           "hi", "--expert-budget", "25%", "--weights-budget", "50%"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --expert-budget does not combine with --weights-budget: the non-expert weights stay resident and "
+        "the experts are the offloaded part; drop one of them."]
 
 
 def _smollm2() -> Path | None:

@@ -244,29 +244,44 @@ def test_memory_chooses_the_largest_micro_batch_that_fits(llama_dir):
     assert (whole.train.batch_size, whole.train.grad_accum) == (8, 1)
 
 
-def test_memory_quantizes_the_base_last(llama_dir):
+def test_memory_quantizes_the_base_last(llama_dir, monkeypatch):
     """The search's order: as requested, AdamW8bit, the layers streamed at shrinking shares, an NF4 base (QLoRA)
-    last; a budget below every fp32-base plan (in memory or streamed) and above the NF4 one ends at NF4."""
+    last. Real plans of this tiny model first (its untied embedding streams too, so streaming at some share
+    plans below NF4 and is chosen for a budget between the two); then the same search over stand-in plans whose
+    NF4 base is the only one under the budget, where it must end at NF4 with the largest micro-batch that fits."""
     from memfit.errors import ConfigError
-    from memfit.plan.search import MARGIN, STREAM_SHARES, _candidates, fit_memory
+    from memfit.plan import search
+    from memfit.plan.predict import Component, Plan
 
     adapter = get_method("lora").config_cls(r=4, target_modules="all-linear")
-    order = _candidates(TrainConfig(batch_size=2, max_length=64), adapter)
+    order = search._candidates(TrainConfig(batch_size=2, max_length=64), adapter)
     assert [(c.optim, c.weights_budget, c.quantize) for c in order] == [
-        ("adamw", None, None), *[("adamw8bit", s, None) for s in (None, *STREAM_SHARES)], ("adamw8bit", None, "nf4")]
+        ("adamw", None, None), *[("adamw8bit", s, None) for s in (None, *search.STREAM_SHARES)],
+        ("adamw8bit", None, "nf4")]
     small = TrainConfig(batch_size=1, max_length=64, optim="adamw8bit", lean_allocator=True)
-    fp32 = []
-    for share in (None, *STREAM_SHARES):
+    streamed = []
+    for share in search.STREAM_SHARES:
         with contextlib.suppress(ConfigError):  # a share too small to stream the tiny model
-            fp32.append(plan_finetune(llama_dir, adapter, replace(small, weights_budget=share), device="cpu",
-                                      runtime=0).peak_bytes)
+            streamed.append(plan_finetune(llama_dir, adapter, replace(small, weights_budget=share), device="cpu",
+                                          runtime=0).peak_bytes)
+    in_memory = plan_finetune(llama_dir, adapter, small, device="cpu", runtime=0).peak_bytes
     nf4 = plan_finetune(llama_dir, adapter, replace(small, quantize="nf4"), device="cpu", runtime=0).peak_bytes
-    budget = int((min(fp32) + nf4) / 2 / MARGIN)
-    fit = fit_memory(llama_dir, adapter, TrainConfig(batch_size=2, max_length=64), budget, device="cpu", runtime=0)
-    if nf4 < min(fp32):
-        assert (fit.train.batch_size, fit.train.optim, fit.train.quantize) == (1, "adamw8bit", "nf4")
-    else:  # this tiny model streams below its NF4 plan (its untied embedding streams too): streaming comes first
-        assert fit.train.weights_budget is not None and fit.train.quantize is None
+    assert min(streamed) < nf4 < in_memory
+    budget = int((min(streamed) + nf4) / 2 / search.MARGIN)
+    fit = search.fit_memory(llama_dir, adapter, TrainConfig(batch_size=2, max_length=64), budget, device="cpu",
+                            runtime=0)
+    assert fit.train.weights_budget is not None and fit.train.quantize is None
+
+    def stand_in(model_dir, adapter, train, **kw):  # NF4 500 + 100 per row; everything else 2000 + 100 per row
+        peak = (500 if train.quantize == "nf4" else 2000) + 100 * train.batch_size
+        return Plan([Component("weights resident", peak - 100 * train.batch_size),
+                     Component("activations", 100 * train.batch_size)], peak, "cpu")
+
+    monkeypatch.setattr(search, "plan_finetune", stand_in)
+    fit = search.fit_memory(llama_dir, adapter, TrainConfig(batch_size=4, max_length=64), int(750 / search.MARGIN),
+                            device="cpu", runtime=0)
+    assert (fit.train.quantize, fit.train.weights_budget, fit.train.batch_size, fit.train.grad_accum) == \
+        ("nf4", None, 2, 2)
 
 
 def test_memory_nothing_fits_names_the_smallest_budget(llama_dir):

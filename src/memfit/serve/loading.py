@@ -66,6 +66,11 @@ class ServeConfig:
     any_module: bool = option(False, help="give every Linear an adapter slot (adapters may arrive at run time); else "
                               "only the modules the adapters given at start adapt")
 
+    def __post_init__(self) -> None:
+        if self.expert_budget is not None and self.weights_budget is not None:
+            raise ConfigError("--expert-budget does not combine with --weights-budget: the non-expert weights stay "
+                              "resident and the experts are the offloaded part; drop one of them.")
+
 
 def _load_model(path: Path, config: ServeConfig, device: torch.device) -> nn.Module:
     from transformers import AutoModelForCausalLM
