@@ -77,7 +77,7 @@ def encoder_table(qmap: torch.Tensor, signed: bool) -> torch.Tensor:
     words = torch.zeros(ENC_INTS, dtype=torch.int32)
     floats = words.view(torch.float32)
     lo = [10.0 ** (t - DECADES) for t in range(DECADES + 1)]  # lo[t + 1] is decade t's upper edge
-    for t in range(16):
+    for t in range(16):  # decades 0..6; 7..15 repeat the top one (the kernel's permutes read 16 entries)
         d = min(t, DECADES - 1)
         n = 2**d if signed else 2 ** (d + 1)
         width = (lo[d + 1] - lo[d]) / n
