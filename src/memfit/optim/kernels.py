@@ -11,8 +11,8 @@ vectorise by itself. Three paths, chosen by what `-march=native` offers, all bit
   reads the map from four byte planes with byte permutes, 64 codes at a time; encoding is search-free: a lower
   bound of the code from the value's bits and one fused multiply-add (the map is sign, decade and linear
   fraction: `memfit.optim.quant.encoder_table`), then one exact comparison with the midpoint above it, read the
-  same way. Checked against the direct search on all 2^32 fp32 bit patterns of both maps (both matched; the
-  tests sweep every 331st pattern and every tie).
+  same way. Checked against the direct search on all 2^32 fp32 bit patterns of both maps (both matched:
+  `bench/encoder_exhaustive.py`; the tests sweep every 331st pattern and every tie).
 - AVX2: gathers, and the direct search of `memfit.optim.quant` (one gather per code, no search loop).
 - Without AVX2 (or the "scalar" build, `load("scalar")`) plain C runs the same maths value by value: the
   reference the tests hold both vector paths to (`tests/test_optim_adamw8bit.py`).
