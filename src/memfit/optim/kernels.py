@@ -353,22 +353,15 @@ void encode_values(const float* restrict x, uint8_t* restrict out, int64_t n, co
 }
 #endif
 
+#ifndef VBMI_PATH
 /* Blocks [b0, b1) of a tensor of rows of `row` values (a flat tensor is one row); a block never crosses a row.
    Vector path: software-pipelined over full blocks. While block b is decoded and updated (the update is
    bound by the divider: two divisions and a square root per value), block b-1, whose absmax is now known, is
    requantised from a second buffer, so the gathers and integer work of one overlap the divider of the other. */
-void adamw8bit_blocks(float* restrict p, const float* restrict g, uint8_t* restrict mq, float* restrict ma,
-                      uint8_t* restrict vq, float* restrict va, int64_t row, int64_t b0, int64_t b1,
-                      const float* restrict mmap, const int32_t* restrict mdirect, const uint8_t* restrict menc,
-                      const float* restrict vmap, const int32_t* restrict vdirect, const uint8_t* restrict venc,
-                      const float* restrict hp) {
-    const Hyper h = {hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6]};
-#ifdef VBMI_PATH
-    blocks_vbmi(p, g, mq, ma, vq, va, row, b0, b1, mmap, mdirect, menc, vmap, vdirect, venc, h);
-    return;
-#endif
-    (void)menc;
-    (void)venc;
+static void blocks_gather(float* restrict p, const float* restrict g, uint8_t* restrict mq, float* restrict ma,
+                          uint8_t* restrict vq, float* restrict va, int64_t row, int64_t b0, int64_t b1,
+                          const float* restrict mmap, const int32_t* restrict mdirect,
+                          const float* restrict vmap, const int32_t* restrict vdirect, Hyper h) {
     const int64_t per_row = (row + BLOCK - 1) / BLOCK;
 #ifdef __AVX2__
     float buf[2][2][BLOCK] __attribute__((aligned(32)));  /* [block parity][m, v] */
@@ -442,6 +435,22 @@ void adamw8bit_blocks(float* restrict p, const float* restrict g, uint8_t* restr
             store8(encode8(_mm256_mul_ps(_mm256_load_ps(buf[pend_par][1] + k), piv), vdirect), vq + pend + k);
         }
     }
+#endif
+}
+#endif
+
+void adamw8bit_blocks(float* restrict p, const float* restrict g, uint8_t* restrict mq, float* restrict ma,
+                      uint8_t* restrict vq, float* restrict va, int64_t row, int64_t b0, int64_t b1,
+                      const float* restrict mmap, const int32_t* restrict mdirect, const uint8_t* restrict menc,
+                      const float* restrict vmap, const int32_t* restrict vdirect, const uint8_t* restrict venc,
+                      const float* restrict hp) {
+    const Hyper h = {hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6]};
+#ifdef VBMI_PATH
+    blocks_vbmi(p, g, mq, ma, vq, va, row, b0, b1, mmap, mdirect, menc, vmap, vdirect, venc, h);
+#else
+    (void)menc;
+    (void)venc;
+    blocks_gather(p, g, mq, ma, vq, va, row, b0, b1, mmap, mdirect, vmap, vdirect, h);
 #endif
 }
 """
