@@ -73,6 +73,19 @@ static inline float frombits(uint32_t b) {
     return x;
 }
 
+/* The lines of the block at `at`, fetched while the one before it is updated: with the hardware prefetcher
+   alone ~1/5 of the time stalls. */
+static inline void prefetch_block(const float* p, const float* g, const uint8_t* mq, const uint8_t* vq, int64_t at) {
+    for (int c = 0; c < BLOCK; c += 16) {
+        __builtin_prefetch(p + at + c, 1);
+        __builtin_prefetch(g + at + c, 0);
+    }
+    for (int c = 0; c < BLOCK; c += 64) {
+        __builtin_prefetch(mq + at + c, 1);
+        __builtin_prefetch(vq + at + c, 1);
+    }
+}
+
 /* One block of any length, value by value: the reference the vector path reproduces bit for bit. */
 static void block_scalar(float* restrict p, const float* restrict g, uint8_t* restrict mq, float* restrict ma,
                          uint8_t* restrict vq, float* restrict va, int len, const float* restrict mmap,
@@ -272,17 +285,7 @@ static void blocks_vbmi(float* restrict p, const float* restrict g, uint8_t* res
         const __m512 am = _mm512_set1_ps(ma[b]), av = _mm512_set1_ps(va[b]);
         const __m512 pim = _mm512_set1_ps(pend_im), piv = _mm512_set1_ps(pend_iv);
         __m512i mmax = _mm512_setzero_si512(), vmax = _mm512_setzero_si512();
-        if (b + 1 < b1) {
-            const int64_t ahead = s + BLOCK;
-            for (int k = 0; k < BLOCK; k += 16) {
-                __builtin_prefetch(p + ahead + k, 1);
-                __builtin_prefetch(g + ahead + k, 0);
-            }
-            for (int k = 0; k < BLOCK; k += 64) {
-                __builtin_prefetch(mq + ahead + k, 1);
-                __builtin_prefetch(vq + ahead + k, 1);
-            }
-        }
+        if (b + 1 < b1) prefetch_block(p, g, mq, vq, s + BLOCK);
         for (int k = 0; k < BLOCK; k += 64) {
             __m512 m0[4], v0[4];
             decode64(mq + s + k, &em, am, m0);
@@ -386,17 +389,7 @@ static void blocks_gather(float* restrict p, const float* restrict g, uint8_t* r
             const __m256 am = _mm256_set1_ps(ma[b]), av = _mm256_set1_ps(va[b]);
             const __m256 pim = _mm256_set1_ps(pend_im), piv = _mm256_set1_ps(pend_iv);
             __m256i mmax = _mm256_setzero_si256(), vmax = _mm256_setzero_si256();
-            if (b + 1 < b1) {  /* the next block's lines: with the hardware prefetcher alone ~1/5 of the time stalls */
-                const int64_t ahead = s + BLOCK;
-                for (int c = 0; c < BLOCK; c += 16) {
-                    __builtin_prefetch(p + ahead + c, 1);
-                    __builtin_prefetch(g + ahead + c, 0);
-                }
-                for (int c = 0; c < BLOCK; c += 64) {
-                    __builtin_prefetch(mq + ahead + c, 1);
-                    __builtin_prefetch(vq + ahead + c, 1);
-                }
-            }
+            if (b + 1 < b1) prefetch_block(p, g, mq, vq, s + BLOCK);
             for (int k = 0; k < BLOCK; k += 8) {
                 const __m256 gi = _mm256_loadu_ps(g + s + k);
                 const __m256 m0 = decode8(mq + s + k, mmap, am), v0 = decode8(vq + s + k, vmap, av);
