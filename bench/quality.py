@@ -9,9 +9,11 @@ validation loss per token (and its perplexity), lower is better.
 Same model, data, head, epochs, batch size, schedule (linear warmup 6%, linear decay) and target modules
 (attention query and value, where a method has targets) for all methods of a task. The learning rate of
 each method is chosen by a small sweep (`lrs` below, grown by a step while the best is at its edge) on a dev
-split held out from the *training* file (its last 1,000 rows; the sweep trains on a 3,000-row slice of the
-rest, one seed): the validation split is never used for choosing anything. Final runs train on the whole
-training file with `--seeds` seeds and report the validation metrics as mean ± std.
+split held out from the *training* file (its last 1,000 rows; the sweep trains on the rest for as many updates
+as a final run makes, one seed, so the rate chosen is the best one for that length): the validation split is
+never used for choosing anything. The classifier head has its own learning rate, the one the frozen encoder's
+sweep chose (run first), the same for every method: a method's rate no longer trains its head further. Final
+runs train on the whole training file with `--seeds` seeds and report the validation metrics as mean ± std.
 
     .venv/bin/python bench/quality.py            # full: every method, 3 seeds (80 min on 2 cores)
     .venv/bin/python bench/quality.py --quick    # 5 methods, 1 seed, 4,000 training rows, no sweep (<10 min)
@@ -168,18 +170,39 @@ class Task:
         return (max if self.higher_is_better else min)(scores, key=scores.get)
 
 
+def _trainer(head: str | None, head_lr: float | None) -> type:
+    """memfit's Trainer, or one whose AdamW trains the head (parameters under `head`) at `head_lr`."""
+    from memfit.train.trainer import Trainer
+
+    if head is None or head_lr is None:
+        return Trainer
+
+    class HeadRateTrainer(Trainer):
+        def _build_optimizer(self):
+            import torch
+
+            if self.config.optim != "adamw":
+                raise ValueError("a separate head rate is built for --optim adamw only")
+            on_head = [n.startswith(head + ".") for n in self.params]
+            groups = [{"params": [p for p, h in zip(self.params.values(), on_head, strict=True) if h == flag],
+                       **({"lr": head_lr} if flag else {})} for flag in (False, True)]
+            return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.lr,
+                                     weight_decay=self.config.weight_decay)
+
+    return HeadRateTrainer
+
+
 def run(setup: Setup, lr: float, seed: int, data: Task, epochs: int, train: list[Row] | None = None,
-        val: list[Row] | None = None) -> dict:
-    """Train one configuration (on `train`, default the whole training file) and score it on `val` (default the
-    validation file); returns the metrics, parameter counts, time per epoch and peak memory."""
+        val: list[Row] | None = None, steps: int | None = None, head_lr: float | None = None) -> dict:
+    """Train one configuration (on `train`, default the whole training file; `steps` updates, default `epochs`
+    epochs) and score it on `val` (default the validation file); the head learns at `head_lr` (default: the
+    method's `lr`). Returns the metrics, parameter counts, time per epoch and peak memory."""
     import torch
 
     from memfit.adapters import get_method
     from memfit.train.allocation import AllocatorCallback
     from memfit.train.config import TrainConfig
     from memfit.train.finetune import load_base
-    from memfit.train.trainer import Trainer
-
     task, tokenizer = data.memfit_task(), data.tokenizer
     torch.manual_seed(seed)
     model = load_base(data.model_dir, task)[0]
@@ -190,19 +213,20 @@ def run(setup: Setup, lr: float, seed: int, data: Task, epochs: int, train: list
     if not setup.trains:
         return {**evaluate(model, task, encode(val or data.val), tokenizer.pad_token_id), "lr": lr, "seed": seed,
                 "adapter_params": 0, "head_params": 0, "epoch_s": 0.0, "peak_mem_bytes": 0}
-    config = TrainConfig(epochs=epochs, batch_size=32, eval_batch_size=128, lr=lr, seed=seed, max_length=MAX_LENGTH,
-                         checkpoint_every=10**9, log_every=50)
+    config = TrainConfig(epochs=epochs, max_steps=steps, batch_size=32, eval_batch_size=128, lr=lr, seed=seed,
+                         max_length=MAX_LENGTH, checkpoint_every=10**9, log_every=50)
     method = get_method(model.memfit_config.method) if hasattr(model, "memfit_config") else None
     callbacks = [AllocatorCallback()] if method and method.allocator else []  # rank allocators
     with tempfile.TemporaryDirectory(prefix="memfit-quality-") as out:
-        trainer = Trainer(model, task, encode(train or data.train), encode(val or data.val), config, out,
-                          tokenizer.pad_token_id, callbacks=callbacks,
-                          save_model=lambda m, d: None, quiet=True)
+        trainer = _trainer(data.head, head_lr)(model, task, encode(train or data.train), encode(val or data.val),
+                                               config, out, tokenizer.pad_token_id, callbacks=callbacks,
+                                               save_model=lambda m, d: None, quiet=True)
         summary = trainer.fit()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # at the end: IncreLoRA grows
     return {**{k.removeprefix("eval_"): v for k, v in summary.items() if k.startswith("eval_")}, "lr": lr,
             "seed": seed, "adapter_params": trainable - head, "head_params": head,
-            "epoch_s": summary["train_time_s"] / epochs, "peak_mem_bytes": summary["peak_mem_bytes"]}
+            "epoch_s": summary["train_time_s"] / (trainer.total_steps / trainer.steps_per_epoch),
+            "peak_mem_bytes": summary["peak_mem_bytes"]}
 
 
 def evaluate(model: nn.Module, task, examples: list[dict], pad_id: int, batch_size: int = 128) -> dict[str, float]:
@@ -219,13 +243,24 @@ def evaluate(model: nn.Module, task, examples: list[dict], pad_id: int, batch_si
         return task.metrics(state)
 
 
-def sweep(setup: Setup, data: Task, epochs: int, extend: int = 2) -> tuple[float, dict]:
-    """The LR with the best dev metric: trained on a slice of the training file, scored on its last rows.
+def updates(rows: int, epochs: int, batch_size: int = 32) -> int:
+    """The updates of a final run: full batches of its epochs (the trainer drops a last partial batch)."""
+    return epochs * (rows // batch_size)
+
+
+def sweep(setup: Setup, data: Task, epochs: int, steps: int, head_lr: float | None,
+          extend: int = 2) -> tuple[float, dict]:
+    """The LR with the best dev metric: trained for `steps` updates (a final run's) on the training file less its
+    last 1,000 rows, scored on those.
 
     While the best LR is the highest (or lowest) tried, the grid grows one step that way, up to `extend` times,
     so the answer lies inside the grid (too high an LR diverges and scores badly, which stops the growth)."""
-    dev, fit = data.train[-1000:], data.train[:3000]
-    scores = {lr: run(setup, lr, 0, data, epochs, fit, dev)[data.metrics[0]] for lr in setup.lrs}
+    dev, fit = data.train[-1000:], data.train[:-1000]
+
+    def score(lr: float) -> float:  # the reference row's head rate is the one swept
+        return run(setup, lr, 0, data, epochs, fit, dev, steps, head_lr or lr)[data.metrics[0]]
+
+    scores = {lr: score(lr) for lr in setup.lrs}
     ratio = setup.lrs[-1] / setup.lrs[-2]
     for _ in range(extend):
         best = data.best(scores)
@@ -235,7 +270,7 @@ def sweep(setup: Setup, data: Task, epochs: int, extend: int = 2) -> tuple[float
             lr = best / ratio
         else:
             break
-        scores[lr] = run(setup, lr, 0, data, epochs, fit, dev)[data.metrics[0]]
+        scores[lr] = score(lr)
     return data.best(scores), dict(sorted(scores.items()))
 
 
@@ -348,15 +383,22 @@ def main() -> None:
         print(markdown(rows, data.metrics))
         print_readme_tables(readme_tables, RESULTS / f"quality{suffix}.json")
         return plot(rows, plot_path, data.metrics[0], TITLES[args.task])
-    chosen = [s for s in setups(data) if (s.quick or not args.quick)
-              and (not args.only or any(o.lower() in s.name.lower() for o in args.only))]
+    every = setups(data)  # the first is the reference row: with a head, it sets the head's rate for every row
+    chosen = [s for i, s in enumerate(every) if (s.quick or not args.quick) and (
+        not args.only or (i == 0 and data.head) or any(o.lower() in s.name.lower() for o in args.only))]
     train, seeds = (data.train[:4000], [0]) if args.quick else (data.train, list(range(args.seeds)))
+    steps = updates(len(train), args.epochs)
     results: dict[str, dict] = {}
+    head_lr = None
     start = time.perf_counter()
     for setup in chosen:
-        lr, scores = (setup.quick_lr, {}) if args.quick or not setup.trains else sweep(setup, data, args.epochs)
-        runs = [run(setup, lr, seed, data, args.epochs, train) for seed in (seeds if setup.trains else [0])]
-        results[setup.name] = {"lr": lr, "sweep_dev": scores, "runs": runs, "notes": setup.notes}
+        lr, scores = ((setup.quick_lr, {}) if args.quick or not setup.trains
+                      else sweep(setup, data, args.epochs, steps, head_lr))
+        if setup is every[0] and data.head:
+            head_lr = lr
+        runs = [run(setup, lr, seed, data, args.epochs, train, head_lr=head_lr)
+                for seed in (seeds if setup.trains else [0])]
+        results[setup.name] = {"lr": lr, "head_lr": head_lr, "sweep_dev": scores, "runs": runs, "notes": setup.notes}
         value = mean_std([r[data.metrics[0]] for r in runs])
         print(f"{setup.name:28s} lr={lr:g} {data.metrics[0]}={value[0]:.3f}±{value[1]:.3f} "
               f"({time.perf_counter() - start:.0f}s elapsed)", flush=True)
@@ -366,7 +408,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"quality{suffix}.md").write_text(table)
     payload = {"machine": machine(), "task": args.task, "model": str(model_dir), "quick": args.quick,
-               "epochs": args.epochs, "seeds": seeds, "train_rows": len(train), "val_rows": len(data.val),
+               "epochs": args.epochs, "updates": steps, "head_lr": head_lr, "seeds": seeds,
+               "train_rows": len(train), "val_rows": len(data.val),
                "rows": rows, "results": results, "total_s": time.perf_counter() - start}
     (RESULTS / f"quality{suffix}.json").write_text(json.dumps(payload, indent=2) + "\n")
     plot(rows, plot_path, data.metrics[0], TITLES[args.task])

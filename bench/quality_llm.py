@@ -190,19 +190,22 @@ def chosen_lr(runs: dict, row: str) -> float | None:
     return max(ok, key=lambda lr: _score(ok[lr])) if ok else None
 
 
-def plan(quick: bool, seeds: int) -> list[tuple[str, str | None, str, float | None, int]]:
+def plan(quick: bool, seeds: int, only: list[str] | None = None,
+         sweep: bool = True) -> list[tuple[str, str | None, str, float | None, int]]:
     """(row, ablation variant, phase, lr or None = the row's chosen rate, seed), in the order they run: row by row
     (first the rows that show whether rank matters here, LoRA r=1 and r=8), each its sweep and then its seeds, so
-    a partial results file holds whole rows; the ablation last."""
+    a partial results file holds whole rows; the ablation last. `only` keeps those rows (no ablation unless its
+    row is kept); `sweep=False` runs the finals alone (their rates come from elsewhere)."""
     rows = QUICK_ROWS if quick else PRIORITY + [r for r in ROWS if r not in PRIORITY]
+    rows = [r for r in rows if only is None or r in only]
     todo = []
     for row in rows:
         if ROWS[row][0] is None:
             todo.append((row, None, "final", 0.0, 0))
             continue
-        todo += [] if quick else [(row, None, "sweep", lr, 0) for lr in ROWS[row][2]]
+        todo += [(row, None, "sweep", lr, 0) for lr in ROWS[row][2]] if sweep and not quick else []
         todo += [(row, None, "final", None, seed) for seed in range(1 if quick else seeds)]
-    if not quick:
+    if not quick and (only is None or ABLATION_OF in only):
         todo += [(ABLATION_OF, v, "final", None, seed) for v in ABLATION for seed in range(seeds)]
     return todo
 
@@ -210,9 +213,11 @@ def plan(quick: bool, seeds: int) -> list[tuple[str, str | None, str, float | No
 def summarize(payload: dict) -> list[dict]:
     """One entry per row (and ablation variant): mean ± std over the final runs' seeds."""
     runs = payload["runs"]
+    lr_from = payload.get("protocol", {}).get("lr_from")
+    sweeps = json.loads((RESULTS / lr_from).read_text())["runs"] if lr_from else runs
     out = []
     for row, variant in [(r, None) for r in ROWS] + [(ABLATION_OF, v) for v in ABLATION]:
-        lr = chosen_lr(runs, row)  # finals at a rate the current sweep no longer chooses are not counted
+        lr = chosen_lr(sweeps, row)  # finals at a rate the current sweep no longer chooses are not counted
         finals = [r for k, r in runs.items() if k.startswith(f"{row}|{variant or ''}|final|") and "error" not in r
                   and r.get("lr") == lr]
         if not finals:
@@ -289,6 +294,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="4 rows, 60 updates, 1 seed, the middle rate, no sweep")
     ap.add_argument("--report", action="store_true", help="print the table and draw the plot, run nothing")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop starting runs after this long")
+    ap.add_argument("--rows", help="run only these rows, separated by ';' (e.g. 'LoRA r=1;LoRA r=8')")
+    ap.add_argument("--lr-from", type=Path, help="a results file of this benchmark (another --steps): the finals "
+                    "take the rates its sweep chose, and no sweep runs (a probe of longer schedules)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -297,15 +305,24 @@ def main() -> None:
                                  Path(spec["train"]), Path(spec["score"]), Path(spec["model"]))))
         return
     steps = 60 if args.quick else args.steps
+    only = args.rows.split(";") if args.rows else None
+    unknown = [r for r in only or [] if r not in ROWS]
+    if unknown:
+        sys.exit(f"unknown row {unknown[0]!r}: choose from {'; '.join(ROWS)}")
     protocol = {"steps": steps, "batch": BATCH, "max_length": MAX_LENGTH, "dev": args.dev, "quick": args.quick,
                 "targets": TARGETS}
-    results = Results(RESULTS / f"quality-llm{'-quick' if args.quick else ''}.json", {"protocol": protocol})
+    rates = None
+    if args.lr_from is not None:
+        rates = json.loads(args.lr_from.read_text())["runs"]
+        protocol["lr_from"] = args.lr_from.name
+    stem = "quality-llm" + ("-quick" if args.quick else "") + ("" if steps in (60, 100) else f"-{steps}steps")
+    results = Results(RESULTS / f"{stem}.json", {"protocol": protocol})
     start = time.perf_counter()
     if not args.report:
         files = data(args.dev, args.quick)
-        for row, variant, phase, lr, seed in plan(args.quick, args.seeds):
+        for row, variant, phase, lr, seed in plan(args.quick, args.seeds, only, sweep=rates is None):
             if lr is None:
-                lr = ROWS[row][2][1] if args.quick else chosen_lr(results.payload["runs"], row)
+                lr = ROWS[row][2][1] if args.quick else chosen_lr(rates or results.payload["runs"], row)
                 if lr is None:
                     print(f"skip {row} seed {seed}: its sweep has no finished rate", flush=True)
                     continue
@@ -325,7 +342,7 @@ def main() -> None:
     for name, table in readme_tables(results.payload).items():
         print(f"\n<!-- results/{results.path.name}: {name} -->\n{table}\n<!-- /results -->")
     if not args.quick:
-        plot(results.payload, IMG / "quality_llm.png")
+        plot(results.payload, IMG / f"{stem.replace('-', '_')}.png")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,13 @@ OPEN = re.compile(r"^<!-- results/(?P<file>[A-Za-z0-9_.-]+\.json): (?P<table>[A-
 CLOSE = "<!-- /results -->"
 SCRIPTS = {"quality-lm.json": "quality.py"}  # results files not named after the script that writes them
 
+
+def script_of(results_file: str) -> str:
+    """bench/quality_llm.py writes quality-llm.json and quality-llm-<steps>steps.json."""
+    if results_file.startswith("quality-llm"):
+        return "quality_llm.py"
+    return SCRIPTS.get(results_file, results_file.removesuffix(".json") + ".py")
+
 Renderer = Callable[[dict], dict[str, str]]
 
 
@@ -71,7 +78,7 @@ def blocks(lines: list[str]) -> list[Block]:
 def script_renderer(results_file: str) -> Renderer:
     """`readme_tables` of the bench script that writes `results_file`, imported by path (the scripts are no package;
     they keep torch and memfit out of their top level, so this is cheap)."""
-    script = BENCH / SCRIPTS.get(results_file, results_file.removesuffix(".json") + ".py")
+    script = BENCH / script_of(results_file)
     spec = importlib.util.spec_from_file_location(f"_readme_check_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there

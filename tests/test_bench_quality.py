@@ -47,19 +47,49 @@ def test_setups_train_only_what_they_say(quality, task):
     assert mos["adapter_params"] == 2 * (32 + 32) * 2 * 6  # MoS trains exactly a rank-r_eq LoRA's parameters
 
 
-def test_sweep_picks_the_best_dev_accuracy(quality, task, monkeypatch):
+def test_sweep_picks_the_best_dev_accuracy_at_the_final_runs_length(quality, task, monkeypatch):
     setup = quality.setups(task)[2]
     seen = {}
 
-    def fake_run(setup, lr, seed, data, epochs, train=None, val=None):
-        seen[lr] = (len(train), len(val))
+    def fake_run(setup, lr, seed, data, epochs, train=None, val=None, steps=None, head_lr=None):
+        seen[lr] = (len(train), len(val), steps, head_lr)
         return {"accuracy": dict(zip(setup.lrs, (0.2, 0.7, 0.4), strict=True))[lr]}
 
     monkeypatch.setattr(quality, "run", fake_run)
-    lr, scores = quality.sweep(setup, task, epochs=1)
+    lr, scores = quality.sweep(setup, task, epochs=1, steps=17, head_lr=0.3)
     assert lr == setup.lrs[1] and scores == dict(zip(setup.lrs, (0.2, 0.7, 0.4), strict=True))
     n = len(task.train)
-    assert all(v == (min(3000, n), min(1000, n)) for v in seen.values())  # dev rows come from the training file
+    dev = min(1000, n)
+    assert all(v == (n - dev, dev, 17, 0.3) for v in seen.values())  # dev rows come from the training file
+    seen.clear()
+    quality.sweep(quality.setups(task)[0], task, epochs=1, steps=17, head_lr=None)
+    assert seen and all(v[3] == lr for lr, v in seen.items())  # the reference row sweeps the head's own rate
+
+
+def test_the_head_learns_at_its_own_rate(quality, task):
+    from memfit.train.trainer import Trainer
+
+    assert quality._trainer("classifier", None) is Trainer
+    lora = {s.name: s for s in quality.setups(task)}["LoRA r=1"]
+    seen = {}
+    cls = quality._trainer("classifier", 0.5)
+
+    class Spy(cls):
+        def _build_optimizer(self):
+            opt = super()._build_optimizer()
+            names = {id(p): n for n, p in self.params.items()}
+            seen.update({names[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]})
+            return opt
+
+    original = quality._trainer
+    quality._trainer = lambda head, head_lr: Spy
+    try:
+        quality.run(lora, 1e-2, 0, task, epochs=1, steps=2, head_lr=0.5)
+    finally:
+        quality._trainer = original
+    head = {n: lr for n, lr in seen.items() if n.startswith("classifier.")}
+    assert head and set(head.values()) == {0.5}
+    assert len(seen) > len(head) and {lr for n, lr in seen.items() if n not in head} == {1e-2}
 
 
 def test_summary_table_and_plot(quality, tmp_path):
@@ -89,5 +119,5 @@ def test_causal_lm_task_scores_the_base_model_and_adapters_by_validation_loss(qu
 def test_sweep_grows_the_grid_while_the_best_is_at_its_edge(quality, task, monkeypatch):
     setup = quality.setups(task)[2]  # grid 3e-3, 1e-2, 3e-2
     monkeypatch.setattr(quality, "run", lambda setup, lr, *a, **k: {"accuracy": -abs(math.log(lr / 0.1))})
-    lr, scores = quality.sweep(setup, task, epochs=1)
+    lr, scores = quality.sweep(setup, task, epochs=1, steps=5, head_lr=None)
     assert len(scores) == 5 and lr == pytest.approx(0.09)  # grew twice (x3): 0.09, then 0.27 scored worse

@@ -31,7 +31,7 @@ def test_finetune_then_export_loads_in_peft_with_the_same_logits(tmp_path, bert_
     train, val = sections
     out = tmp_path / "run"
     cli_ok("finetune", "--model", bert_dir, "--data", train, "--eval-data", val, "--out", out, "--method", method,
-         "--epochs", "2", "--batch-size", "32", "--lr", "1e-2", "--targets", "query,value", "-q", *extra)
+         "--no-plan", "--epochs", "2", "--batch-size", "32", "--lr", "1e-2", "--targets", "query,value", "-q", *extra)
     assert (out / "adapter.safetensors").is_file() and (out / "loss.png").is_file()
     cli_ok("export", "--adapter", out, "--to", "peft", "--out", tmp_path / "peft")
 
@@ -47,7 +47,7 @@ def test_finetune_then_export_loads_in_peft_with_the_same_logits(tmp_path, bert_
 
 def test_bad_flags_are_clear_errors(tmp_path, llama_dir):
     data = write_jsonl(tmp_path / "d.jsonl", TEXT)
-    common = ["finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "o", "-q"]
+    common = ["finetune", "--no-plan", "--model", llama_dir, "--data", data, "--out", tmp_path / "o", "-q"]
     with pytest.raises(ConfigError, match="unknown adapter method 'lorax'; choose one of"):
         cli_ok(*common, "--method", "lorax")
     with pytest.raises(ConfigError, match=r"--set rq: not an option of MoSConfig"):
@@ -62,7 +62,8 @@ def test_errors_print_one_line_and_exit_2(tmp_path, llama_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": \n')
     proc = subprocess.run([sys.executable, "-m", "memfit.cli", "finetune", "--model", str(llama_dir), "--data",
-                           str(bad), "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+                           str(bad), "--no-plan", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "bad.jsonl:2: not valid JSON" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -82,7 +83,7 @@ def test_torchrun_fsdp2_matches_one_process_and_resumes(tmp_path, llama_dir, sha
     last updates identically."""
     data = write_jsonl(tmp_path / "d.jsonl", TEXT)
     common = ["finetune", "--model", llama_dir, "--data", data, "--method", "lora", "-r", "4", "--dropout", "0",
-              "--max-steps", "4", "--checkpoint-every", "2", "--log-every", "1", "--lr", "1e-2", "-q"]
+              "--no-plan", "--max-steps", "4", "--checkpoint-every", "2", "--log-every", "1", "--lr", "1e-2", "-q"]
     cli_ok(*common, "--out", tmp_path / "one", "--batch-size", "16")
     _torchrun([*common, "--out", tmp_path / "two", "--batch-size", "8", "--shard", shard])
     one, two = [e["loss"] for e in _events(tmp_path / "one")], [e["loss"] for e in _events(tmp_path / "two")]

@@ -39,7 +39,7 @@ def data(tmp_path) -> Path:
 def test_missing_model_directory_fails_at_once_without_a_hub(tmp_path, data):
     t0 = time.perf_counter()
     proc = memfit_cli("finetune", "--model", tmp_path / "no-such-dir", "--data", data, "--out", tmp_path / "o")
-    one_error_line(proc, r"model directory .*no-such-dir does not exist.*memfit never downloads")
+    "--no-plan", one_error_line(proc, r"model directory .*no-such-dir does not exist.*memfit never downloads")
     assert time.perf_counter() - t0 < 30  # no retries against a model hub
 
 
@@ -49,7 +49,7 @@ def test_directory_without_weights_says_so(tmp_path, data, llama_dir):
     for f in llama_dir.iterdir():
         if not f.name.endswith(".safetensors"):
             (empty / f.name).write_bytes(f.read_bytes())
-    proc = memfit_cli("finetune", "--model", empty, "--data", data, "--out", tmp_path / "o")
+    proc = memfit_cli("finetune", "--no-plan", "--model", empty, "--data", data, "--out", tmp_path / "o")
     one_error_line(proc, r"has config.json but no weights \(model.safetensors")
 
 
@@ -61,21 +61,21 @@ def test_directory_without_weights_says_so(tmp_path, data, llama_dir):
 ])
 def test_set_values_are_parsed_by_the_fields_type(tmp_path, data, llama_dir, setting, pattern):
     proc = memfit_cli("finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "o", "--method", "mos",
-                      "--set", setting)
+                      "--no-plan", "--set", setting)
     one_error_line(proc, pattern)
 
 
 def test_set_parses_booleans_and_lists(tmp_path, data, llama_dir):
     out = tmp_path / "run"
     cli_ok("finetune", "--model", llama_dir, "--data", data, "--out", out, "--method", "mos", "--max-steps", "1", "-q",
-       "--set", "dissociation=no", "--set", "r_eq=2", "--set", "target_modules=q_proj,k_proj")
+       "--no-plan", "--set", "dissociation=no", "--set", "r_eq=2", "--set", "target_modules=q_proj,k_proj")
     config = json.loads((out / "adapter_config.json").read_text())["config"]
     assert config["dissociation"] is False and config["r_eq"] == 2 and config["target_modules"] == ["q_proj", "k_proj"]
 
 
 def test_a_finished_run_is_never_overwritten_silently(tmp_path, data, llama_dir):
     out = tmp_path / "run"
-    common = ["finetune", "--model", llama_dir, "--data", data, "--out", out, "--max-steps", "2", "-q"]
+    common = ["finetune", "--no-plan", "--model", llama_dir, "--data", data, "--out", out, "--max-steps", "2", "-q"]
     cli_ok(*common)
     before = (out / "adapter.safetensors").read_bytes()
     one_error_line(memfit_cli(*common), r"holds a finished run .*pass --overwrite to replace it")
@@ -88,13 +88,13 @@ def test_an_interrupted_run_points_to_resume(tmp_path, data, llama_dir):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint").mkdir()
-    proc = memfit_cli("finetune", "--model", llama_dir, "--data", data, "--out", out)
+    proc = memfit_cli("finetune", "--no-plan", "--model", llama_dir, "--data", data, "--out", out)
     one_error_line(proc, r"holds an interrupted run \(checkpoint/\); continue it with --resume")
 
 
 def test_quiet_still_says_where_the_outputs_went_and_resume_says_from_where(tmp_path, data, llama_dir):
     out = tmp_path / "run"
-    common = ["finetune", "--model", llama_dir, "--data", data, "--out", out, "--max-steps", "4",
+    common = ["finetune", "--no-plan", "--model", llama_dir, "--data", data, "--out", out, "--max-steps", "4",
               "--checkpoint-every", "2"]
     printed = cli_ok(*common, "-q")
     assert printed.strip() == f"wrote the run to {out}"
@@ -103,7 +103,8 @@ def test_quiet_still_says_where_the_outputs_went_and_resume_says_from_where(tmp_
 
 
 def test_one_peak_memory_figure(tmp_path, data, llama_dir):
-    printed = cli_ok("finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "run", "--max-steps", "2")
+    printed = cli_ok("finetune", "--no-plan", "--model", llama_dir, "--data", data, "--out", tmp_path / "run",
+                     "--max-steps", "2")
     table_peak = re.search(r"│ peak\s+│\s+([\d.]+ [KMG]?B)", printed).group(1)
     summary_peak = re.search(r"peak memory\s+│\s+([\d.]+ [KMG]?B) \(since training started\)", printed).group(1)
     assert table_peak == summary_peak
@@ -114,12 +115,12 @@ def test_one_peak_memory_figure(tmp_path, data, llama_dir):
 def test_mos_defaults_work_on_a_shallow_model_and_say_what_was_chosen(tmp_path, bert_dir, sections):
     train, _ = sections
     printed = cli_ok("finetune", "--model", bert_dir, "--data", train, "--out", tmp_path / "run", "--method", "mos",
-                 "--max-steps", "1")
+                 "--no-plan", "--max-steps", "1")
     assert "MoS: active rank r=14, not the paper's 16: with 6 layer(s)" in " ".join(printed.split())
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["config"]
     assert config["r"] == 14
     proc = memfit_cli("finetune", "--model", bert_dir, "--data", train, "--out", tmp_path / "r2", "--method", "mos",
-                      "-r", "16")  # an explicit setting that cannot work stays an error
+                      "--no-plan", "-r", "16")  # an explicit setting that cannot work stays an error
     one_error_line(proc, r"public pool holds 12 rank vectors.*lower r or raise r_eq")
 
 
@@ -130,7 +131,8 @@ def test_a_model_type_no_table_lists_trains_with_default_targets(tmp_path, data)
                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
     torch.manual_seed(0)
     model_dir = save_model_dir(AutoModelForCausalLM.from_config(config), tmp_path / "phi3")
-    cli_ok("finetune", "--model", model_dir, "--data", data, "--out", tmp_path / "run", "--max-steps", "1", "-q")
+    cli_ok("finetune", "--no-plan", "--model", model_dir, "--data", data, "--out", tmp_path / "run", "--max-steps", "1",
+           "-q")
     targets = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["target_modules"]
     assert targets == ["model.layers.0.self_attn.qkv_proj", "model.layers.1.self_attn.qkv_proj"]
 

@@ -25,7 +25,7 @@ def test_finetune_compacter_and_reload(tmp_path, bert_dir, sections, placement, 
     out = tmp_path / "run"
     sets = ["--set", f"placement={json.dumps(placement.split(','))}", "--set", "reduction=4"]
     result = runner.invoke(app, ["finetune", "--model", str(bert_dir), "--data", str(train), "--eval-data", str(val),
-                                 "--out", str(out), "--method", "compacter", *sets, "--epochs", "1",
+                                 "--no-plan", "--out", str(out), "--method", "compacter", *sets, "--epochs", "1",
                                  "--batch-size", "32", "--lr", "1e-2", "-q"])
     assert result.exit_code == 0, result.output
     saved = load_tensors(out / "adapter.safetensors")

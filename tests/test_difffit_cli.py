@@ -18,7 +18,7 @@ def test_finetune_difffit_saves_gammas_biases_norms_and_head(tmp_path, bert_dir,
     train, val = sections
     out = tmp_path / "run"
     result = runner.invoke(app, ["finetune", "--model", str(bert_dir), "--data", str(train), "--eval-data", str(val),
-                                 "--out", str(out), "--method", "difffit", "--set", 'placement=["mlp"]',
+                                 "--no-plan", "--out", str(out), "--method", "difffit", "--set", 'placement=["mlp"]',
                                  "--epochs", "2", "--batch-size", "32", "--lr", "1e-2", "-q"])
     assert result.exit_code == 0, result.output
     saved = load_tensors(out / "adapter.safetensors")

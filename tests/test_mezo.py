@@ -299,7 +299,9 @@ def test_streamed_mezo_reads_each_layer_once_per_step(tmp_path):
             opt.step(paired=lambda z: paired.losses(z, task, [batch], 30.0))
         step_bytes = handle.stats.bytes_read / 3
     assert forward_bytes > 0
-    assert step_bytes == pytest.approx(forward_bytes, rel=0.05)
+    # once, not twice (the two passes): the prefetch window's timing moves a layer's read between calls, by up to a
+    # layer (~5%) on an idle machine and more under load, so the bound separates 1x from 2x with room for that
+    assert step_bytes == pytest.approx(forward_bytes, rel=0.25)
     handle.close()
 
 
@@ -362,14 +364,14 @@ def test_cli_mezo_flags_and_errors(tmp_path, llama_dir):
     out = tmp_path / "run"
     cli_ok("finetune", "--model", llama_dir, "--data", data, "--out", out, "--method", "lora", "--optim", "mezo",
            "--lr", "1e-3", "--max-steps", "2", "--zo-eps", "0.01", "--zo-perturbations", "2", "--zo-sparsity", "0.5",
-           "-q")
+           "--no-plan", "-q")
     saved = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["config"]
     assert (saved["optim"], saved["zo_eps"], saved["zo_perturbations"], saved["zo_sparsity"]) == ("mezo", 0.01, 2, 0.5)
     bad = memfit_cli("finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "bad", "--optim", "mezo",
-                     "--zo-eps", "0")
+                     "--no-plan", "--zo-eps", "0")
     one_error_line(bad, r"zo_eps \(--zo-eps\) must be > 0")
     bad = memfit_cli("finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "bad", "--optim", "mezo",
-                     "--method", "adalora")
+                     "--no-plan", "--method", "adalora")
     one_error_line(bad, "adalora allocates rank from gradient-based importance")
 
 

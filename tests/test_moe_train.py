@@ -290,7 +290,7 @@ def memfit_cli() -> list[str]:
 
 def run_cli(tmp_path, model, *extra: str) -> subprocess.CompletedProcess:
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in TEXTS])
-    return subprocess.run([*memfit_cli(), "finetune", "--model", str(model), "--data", str(data), "--out",
+    return subprocess.run([*memfit_cli(), "finetune", "--no-plan", "--model", str(model), "--data", str(data), "--out",
                            str(tmp_path / "out"), "--max-steps", "1", "--batch-size", "2", *extra],
                           capture_output=True, text=True)
 

@@ -282,19 +282,19 @@ def test_cli_projected_flags_and_errors(tmp_path, llama_dir):
     out = tmp_path / "run"
     text = cli_ok("finetune", "--model", llama_dir, "--data", data, "--out", out, "--method", "full", "--optim",
                   "apollo", "--proj-rank", "8", "--proj-gap", "5", "--proj-scale", "2", "--proj-states", "8bit",
-                  "--max-steps", "2")
+                  "--no-plan", "--max-steps", "2")
     assert "optimizer states" in text
     saved = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["config"]
     assert [saved[k] for k in ("optim", "proj_rank", "proj_gap", "proj_scale", "proj_states")] == [
         "apollo", 8, 5, 2.0, "8bit"]
     bad = memfit_cli("finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "bad", "--method", "full",
-                     "--optim", "galore", "--proj-rank", "100")
+                     "--no-plan", "--optim", "galore", "--proj-rank", "100")
     one_error_line(bad, "no trained weight can take a rank-100 projection")
     bad = memfit_cli("finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "bad", "--method", "lora",
-                     "--proj-rank", "8")
+                     "--no-plan", "--proj-rank", "8")
     one_error_line(bad, "--proj-rank only apply to --optim galore, apollo or apollo-mini, not --optim adamw")
     bad = memfit_cli("finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "bad", "--method", "full",
-                     "--optim", "galore", "--proj-states", "4bit")
+                     "--no-plan", "--optim", "galore", "--proj-states", "4bit")
     one_error_line(bad, r"proj_states \(--proj-states\) must be one of fp32, 8bit")
 
 

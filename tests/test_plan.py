@@ -214,6 +214,17 @@ def test_finetune_prints_and_logs_planned_against_measured(llama_dir, tmp_path):
     assert planned["peak"] > 0 and measured["peak"] > 0
 
 
+def test_no_plan_starts_at_once_and_cannot_go_with_memory(llama_dir, tmp_path):
+    rows = write_jsonl(tmp_path / "d.jsonl", [{"text": "the quick brown fox jumps over the lazy dog " * 4}] * 8)
+    out = tmp_path / "run"
+    text = cli_ok("finetune", "--no-plan", "--model", llama_dir, "--data", rows, "--out", out, "--max-steps", 1,
+                  "--batch-size", 4, "--max-length", 24)
+    assert "planned" not in text and "memory_planned" not in _end_event(out)
+    proc = memfit_cli("finetune", "--no-plan", "--memory", "1GB", "--model", llama_dir, "--data", rows, "--out",
+                      tmp_path / "other")
+    one_error_line(proc, "--memory plans the run, which --no-plan forbids: drop one of them")
+
+
 def test_a_streamed_finetune_prints_and_logs_its_plan(llama_dir, tmp_path):
     rows = write_jsonl(tmp_path / "d.jsonl", [{"text": "the quick brown fox jumps over the lazy dog " * 4}] * 8)
     out = tmp_path / "run"

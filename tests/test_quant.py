@@ -274,7 +274,7 @@ def test_quantize_finetune_export_and_merge_through_the_cli(llama_dir, tmp_path)
     cli_ok("quantize", "--model", llama_dir, "--out", tmp_path / "nf4")
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "puppet module for monit"}] * 16)
     cli_ok("finetune", "--model", tmp_path / "nf4", "--data", data, "--out", tmp_path / "run", "--method", "lora",
-           "--targets", "all-linear", "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--quiet")
+           "--no-plan", "--targets", "all-linear", "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--quiet")
     ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
     run = load_finetuned(tmp_path / "run")
     assert isinstance(run.model.layers[0].self_attn.q_proj.weight, quant.QuantWeight)
@@ -295,10 +295,10 @@ def test_cli_refuses_full_training_of_a_quantized_base_and_unknown_kinds(llama_d
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "puppet module for monit"}] * 8)
     proc = memfit_cli("finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "a", "--method", "full",
-                      "--quantize", "nf4", "--max-steps", "1")
+                      "--no-plan", "--quantize", "nf4", "--max-steps", "1")
     one_error_line(proc, "--method full trains the base weights, which are quantized")
     proc = memfit_cli("finetune", "--model", llama_dir, "--data", data, "--out", tmp_path / "b", "--quantize", "nf2")
-    one_error_line(proc, r"--quantize\) must be one of int8, nf4")
+    "--no-plan", one_error_line(proc, r"--quantize\) must be one of int8, nf4")
     proc = memfit_cli("generate", "--model", llama_dir, "--quantize", "nf2", "--prompt", "hi")
     one_error_line(proc, "--quantize must be one of int8, nf4")
 

@@ -123,7 +123,7 @@ def test_cli_quantize_embeddings_then_finetune_and_merge(tmp_path):
     cli_ok("quantize", "--model", src, "--out", tmp_path / "nf4", "--embeddings")
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "puppet module for monit"}] * 8)
     cli_ok("finetune", "--model", tmp_path / "nf4", "--data", data, "--out", tmp_path / "run", "--method", "lora",
-           "--max-steps", "2", "--batch-size", "4", "--quiet")
+           "--no-plan", "--max-steps", "2", "--batch-size", "4", "--quiet")
     cli_ok("merge", "--adapter", tmp_path / "run", "--out", tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert type(merged.model.embed_tokens) is torch.nn.Embedding

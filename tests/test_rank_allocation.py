@@ -157,7 +157,7 @@ def test_cli_finetune_prints_ranks_and_exports_them_to_peft(tmp_path, llama_dir,
 
     data, out = write_jsonl(tmp_path / "train.jsonl", TEXT), tmp_path / "run"
     result = CliRunner().invoke(app, ["finetune", "--model", str(llama_dir), "--data", str(data), "--out", str(out),
-                                      "--method", method, "--targets", "q_proj,v_proj", "--epochs", "3",
+                                      "--no-plan", "--method", method, "--targets", "q_proj,v_proj", "--epochs", "3",
                                       "--batch-size", "8", "--lr", "5e-3", *flags], terminal_width=200)
     assert result.exit_code == 0, result.output
     end = _events(out, "end")[0]
@@ -183,7 +183,7 @@ def test_cli_rank_flags_of_other_methods_are_refused(tmp_path, llama_dir):
     from memfit.cli import app
 
     data = write_jsonl(tmp_path / "train.jsonl", TEXT)
-    result = CliRunner().invoke(app, ["finetune", "--model", str(llama_dir), "--data", str(data), "--out",
+    result = CliRunner().invoke(app, ["finetune", "--no-plan", "--model", str(llama_dir), "--data", str(data), "--out",
                                       str(tmp_path / "o"), "--method", "lora", "--target-rank", "4"])
     assert isinstance(result.exception, ConfigError) and "--target-rank does not apply to method 'lora'" in str(
         result.exception)

@@ -136,6 +136,9 @@ def _register(name: str, scratch: bool, doc: str) -> None:
         "layers streamed from disk (--weights-budget), then an NF4 base, "
         "with the least slowdown, and on the CPU turns --lean-allocator on; the run prints planned against "
         "measured.",
+        rich_help_panel="Memory"), option_param(
+        "plan", bool, "--plan/--no-plan", default=True, help="Plan the run's memory first (`memfit plan` in a fresh "
+        "process, a few seconds) and log planned against measured; --no-plan starts at once.",
         rich_help_panel="Memory")]
     params = [*_common_params(scratch), *memory, *flags.params(), *field_params(TrainConfig, names=train_names)]
 
@@ -149,11 +152,13 @@ def _register(name: str, scratch: bool, doc: str) -> None:
         config = method_config(values.pop("method"), method_flags, values.pop("targets"),
                                values.pop("modules_to_save"), values.pop("sets"))
         quiet, out = values["quiet"], values["out"]
-        memory = values.pop("memory", None)
+        memory, plan = values.pop("memory", None), values.pop("plan", False)
+        if memory is not None and not plan:
+            raise ConfigError("--memory plans the run, which --no-plan forbids: drop one of them.")
         if memory is not None:
             train, planned = _fit(values, config, train, memory, Console(quiet=quiet))
         else:
-            planned = None if scratch else _plan(values, config, train, Console(quiet=quiet))
+            planned = _plan(values, config, train, Console(quiet=quiet)) if plan else None
         summary = run_pipeline(values.pop("model"), values.pop("data"), values.pop("out"), config, train, **values,
                                planned=planned)
         print_summary(summary, out, Console(quiet=quiet))
