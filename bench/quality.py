@@ -15,7 +15,7 @@ never used for choosing anything. The classifier head has its own learning rate,
 sweep chose (run first), the same for every method: a method's rate no longer trains its head further. Final
 runs train on the whole training file with `--seeds` seeds and report the validation metrics as mean ± std.
 
-    .venv/bin/python bench/quality.py            # full: every method, 3 seeds (80 min on 2 cores)
+    .venv/bin/python bench/quality.py            # full: every method, 3 seeds (~1.5 h on 2 cores, estimated)
     .venv/bin/python bench/quality.py --quick    # 5 methods, 1 seed, 4,000 training rows, no sweep (<10 min)
     .venv/bin/python bench/quality.py --replot   # redraw table and plot from results/quality.json
     .venv/bin/python bench/make_lm.py && .venv/bin/python bench/quality.py --task lm   # ~9 + ~55 min

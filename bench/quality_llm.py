@@ -138,8 +138,14 @@ def run_one(row: str, variant: str | None, lr: float, seed: int, steps: int, tra
         summary = finetune(model_dir, train, Path(out) / "run", adapter_config(method, options), cfg,
                            eval_data=score, quiet=True)
         em = exact_match(load_finetuned(Path(out) / "run"), tokenizer, score)
-    return {"exact_match": em, "loss": summary["eval_loss"], "trainable_params": summary["trainable_params"],
-            "train_time_s": summary["train_time_s"], "peak_mem_bytes": summary["peak_mem_bytes"]}
+    out = {"exact_match": em, "loss": summary["eval_loss"], "trainable_params": summary["trainable_params"],
+           "train_time_s": summary["train_time_s"], "peak_mem_bytes": summary["peak_mem_bytes"]}
+    if summary.get("ranks"):  # IncreLoRA and AdaLoRA: where the rank went, as the mean rank of each projection
+        kinds: dict[str, list[int]] = {}
+        for name, rank in summary["ranks"].items():
+            kinds.setdefault(name.rsplit(".", 1)[-1], []).append(rank)
+        out["mean_rank"] = {k: statistics.mean(v) for k, v in kinds.items()}
+    return out
 
 
 def _child(spec: dict) -> dict:

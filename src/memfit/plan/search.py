@@ -174,11 +174,11 @@ def fit_serving(model_dir: str | os.PathLike, config: ServeConfig, memory: int |
             if smallest is None or plan.peak_bytes < smallest[0]:
                 smallest = (plan.peak_bytes, candidate)
             if plan.peak_bytes <= MARGIN * budget:
-                return ServingFit(candidate, plan, _serving_changes(config, candidate, dev))
+                return ServingFit(candidate, plan, _serving_changes(config, candidate))
     assert smallest is not None
     need, candidate = smallest
     raise ConfigError(f"nothing fits in {format_size(budget)}: the smallest plan needs {format_size(need / MARGIN)} "
-                      f"({' '.join(_serving_changes(config, candidate, dev)) or 'as asked'}); the weights do not "
+                      f"({' '.join(_serving_changes(config, candidate)) or 'as asked'}); the weights do not "
                       "shrink further here (what streaming leaves resident, the embedding, head and norms, stays).")
 
 
@@ -197,7 +197,7 @@ def _less_concurrency(config: ServeConfig, generation: tuple[int, int, int] | No
     return out
 
 
-def _serving_changes(requested: ServeConfig, chosen: ServeConfig, dev: torch.device) -> list[str]:
+def _serving_changes(requested: ServeConfig, chosen: ServeConfig) -> list[str]:
     flags = [f"--{name.replace('_', '-')} {getattr(chosen, name)}"
              for name in ("max_seqs", "kv_budget", "quantize", "weights_budget")
              if getattr(chosen, name) != getattr(requested, name)]

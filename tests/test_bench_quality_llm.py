@@ -1,0 +1,85 @@
+"""bench/quality_llm.py's bookkeeping (no training): the run order, the chosen rates, resuming, the tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "quality_llm.py"
+
+
+@pytest.fixture(scope="module")
+def qllm():
+    spec = importlib.util.spec_from_file_location("bench_quality_llm", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(em: float, loss: float, lr: float, seed: int = 0, phase: str = "sweep") -> dict:
+    return {"exact_match": em, "loss": loss, "trainable_params": 10, "train_time_s": 60.0, "lr": lr, "seed": seed,
+            "phase": phase}
+
+
+def _sweep(qllm, row: str, ems: list[float], losses: list[float] | None = None) -> dict:
+    lrs = qllm.ROWS[row][2]
+    losses = losses or [1.0] * len(lrs)
+    return {qllm._key(row, None, "sweep", lr, 0): _run(em, loss, lr) for lr, em, loss in zip(lrs, ems, losses,
+                                                                                           strict=True)}
+
+
+def test_the_sweep_chooses_by_exact_match_then_loss_and_waits_for_every_rate(qllm):
+    row = "LoRA r=1"
+    lrs = qllm.ROWS[row][2]
+    runs = _sweep(qllm, row, [0.5, 0.7, 0.7, 0.1], [1.0, 0.6, 0.5, 2.0])
+    assert qllm.chosen_lr(runs, row) == lrs[2]  # a tie in exact match goes to the lower loss
+    del runs[qllm._key(row, None, "sweep", lrs[0], 0)]
+    assert qllm.chosen_lr(runs, row) is None
+    assert qllm.chosen_lr({}, "zero-shot") == 0.0
+
+
+def test_plan_orders_rows_and_filters(qllm):
+    todo = qllm.plan(quick=False, seeds=2)
+    rows = list(dict.fromkeys(t[0] for t in todo if t[1] is None))
+    assert rows[:4] == qllm.PRIORITY and set(rows) == set(qllm.ROWS)
+    first = [t for t in todo if t[0] == "LoRA r=1"]
+    assert [t[2] for t in first] == ["sweep"] * len(qllm.ROWS["LoRA r=1"][2]) + ["final", "final"]
+    assert todo[-1][0] == qllm.ABLATION_OF and todo[-1][1] is not None  # the ablation last
+    probe = qllm.plan(quick=False, seeds=2, only=["LoRA r=1", "LoRA r=8"], sweep=False)
+    assert probe == [(r, None, "final", None, s) for r in ("LoRA r=1", "LoRA r=8") for s in (0, 1)]
+
+
+def test_summary_counts_finals_at_the_chosen_rate_only_and_probes_take_rates_from_another_file(qllm, tmp_path,
+                                                                                              monkeypatch):
+    row = "LoRA r=8"
+    lrs = qllm.ROWS[row][2]
+    runs = _sweep(qllm, row, [0.2, 0.8, 0.6, 0.1])
+    for seed, em in enumerate((0.70, 0.74)):
+        runs[qllm._key(row, None, "final", lrs[1], seed)] = _run(em, 0.4, lrs[1], seed, "final")
+    runs[qllm._key(row, None, "final", lrs[2], 0)] = _run(0.99, 0.1, lrs[2], 0, "final")  # not the chosen rate
+    (s,) = qllm.summarize({"runs": runs})
+    assert (s["row"], s["seeds"], s["lr"]) == (row, 2, lrs[1])
+    assert s["em"] == pytest.approx(0.72) and s["em_std"] == pytest.approx(0.0282843, rel=1e-5)
+    assert f"| {row} | 10 | {lrs[1]:g} | 2 | 0.720 ± 0.028 |" in qllm.readme_tables({"runs": runs})["methods"]
+
+    monkeypatch.setattr(qllm, "RESULTS", tmp_path)
+    (tmp_path / "quality-llm.json").write_text(json.dumps({"runs": _sweep(qllm, row, [0.2, 0.8, 0.6, 0.1])}))
+    longer = {qllm._key(row, None, "final", lrs[1], 0): _run(0.81, 0.3, lrs[1], 0, "final")}
+    (s,) = qllm.summarize({"runs": longer, "protocol": {"lr_from": "quality-llm.json"}})
+    assert (s["lr"], s["em"]) == (lrs[1], 0.81)
+
+
+def test_results_are_written_at_once_and_another_protocol_is_refused(qllm, tmp_path, monkeypatch):
+    monkeypatch.setattr(qllm, "RESULTS", tmp_path)
+    path = tmp_path / "r.json"
+    results = qllm.Results(path, {"protocol": {"steps": 100}})
+    results.put("k", _run(0.5, 1.0, 1e-3))
+    assert json.loads(path.read_text())["runs"]["k"]["exact_match"] == 0.5
+    assert qllm.Results(path, {"protocol": {"steps": 100}}).get("k")["loss"] == 1.0
+    with pytest.raises(SystemExit, match="another protocol"):
+        qllm.Results(path, {"protocol": {"steps": 300}})
