@@ -35,11 +35,18 @@ def prompt(text: str, style: str, tokenizer) -> str:
 
 def exact_match(model, tokenizer, val: Path, batch: int = 25) -> float:
     """Share of validation prompts whose greedy answer (up to 6 tokens, first line) is exactly the section."""
+    hits = answered(model, tokenizer, val, batch)
+    return hits.count("1") / len(hits)
+
+
+def answered(model, tokenizer, val: Path, batch: int = 25) -> str:
+    """Per validation prompt, "1" where the greedy answer (up to 6 tokens, first line) is exactly the section,
+    else "0": kept per run, so two rows can be compared on the same prompts (paired), not only by their means."""
     import torch
 
     rows = jsonl_rows(val)
     tokenizer.padding_side = "left"
-    hits = 0
+    hits = []
     for s in range(0, len(rows), batch):
         part = rows[s:s + batch]
         enc = tokenizer([r["prompt"] for r in part], return_tensors="pt", padding=True)
@@ -47,5 +54,5 @@ def exact_match(model, tokenizer, val: Path, batch: int = 25) -> float:
             out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         for r, ids in zip(part, out[:, enc["input_ids"].shape[1]:], strict=True):
             answer = tokenizer.decode(ids, skip_special_tokens=True).strip().splitlines()
-            hits += bool(answer) and answer[0].strip() == r["completion"]
-    return hits / len(rows)
+            hits.append("1" if answer and answer[0].strip() == r["completion"] else "0")
+    return "".join(hits)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, heldout_loss, machine, md_table, smollm2_dir  # noqa: E402
-from _sections import exact_match, jsonl_rows, prompt  # noqa: E402
+from _sections import answered, jsonl_rows, prompt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "runs" / "quality-llm"
@@ -128,7 +128,8 @@ def run_one(row: str, variant: str | None, lr: float, seed: int, steps: int, tra
     method, options, _ = ROWS[row]
     if method is None:
         model = load_base(model_dir, CausalLM())[0].eval()
-        return {"exact_match": exact_match(model, tokenizer, score),
+        hits = answered(model, tokenizer, score)
+        return {"exact_match": hits.count("1") / len(hits), "hits": hits,
                 "loss": heldout_loss(model, tokenizer, score, MAX_LENGTH), "trainable_params": 0, "train_time_s": 0.0}
     options = {**options, **(ABLATION[variant] if variant else {})}
     cfg = TrainConfig(max_steps=steps, batch_size=BATCH, eval_batch_size=32, lr=lr, seed=seed,
@@ -137,15 +138,16 @@ def run_one(row: str, variant: str | None, lr: float, seed: int, steps: int, tra
     with tempfile.TemporaryDirectory(prefix="memfit-quality-llm-") as out:
         summary = finetune(model_dir, train, Path(out) / "run", adapter_config(method, options), cfg,
                            eval_data=score, quiet=True)
-        em = exact_match(load_finetuned(Path(out) / "run"), tokenizer, score)
-    out = {"exact_match": em, "loss": summary["eval_loss"], "trainable_params": summary["trainable_params"],
-           "train_time_s": summary["train_time_s"], "peak_mem_bytes": summary["peak_mem_bytes"]}
+        hits = answered(load_finetuned(Path(out) / "run"), tokenizer, score)
+    result = {"exact_match": hits.count("1") / len(hits), "hits": hits, "loss": summary["eval_loss"],
+              "trainable_params": summary["trainable_params"], "train_time_s": summary["train_time_s"],
+              "peak_mem_bytes": summary["peak_mem_bytes"]}
     if summary.get("ranks"):  # IncreLoRA and AdaLoRA: where the rank went, as the mean rank of each projection
         kinds: dict[str, list[int]] = {}
         for name, rank in summary["ranks"].items():
             kinds.setdefault(name.rsplit(".", 1)[-1], []).append(rank)
-        out["mean_rank"] = {k: statistics.mean(v) for k, v in kinds.items()}
-    return out
+        result["mean_rank"] = {k: statistics.mean(v) for k, v in kinds.items()}
+    return result
 
 
 def _child(spec: dict) -> dict:
