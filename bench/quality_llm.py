@@ -133,15 +133,18 @@ def run_one(row: str, variant: str | None, lr: float, seed: int, steps: int, tra
                 "loss": heldout_loss(model, tokenizer, score, MAX_LENGTH), "trainable_params": 0, "train_time_s": 0.0}
     options = {**options, **(ABLATION[variant] if variant else {})}
     cfg = TrainConfig(max_steps=steps, batch_size=BATCH, eval_batch_size=32, lr=lr, seed=seed,
-                      max_length=MAX_LENGTH, warmup_ratio=0.06, log_every=10**9, checkpoint_every=10**9,
+                      max_length=MAX_LENGTH, warmup_ratio=0.06, log_every=10, checkpoint_every=10**9,
                       eval_every=10**9)
     with tempfile.TemporaryDirectory(prefix="memfit-quality-llm-") as out:
         summary = finetune(model_dir, train, Path(out) / "run", adapter_config(method, options), cfg,
                            eval_data=score, quiet=True)
         hits = answered(load_finetuned(Path(out) / "run"), tokenizer, score)
+        logged = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
+    # the training loss over the last fifth of the updates: whether a larger rank fits the training data better
+    late = [e["loss"] for e in logged if e.get("event") == "train" and e["step"] > 0.8 * steps]
     result = {"exact_match": hits.count("1") / len(hits), "hits": hits, "loss": summary["eval_loss"],
               "trainable_params": summary["trainable_params"], "train_time_s": summary["train_time_s"],
-              "peak_mem_bytes": summary["peak_mem_bytes"]}
+              "peak_mem_bytes": summary["peak_mem_bytes"], "train_loss_late": statistics.mean(late) if late else None}
     if summary.get("ranks"):  # IncreLoRA and AdaLoRA: where the rank went, as the mean rank of each projection
         kinds: dict[str, list[int]] = {}
         for name, rank in summary["ranks"].items():
