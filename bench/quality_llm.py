@@ -273,7 +273,7 @@ def plot(payload: dict, path: Path) -> None:
     rows = [s for s in summarize(payload) if s["variant"] is None and s["trainable_params"]]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     for s in rows:
         family = s["row"].split(",")[0].split(" r=")[0]
         marker = {"LoRA": "o", "MoS": "*", "IncreLoRA": "^", "AdaLoRA": "v", "DiffFit": "s", "Compacter": "D"}[family]
@@ -283,14 +283,24 @@ def plot(payload: dict, path: Path) -> None:
     if lora:
         ax.plot(*zip(*lora, strict=True), color="0.6", lw=1, zorder=0)
     zero = next((s for s in summarize(payload) if s["row"] == "zero-shot"), None)
-    if zero is not None:
+    low = min(s["em"] - s["em_std"] for s in rows)
+    if zero is not None and zero["em"] >= low - 0.1:
         ax.axhline(zero["em"], color="0.4", ls=":", lw=1, label="zero-shot")
+    elif zero is not None:  # far below: a note, so the axis keeps the trained rows apart
+        ax.text(0.02, 0.03, f"zero-shot: {zero['em']:.3f} (below the axis)", transform=ax.transAxes, fontsize=8)
+    for probe in sorted(RESULTS.glob("quality-llm-*steps.json")):  # longer schedules, at this file's rates
+        other = json.loads(probe.read_text())
+        longer = [s for s in summarize(other) if s["variant"] is None and s["trainable_params"]]
+        if longer:
+            xs, ys, errs = zip(*[(s["trainable_params"], s["em"], s["em_std"]) for s in longer], strict=True)
+            ax.errorbar(xs, ys, yerr=errs, marker="o", mfc="none", capsize=3, color="k", lw=1, ls="--",
+                        label=f"{', '.join(s['row'] for s in longer)}: {other['protocol']['steps']} updates")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("exact match (validation)")
-    ax.set_title("SmolLM2-135M-Instruct, debian sections as chat answers")
+    ax.set_title(f"SmolLM2-135M-Instruct, debian sections as chat answers ({payload['protocol']['steps']} updates)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -352,8 +362,8 @@ def main() -> None:
                   f"[{(time.perf_counter() - start) / 60:.1f} min]", flush=True)
     for name, table in readme_tables(results.payload).items():
         print(f"\n<!-- results/{results.path.name}: {name} -->\n{table}\n<!-- /results -->")
-    if not args.quick:
-        plot(results.payload, IMG / f"{stem.replace('-', '_')}.png")
+    if not args.quick and rates is None:  # a probe is drawn into the main plot
+        plot(results.payload, IMG / "quality_llm.png")
 
 
 if __name__ == "__main__":
