@@ -43,8 +43,9 @@ def test_readme_tables_match_committed_results():
 
 def test_readme_marks_the_benchmark_tables():
     assert REFERENCED == ["adapters_step.json", "moe.json", "moe_train.json", "optim.json", "optim_finetune.json",
-                          "optim_full.json", "plan.json", "quality-lm.json", "quality.json", "quantize.json",
-                          "rps.json", "serve.json", "stream.json", "zo.json"]
+                          "optim_full.json", "plan.json", "quality-llm-300steps.json", "quality-llm.json",
+                          "quality-lm.json", "quality.json", "quantize.json", "rps.json", "serve.json", "stream.json",
+                          "zo.json"]
 
 
 # --- the mechanism, on a README and results of its own ---------------------------------------------------------
@@ -113,7 +114,32 @@ def test_command_line_write_and_check_with_a_bench_script(tmp_path, capsys):
 
 # --- every bench script's renderer, on a minimal payload of the structure its main() writes ----------------------
 
+def _llm_runs(row: str, ems: list[float], finals: list[float], variant: str = "") -> dict:
+    """bench/quality_llm.py's runs of one row: a sweep over its rates (one exact match each), then final seeds at
+    the best rate (or, for an ablation variant, final seeds alone)."""
+    lrs = {"LoRA r=1": (3e-4, 1e-3, 3e-3, 1e-2), "MoS, LoRA r=2 budget (active rank 16)": (3e-4, 1e-3, 3e-3, 1e-2)}[row]
+    params = {"LoRA r=1": 305_280, "MoS, LoRA r=2 budget (active rank 16)": 610_560}[row]
+    runs = {} if variant else {f"{row}||sweep|{lr:g}|0": {"exact_match": em, "loss": 0.5, "trainable_params": params,
+                                                          "train_time_s": 300.0, "lr": lr, "seed": 0}
+                               for lr, em in zip(lrs, ems, strict=True)}
+    best = lrs[ems.index(max(ems))] if ems else 3e-3
+    runs.update({f"{row}|{variant}|final|{best:g}|{seed}": {"exact_match": em, "loss": 0.4 + seed / 100,
+                                                            "trainable_params": params, "train_time_s": 300.0,
+                                                            "lr": best, "seed": seed}
+                 for seed, em in enumerate(finals)})
+    return runs
+
+
+MOS2 = "MoS, LoRA r=2 budget (active rank 16)"
 PAYLOADS = {
+    "quality-llm.json": {"protocol": {"steps": 100}, "runs": {
+        "zero-shot||final|0|0": {"exact_match": 0.0, "loss": 12.79, "trainable_params": 0, "train_time_s": 0.0,
+                                 "lr": 0.0, "seed": 0},
+        **_llm_runs("LoRA r=1", [0.5, 0.6, 0.7, 0.76], [0.72, 0.718]),
+        **_llm_runs(MOS2, [0.6, 0.7, 0.77, 0.3], [0.72, 0.70]),
+        **_llm_runs(MOS2, [], [0.733], variant="no subset selection")}},
+    "quality-llm-300steps.json": {"protocol": {"steps": 300}, "runs": _llm_runs("LoRA r=1", [0.5, 0.6, 0.7, 0.76],
+                                                                               [0.77, 0.7875])},
     "rps.json": {"full_params": 788_750, "results": [
         {"compression": 1.0, "rps": {"params": 788_750, "accuracy": 0.802, "macro_f1": 0.789, "step_ms": 9.0},
          "dense": {"params": 788_750, "hidden": 128, "accuracy": 0.802, "macro_f1": 0.789, "step_ms": 5.0}},
@@ -216,6 +242,21 @@ PAYLOADS = {
 }
 
 EXPECTED = {  # README rows these payloads must reproduce, character for character
+    ("quality-llm.json", "methods"): [
+        "| row | trainable | lr | seeds | exact match | completion loss |",
+        "|---|---:|---:|---:|---:|---:|",
+        "| zero-shot | 0 | | 1 | 0.000 ± 0.000 | 12.790 ± 0.000 |",
+        "| LoRA r=1 | 305,280 | 0.01 (edge) | 2 | 0.719 ± 0.001 | 0.405 ± 0.007 |",
+        "| MoS, LoRA r=2 budget (active rank 16) | 610,560 | 0.003 | 2 | 0.710 ± 0.014 | 0.405 ± 0.007 |"],
+    ("quality-llm.json", "ablation"): [
+        "| row | trainable | lr | seeds | exact match | completion loss |",
+        "|---|---:|---:|---:|---:|---:|",
+        "| every strategy on | 610,560 | 0.003 | 2 | 0.710 ± 0.014 | 0.405 ± 0.007 |",
+        "| no subset selection | 610,560 | 0.003 | 1 | 0.733 ± 0.000 | 0.400 ± 0.000 |"],
+    ("quality-llm-300steps.json", "methods"): [
+        "| row | trainable | lr | seeds | exact match | completion loss |",
+        "|---|---:|---:|---:|---:|---:|",
+        "| LoRA r=1 | 305,280 | 0.01 (edge) | 2 | 0.779 ± 0.012 | 0.405 ± 0.007 |"],
     ("rps.json", "compression"): [
         "| compression | RPS parameters | RPS acc / F1 | dense model of equal size | dense acc / F1 |",
         "|---|---:|---:|---|---:|",
