@@ -22,6 +22,10 @@ benchmark runs in several sittings; each run is a fresh process.
     .venv/bin/python bench/quality_llm.py            # every row, sweep, seeds and ablation: hours on 2 cores
     .venv/bin/python bench/quality_llm.py --quick    # LoRA r=1/r=8 and MoS r=1, 60 updates, no sweep: ~12 min
     .venv/bin/python bench/quality_llm.py --report   # table and plot from the results file
+    .venv/bin/python bench/quality_llm.py --steps 300 --rows "LoRA r=1;LoRA r=8" --lr-from results/quality-llm.json
+        # a longer-schedule probe at the rates the 100-update sweeps chose: results/quality-llm-300steps.json
+
+Each run keeps its per-prompt hits and its late training loss; --report prints rows compared prompt by prompt.
 """
 
 from __future__ import annotations
@@ -243,6 +247,29 @@ def summarize(payload: dict) -> list[dict]:
     return out
 
 
+def paired(payload: dict) -> list[str]:
+    """Rows compared prompt by prompt: for two final runs with per-prompt hits (scored on the same prompts), the
+    prompts only one of them gets right, each way, and McNemar's chi-square with continuity correction (above
+    3.84: a difference at the 5% level). Seeds of one row are compared too: what a seed alone changes. The late
+    training loss is shown where it was recorded."""
+    finals = {k: r for k, r in payload["runs"].items() if "|final|" in k and r.get("hits")}
+    keys = sorted(finals)
+    lines = []
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            ha, hb = finals[a]["hits"], finals[b]["hits"]
+            if len(ha) != len(hb):
+                continue
+            only_a = sum(x == "1" and y == "0" for x, y in zip(ha, hb, strict=True))
+            only_b = sum(x == "0" and y == "1" for x, y in zip(ha, hb, strict=True))
+            chi2 = (abs(only_a - only_b) - 1) ** 2 / (only_a + only_b) if only_a + only_b else 0.0
+            lines.append(f"{a} vs {b}: disagree on {only_a + only_b} of {len(ha)}; only the first right on "
+                         f"{only_a}, only the second on {only_b}; McNemar chi2 {chi2:.2f}")
+    lines += [f"{k}: training loss over the last fifth {r['train_loss_late']:.3f}"
+              for k, r in sorted(payload["runs"].items()) if r.get("train_loss_late") is not None]
+    return lines
+
+
 def readme_tables(payload: dict) -> dict[str, str]:
     """README.md's tables, from results/quality-llm.json alone (bench/readme_check.py compares them)."""
     rows = summarize(payload)
@@ -362,6 +389,7 @@ def main() -> None:
                   f"[{(time.perf_counter() - start) / 60:.1f} min]", flush=True)
     for name, table in readme_tables(results.payload).items():
         print(f"\n<!-- results/{results.path.name}: {name} -->\n{table}\n<!-- /results -->")
+    print("\n".join(["", "Paired on the same prompts:", *paired(results.payload)]))
     if not args.quick and rates is None:  # a probe is drawn into the main plot
         plot(results.payload, IMG / "quality_llm.png")
 

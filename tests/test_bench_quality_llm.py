@@ -83,3 +83,14 @@ def test_results_are_written_at_once_and_another_protocol_is_refused(qllm, tmp_p
     assert qllm.Results(path, {"protocol": {"steps": 100}}).get("k")["loss"] == 1.0
     with pytest.raises(SystemExit, match="another protocol"):
         qllm.Results(path, {"protocol": {"steps": 300}})
+
+
+def test_paired_comparison_counts_the_prompts_only_one_run_gets_right(qllm):
+    runs = {qllm._key("LoRA r=1", None, "final", 1e-2, 0): {**_run(1.0, 0.3, 1e-2, 0, "final"), "hits": "11110"},
+            qllm._key("LoRA r=8", None, "final", 1e-3, 0): {**_run(0.2, 0.3, 1e-3, 0, "final"), "hits": "00010",
+                                                             "train_loss_late": 0.25},
+            qllm._key("LoRA r=8", None, "sweep", 1e-3, 0): {**_run(0.2, 0.3, 1e-3), "hits": "00000"}}  # not a final
+    lines = qllm.paired({"runs": runs})
+    assert lines == ["LoRA r=1||final|0.01|0 vs LoRA r=8||final|0.001|0: disagree on 3 of 5; only the first right "
+                     "on 3, only the second on 0; McNemar chi2 1.33",
+                     "LoRA r=8||final|0.001|0: training loss over the last fifth 0.250"]
