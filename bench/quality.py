@@ -21,7 +21,8 @@ runs train on the whole training file with `--seeds` seeds and report the valida
     .venv/bin/python bench/make_lm.py && .venv/bin/python bench/quality.py --task lm   # ~9 + ~55 min
 
 Writes results/quality[-lm].json, results/quality[-lm].md and the plot docs/img/quality[-lm].png (the
-metric vs trainable parameters, log scale).
+metric vs trainable parameters, log scale); --quick and --only runs write to names ending -quick and -partial
+instead, so they never replace the full table's results.
 """
 
 from __future__ import annotations
@@ -377,6 +378,8 @@ def main() -> None:
         sys.exit(f"no model at {model_dir}; run bench/make_lm.py first.")
     data = Task.load(model_dir, DATA, args.task)
     suffix = "" if args.task == "sections" else f"-{args.task}"
+    # a quick or partial run never replaces the full table's results (or its plot)
+    suffix += "-quick" if args.quick else "-partial" if args.only else ""
     plot_path = args.plot or IMG / f"quality{suffix}.png"
     if args.replot:
         rows = json.loads((RESULTS / f"quality{suffix}.json").read_text())["rows"]
