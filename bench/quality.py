@@ -204,6 +204,7 @@ def run(setup: Setup, lr: float, seed: int, data: Task, epochs: int, train: list
     from memfit.train.allocation import AllocatorCallback
     from memfit.train.config import TrainConfig
     from memfit.train.finetune import load_base
+
     task, tokenizer = data.memfit_task(), data.tokenizer
     torch.manual_seed(seed)
     model = load_base(data.model_dir, task)[0]
@@ -245,8 +246,8 @@ def evaluate(model: nn.Module, task, examples: list[dict], pad_id: int, batch_si
 
 
 def updates(rows: int, epochs: int, batch_size: int = 32) -> int:
-    """The updates of a final run: full batches of its epochs (the trainer drops a last partial batch)."""
-    return epochs * (rows // batch_size)
+    """The updates of a final run: the batches of its epochs (one process keeps a last, partial batch)."""
+    return epochs * -(-rows // batch_size)
 
 
 def sweep(setup: Setup, data: Task, epochs: int, steps: int, head_lr: float | None,
