@@ -121,3 +121,8 @@ def test_sweep_grows_the_grid_while_the_best_is_at_its_edge(quality, task, monke
     monkeypatch.setattr(quality, "run", lambda setup, lr, *a, **k: {"accuracy": -abs(math.log(lr / 0.1))})
     lr, scores = quality.sweep(setup, task, epochs=1, steps=5, head_lr=None)
     assert len(scores) == 5 and lr == pytest.approx(0.09)  # grew twice (x3): 0.09, then 0.27 scored worse
+
+
+def test_a_sweep_runs_the_updates_a_final_run_makes(quality):
+    assert quality.updates(8476, 1) == 265  # 264 full batches of 32 and a last one of 28, as the trainer runs them
+    assert quality.updates(64, 2) == 4
