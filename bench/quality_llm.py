@@ -25,7 +25,8 @@ benchmark runs in several sittings; each run is a fresh process.
     .venv/bin/python bench/quality_llm.py --steps 300 --rows "LoRA r=1;LoRA r=8" --lr-from results/quality-llm.json
         # a longer-schedule probe at the rates the 100-update sweeps chose: results/quality-llm-300steps.json
 
-Each run keeps its per-prompt hits and its late training loss; --report prints rows compared prompt by prompt.
+Each run keeps its per-prompt hits and its late training loss; --report --rows ... prints those rows' runs
+compared prompt by prompt.
 """
 
 from __future__ import annotations
@@ -247,12 +248,13 @@ def summarize(payload: dict) -> list[dict]:
     return out
 
 
-def paired(payload: dict) -> list[str]:
+def paired(payload: dict, rows: list[str] | None = None) -> list[str]:
     """Rows compared prompt by prompt: for two final runs with per-prompt hits (scored on the same prompts), the
     prompts only one of them gets right, each way, and McNemar's chi-square with continuity correction (above
     3.84: a difference at the 5% level). Seeds of one row are compared too: what a seed alone changes. The late
-    training loss is shown where it was recorded."""
-    finals = {k: r for k, r in payload["runs"].items() if "|final|" in k and r.get("hits")}
+    training loss is shown where it was recorded. `rows` keeps those rows' runs."""
+    finals = {k: r for k, r in payload["runs"].items() if "|final|" in k and r.get("hits")
+              and (rows is None or k.split("|")[0] in rows)}
     keys = sorted(finals)
     lines = []
     for i, a in enumerate(keys):
@@ -266,7 +268,8 @@ def paired(payload: dict) -> list[str]:
             lines.append(f"{a} vs {b}: disagree on {only_a + only_b} of {len(ha)}; only the first right on "
                          f"{only_a}, only the second on {only_b}; McNemar chi2 {chi2:.2f}")
     lines += [f"{k}: training loss over the last fifth {r['train_loss_late']:.3f}"
-              for k, r in sorted(payload["runs"].items()) if r.get("train_loss_late") is not None]
+              for k, r in sorted(payload["runs"].items())
+              if r.get("train_loss_late") is not None and (rows is None or k.split("|")[0] in rows)]
     return lines
 
 
@@ -361,9 +364,12 @@ def main() -> None:
                 "targets": TARGETS}
     rates = None
     if args.lr_from is not None:
+        if not args.lr_from.is_file():
+            sys.exit(f"--lr-from {args.lr_from}: no such results file; run the 100-update table first.")
         rates = json.loads(args.lr_from.read_text())["runs"]
         protocol["lr_from"] = args.lr_from.name
-    stem = "quality-llm" + ("-quick" if args.quick else "") + ("" if steps in (60, 100) else f"-{steps}steps")
+    default_steps = 60 if args.quick else 100
+    stem = "quality-llm" + ("-quick" if args.quick else "") + ("" if steps == default_steps else f"-{steps}steps")
     results = Results(RESULTS / f"{stem}.json", {"protocol": protocol})
     start = time.perf_counter()
     if not args.report:
@@ -389,7 +395,8 @@ def main() -> None:
                   f"[{(time.perf_counter() - start) / 60:.1f} min]", flush=True)
     for name, table in readme_tables(results.payload).items():
         print(f"\n<!-- results/{results.path.name}: {name} -->\n{table}\n<!-- /results -->")
-    print("\n".join(["", "Paired on the same prompts:", *paired(results.payload)]))
+    if only is not None:  # every pair of a whole table would be hundreds of lines
+        print("\n".join(["", "Paired on the same prompts:", *paired(results.payload, only)]))
     if not args.quick and rates is None:  # a probe is drawn into the main plot
         plot(results.payload, IMG / "quality_llm.png")
 
