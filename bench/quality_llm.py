@@ -300,7 +300,8 @@ def plot(payload: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [s for s in summarize(payload) if s["variant"] is None and s["trainable_params"]]
+    every = summarize(payload)  # reads the probe's rate file once
+    rows = [s for s in every if s["variant"] is None and s["trainable_params"]]
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(10, 4.5))
@@ -312,7 +313,7 @@ def plot(payload: dict, path: Path) -> None:
     lora = sorted((s["trainable_params"], s["em"]) for s in rows if s["row"].startswith("LoRA"))
     if lora:
         ax.plot(*zip(*lora, strict=True), color="0.6", lw=1, zorder=0)
-    zero = next((s for s in summarize(payload) if s["row"] == "zero-shot"), None)
+    zero = next((s for s in every if s["row"] == "zero-shot"), None)
     low = min(s["em"] - s["em_std"] for s in rows)
     if zero is not None and zero["em"] >= low - 0.1:
         ax.axhline(zero["em"], color="0.4", ls=":", lw=1, label="zero-shot")

@@ -66,7 +66,7 @@ def test_sweep_picks_the_best_dev_accuracy_at_the_final_runs_length(quality, tas
     assert seen and all(v[3] == lr for lr, v in seen.items())  # the reference row sweeps the head's own rate
 
 
-def test_the_head_learns_at_its_own_rate(quality, task):
+def test_the_head_learns_at_its_own_rate(quality, task, monkeypatch):
     from memfit.train.trainer import Trainer
 
     assert quality._trainer("classifier", None) is Trainer
@@ -81,12 +81,8 @@ def test_the_head_learns_at_its_own_rate(quality, task):
             seen.update({names[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]})
             return opt
 
-    original = quality._trainer
-    quality._trainer = lambda head, head_lr: Spy
-    try:
-        quality.run(lora, 1e-2, 0, task, epochs=1, steps=2, head_lr=0.5)
-    finally:
-        quality._trainer = original
+    monkeypatch.setattr(quality, "_trainer", lambda head, head_lr: Spy)
+    quality.run(lora, 1e-2, 0, task, epochs=1, steps=2, head_lr=0.5)
     head = {n: lr for n, lr in seen.items() if n.startswith("classifier.")}
     assert head and set(head.values()) == {0.5}
     assert len(seen) > len(head) and {lr for n, lr in seen.items() if n not in head} == {1e-2}
