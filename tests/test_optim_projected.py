@@ -320,7 +320,14 @@ def _dist_batch() -> torch.Tensor:
 def _dist_worker(out: Path) -> None:
     """Every optimizer on a 'full'-sharded model, each rank half of the batch: uninterrupted, and resumed from
     the sharded checkpoint written after DIST_SAVE steps."""
-    from memfit.train.distributed import init_distributed, load_checkpoint, save_checkpoint, shard_model
+    from memfit.train.distributed import (
+        exit_worker,
+        init_distributed,
+        load_checkpoint,
+        save_checkpoint,
+        shard_model,
+        teardown_distributed,
+    )
 
     info = init_distributed()
     x = _dist_batch()[2 * info.rank: 2 * info.rank + 2]
@@ -339,7 +346,8 @@ def _dist_worker(out: Path) -> None:
                 from memfit.tiers.files import save_tensors
 
                 save_tensors(out / name / f"{run}.safetensors", final)
-    torch.distributed.destroy_process_group()
+    teardown_distributed()
+    exit_worker(0)  # as `memfit` does under torchrun: interpreter finalization can abort in gloo's threads
 
 
 def test_two_rank_fsdp_matches_one_process_and_resumes(tmp_path):
