@@ -151,7 +151,7 @@ def zero_states(n: int, blocks: int, device: torch.device) -> dict[str, torch.Te
 def step_8bit(p: torch.Tensor, g: torch.Tensor, mq: torch.Tensor, ma: torch.Tensor, vq: torch.Tensor,
               va: torch.Tensor, hp: torch.Tensor, row: int, chunk_size: int = 1 << 20) -> None:
     """One update of flat fp32 p with gradient g and 8-bit states (codes mq, vq; absmax ma, va; blocks along rows
-    of `row` values): p = p * hp[3] + hp[4] * m / (sqrt(v) / hp[5] + hp[6]). The fused CPU kernel where it is
+    of `row` values): p = p * hp[3] + hp[4] * m / (sqrt(v) * hp[5] + hp[6]). The fused CPU kernel where it is
     built; elsewhere the same maths as torch ops in chunks of whole blocks, compiled into fused kernels on
     accelerators (`chunk_update`). `hp` is a CPU tensor; nothing here waits for the device."""
     tm, tv = tables(True, p.device), tables(False, p.device)
@@ -206,7 +206,7 @@ def _hyper(group: dict[str, Any], step: float) -> torch.Tensor:
     beta1, beta2 = group["betas"]
     lr, wd = group["lr"], group["weight_decay"]
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-    values = [1 - beta1, beta2, 1 - beta2, 1 - lr * wd, -lr / bc1, math.sqrt(bc2), group["eps"]]
+    values = [1 - beta1, beta2, 1 - beta2, 1 - lr * wd, -lr / bc1, 1 / math.sqrt(bc2), group["eps"]]
     return torch.tensor(values, dtype=torch.float32)
 
 
@@ -215,12 +215,12 @@ def update_chunk(p: torch.Tensor, g: torch.Tensor, mq: torch.Tensor, ma: torch.T
     """The kernel's maths as torch ops (any device) on one chunk of whole blocks; `ids`: block of each value, `hp`
     the step's constants (on p's device, or the CPU: 0-d tensors either way, so a compiled step never recompiles
     for a new learning rate)."""
-    w1, beta2, w2, decay, neg_step, bc2s, eps = (hp[i].to(p.device) for i in range(7))
+    w1, beta2, w2, decay, neg_step, ibc2s, eps = (hp[i].to(p.device) for i in range(7))
     m = tm.qmap[mq.long()] * ma[ids]
     v = tv.qmap[vq.long()] * va[ids]
     m = m + (g - m) * w1
     v = v * beta2 + (g * w2) * g
-    denom = v.sqrt() / bc2s + eps
+    denom = v.sqrt() * ibc2s + eps
     p.copy_(p * decay + (m / denom) * neg_step)
     for codes, absmax, x, t in ((mq, ma, m, tm), (vq, va, v, tv)):
         new_codes, new_absmax = quantize(x, t, ids, absmax.numel())
