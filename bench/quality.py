@@ -16,6 +16,7 @@ sweep chose (run first), the same for every method: a method's rate no longer tr
 runs train on the whole training file with `--seeds` seeds and report the validation metrics as mean ± std.
 
     .venv/bin/python bench/quality.py            # full: every method, 3 seeds (~1.5 h on 2 cores, estimated)
+        # resumable: each finished run is kept in runs/quality/, and the same command continues where it stopped
     .venv/bin/python bench/quality.py --quick    # 5 methods, 1 seed, 4,000 training rows, no sweep (<10 min)
     .venv/bin/python bench/quality.py --replot   # redraw table and plot from results/quality.json
     .venv/bin/python bench/make_lm.py && .venv/bin/python bench/quality.py --task lm   # ~9 + ~55 min
@@ -28,6 +29,7 @@ instead, so they never replace the full table's results.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -39,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine, md_table, print_readme_tables  # noqa: E402
+from _common import RESULTS, atomic_write, machine, md_table, print_readme_tables  # noqa: E402
 
 if TYPE_CHECKING:  # torch and memfit load in the functions: importing this file (bench/readme_check.py) is cheap
     from torch import nn
@@ -49,6 +51,7 @@ if TYPE_CHECKING:  # torch and memfit load in the functions: importing this file
 
 IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
 LM_MODEL = Path(__file__).resolve().parent.parent / "runs" / "lm-model"
+MEMO_DIR = Path(__file__).resolve().parent.parent / "runs" / "quality"
 MAX_LENGTH = 64  # tokens per example: every synopsis fits
 # One sweep for every adapter. A first run swept (1e-3, 3e-3): every adapter chose the top, by 0.2-0.3 of dev
 # accuracy over 1e-3, so the grid moved up; 3e-2 makes LoRA r=8 diverge (dev accuracy 0.19), so the best lies inside.
@@ -193,8 +196,56 @@ def _trainer(head: str | None, head_lr: float | None) -> type:
     return HeadRateTrainer
 
 
+class Memo:
+    """Finished runs on disk (runs/quality/<results name>.json), written after each one, so the full table (hours
+    on 2 cores) runs in several sittings: a rerun of the same command replays what is done and trains the rest.
+    The key is everything a run depends on (row, rate, seed, rows, updates, head rate, model); a changed protocol
+    misses and trains anew."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.runs = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        self.used: set[str] = set()  # the runs this table is made of (the file may hold other protocols' too)
+
+    def __call__(self, key: dict, train: Callable[[], dict]) -> dict:
+        if self.path is None:  # no file: nothing to resume (a library call, a test)
+            return train()
+        k = json.dumps(key, sort_keys=True)
+        self.used.add(k)
+        if k not in self.runs:
+            self.runs[k] = train()
+            atomic_write(self.path, json.dumps(self.runs, indent=1) + "\n")
+        return self.runs[k]
+
+    def seconds(self) -> float:
+        """What the runs used so far cost, over every sitting."""
+        return sum(self.runs[k].get("wall_s", 0.0) for k in self.used)
+
+
+MEMO = Memo(None)  # main() points it at the run's file
+
+
 def run(setup: Setup, lr: float, seed: int, data: Task, epochs: int, train: list[Row] | None = None,
         val: list[Row] | None = None, steps: int | None = None, head_lr: float | None = None) -> dict:
+    """`train_and_score`, or its result from an earlier sitting (`MEMO`)."""
+    train, val = train or data.train, val or data.val
+    key = {"row": setup.name, "lr": lr, "seed": seed, "epochs": epochs, "steps": steps, "head_lr": head_lr,
+           "model": str(data.model_dir), "train": _digest(train), "val": _digest(val)}
+
+    def timed() -> dict:
+        start = time.perf_counter()
+        result = train_and_score(setup, lr, seed, data, epochs, train, val, steps, head_lr)
+        return {**result, "wall_s": time.perf_counter() - start}
+
+    return MEMO(key, timed)
+
+
+def _digest(rows: list[Row]) -> str:
+    return hashlib.sha256(json.dumps([r.data for r in rows], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_and_score(setup: Setup, lr: float, seed: int, data: Task, epochs: int, train: list[Row] | None = None,
+                    val: list[Row] | None = None, steps: int | None = None, head_lr: float | None = None) -> dict:
     """Train one configuration (on `train`, default the whole training file; `steps` updates, default `epochs`
     epochs) and score it on `val` (default the validation file); the head learns at `head_lr` (default: the
     method's `lr`). Returns the metrics, parameter counts, time per epoch and peak memory."""
@@ -395,6 +446,10 @@ def main() -> None:
     results: dict[str, dict] = {}
     head_lr = None
     start = time.perf_counter()
+    global MEMO
+    MEMO = Memo(MEMO_DIR / f"quality{suffix}.json")
+    if MEMO.runs:
+        print(f"resuming: {len(MEMO.runs)} finished runs in {MEMO.path}", flush=True)
     for setup in chosen:
         lr, scores = ((setup.quick_lr, {}) if args.quick or not setup.trains
                       else sweep(setup, data, args.epochs, steps, head_lr))
@@ -414,7 +469,7 @@ def main() -> None:
     payload = {"machine": machine(), "task": args.task, "model": str(model_dir), "quick": args.quick,
                "epochs": args.epochs, "updates": steps, "head_lr": head_lr, "seeds": seeds,
                "train_rows": len(train), "val_rows": len(data.val),
-               "rows": rows, "results": results, "total_s": time.perf_counter() - start}
+               "rows": rows, "results": results, "total_s": MEMO.seconds()}
     (RESULTS / f"quality{suffix}.json").write_text(json.dumps(payload, indent=2) + "\n")
     plot(rows, plot_path, data.metrics[0], TITLES[args.task])
     print(f"wrote {RESULTS / f'quality{suffix}.json'}, {RESULTS / f'quality{suffix}.md'} and {plot_path}")

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, heldout_loss, machine, md_table, smollm2_dir  # noqa: E402
+from _common import RESULTS, atomic_write, heldout_loss, machine, md_table, smollm2_dir  # noqa: E402
 from _sections import answered, jsonl_rows, prompt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,14 +99,8 @@ def data(dev: int, quick: bool) -> dict[str, Path]:
         if not path.is_file():
             lines = [json.dumps({"prompt": prompt(r["text"], "chat-brief", tokenizer), "completion": r["label"]})
                      for r in rows]
-            _atomic_write(path, "".join(line + "\n" for line in lines))
+            atomic_write(path, "".join(line + "\n" for line in lines))
     return files
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
 
 
 def adapter_config(method: str, options: dict):
@@ -187,7 +181,7 @@ class Results:
         self.payload["runs"][key] = {**result, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.payload["machine"] = machine()
         RESULTS.mkdir(exist_ok=True)
-        _atomic_write(self.path, json.dumps(self.payload, indent=2) + "\n")
+        atomic_write(self.path, json.dumps(self.payload, indent=2) + "\n")
 
 
 def _score(r: dict) -> tuple[float, float]:

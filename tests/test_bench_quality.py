@@ -122,3 +122,26 @@ def test_sweep_grows_the_grid_while_the_best_is_at_its_edge(quality, task, monke
 def test_a_sweep_runs_the_updates_a_final_run_makes(quality):
     assert quality.updates(8476, 1) == 265  # 264 full batches of 32 and a last one of 28, as the trainer runs them
     assert quality.updates(64, 2) == 4
+
+
+def test_finished_runs_are_kept_on_disk_and_replayed(quality, task, monkeypatch, tmp_path):
+    """The full table takes hours: a rerun replays every finished run from runs/quality/ and trains only the rest;
+    anything a run depends on (rate, seed, rows) is in its key."""
+    calls = []
+
+    def fake(setup, lr, seed, data, epochs, train, val, steps, head_lr):
+        calls.append((lr, seed, len(train)))
+        return {"accuracy": lr * 10 + seed}
+
+    monkeypatch.setattr(quality, "train_and_score", fake)
+    setup = quality.setups(task)[2]
+    monkeypatch.setattr(quality, "MEMO", quality.Memo(tmp_path / "memo.json"))
+    first = quality.run(setup, 1e-2, 0, task, epochs=1)
+    assert quality.run(setup, 1e-2, 0, task, epochs=1) == first and len(calls) == 1
+    monkeypatch.setattr(quality, "MEMO", quality.Memo(tmp_path / "memo.json"))  # a new sitting: from the file
+    assert quality.run(setup, 1e-2, 0, task, epochs=1)["accuracy"] == first["accuracy"] and len(calls) == 1
+    quality.run(setup, 1e-2, 1, task, epochs=1)
+    quality.run(setup, 3e-2, 0, task, epochs=1)
+    quality.run(setup, 1e-2, 0, task, epochs=1, train=task.train[:-1])
+    assert len(calls) == 4
+    assert quality.MEMO.seconds() == pytest.approx(sum(r["wall_s"] for r in quality.MEMO.runs.values()))
