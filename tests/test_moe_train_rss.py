@@ -10,14 +10,12 @@ file-backed RSS.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
-from test_moe_rss import _config, _kib
+from rss_probe import PeakAnon, kib, run_script
+from test_moe_rss import _config
 
 STEPS = 3
 
@@ -32,50 +30,34 @@ def _worker(mode: str, ckpt: str) -> None:
     import memfit
     import memfit.moe
 
-    base_anon = _kib("RssAnon")
-    peak_anon, stop = [base_anon], threading.Event()
+    base_anon = kib("RssAnon")
+    with PeakAnon() as peak:
+        if mode == "offload":
+            model = memfit.moe.load(ckpt, expert_budget="25%")
+        else:
+            from transformers import AutoModelForCausalLM
 
-    def sample() -> None:
-        while not stop.is_set():
-            peak_anon[0] = max(peak_anon[0], _kib("RssAnon"))
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    if mode == "offload":
-        model = memfit.moe.load(ckpt, expert_budget="25%")
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(ckpt)
-    torch.manual_seed(0)
-    memfit.inject(model, memfit.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    g = torch.Generator().manual_seed(1)
-    losses = []
-    for _ in range(STEPS):
-        ids = torch.randint(3, 512, (2, 32), generator=g)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    stop.set()
-    sampler.join()
+            model = AutoModelForCausalLM.from_pretrained(ckpt)
+        torch.manual_seed(0)
+        memfit.inject(model, memfit.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(STEPS):
+            ids = torch.randint(3, 512, (2, 32), generator=g)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
     maps = Path("/proc/self/maps").read_text()
-    result = {"losses": losses, "anon_growth": (peak_anon[0] - base_anon) * 1024,
+    result = {"losses": losses, "anon_growth": (peak.peak - base_anon) * 1024,
               "maps_checkpoint": str(Path(ckpt).resolve()) in maps}
     if mode == "offload":
         rt = model.memfit_moe
         result |= {"memory": rt.memory(), "bytes_read": rt.stats.bytes_read, "phases": rt.phase_summary()}
     print(json.dumps(result))
-
-
-def _run(mode: str, ckpt: Path) -> dict:
-    proc = subprocess.run([sys.executable, __file__, mode, str(ckpt)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_offloaded_finetune_peak_rss_at_25_percent_budget(tmp_path):
@@ -88,8 +70,8 @@ def test_offloaded_finetune_peak_rss_at_25_percent_budget(tmp_path):
     model.save_pretrained(tmp_path, max_shard_size="100MB")
     del model
 
-    memory = _run("memory", tmp_path)
-    offload = _run("offload", tmp_path)
+    memory = run_script(__file__, "memory", str(tmp_path), timeout=600)
+    offload = run_script(__file__, "offload", str(tmp_path), timeout=600)
 
     torch.testing.assert_close(torch.tensor(offload["losses"]), torch.tensor(memory["losses"]), rtol=1e-5, atol=0)
     assert memory["anon_growth"] > weights  # the in-memory run really holds the whole model

@@ -1,24 +1,24 @@
 """Streaming keeps peak RSS near the budget: LoRA fine-tuning of a ~220 MB model under a 50 MB weights budget.
 
-Each run is a fresh subprocess (this file run as a script), so the high-water mark (VmHWM) counts only
-that run's memory growth over its own Python + torch baseline, not the test session's.
+Each run is a fresh subprocess (this file run as a script, `rss_probe.run_script`), so the high-water mark
+(VmHWM) counts only that run's memory growth over its own Python + torch baseline, not the test session's.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from rss_probe import kib, run_script
 
 MB = 10**6
 BUDGET = 50 * MB
 # What streaming plans to hold: 22 MB resident (embeddings, head, norms, one spare layer, LoRA) + a 27 MB
-# window of two layers = 49 MB. Measured peak growth: 86-92 MB. The rest is the same in any training run:
-# activations of the recomputed layer, the logits and loss (~7 MB), LoRA gradients and AdamW states, BLAS
-# and autograd scratch, and glibc heap slack. OVERHEAD states that bound.
+# window of two layers = 49 MB. Measured peak growth: 80 MB (86-92 MB before malloc's thresholds were fixed).
+# The rest is the same in any training run: activations of the recomputed layer, the logits and loss (~7 MB),
+# LoRA gradients and AdamW states, BLAS and autograd scratch, and heap slack. OVERHEAD states that bound.
 OVERHEAD = 50 * MB
 
 
@@ -31,13 +31,6 @@ def _config():
                        tie_word_embeddings=False)
 
 
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def _worker(mode: str, ckpt: str) -> None:
     """Fine-tune 3 steps with the weights in memory or streamed; print losses and RSS growth as JSON."""
     from transformers import LlamaForCausalLM
@@ -48,7 +41,7 @@ def _worker(mode: str, ckpt: str) -> None:
     torch.set_num_threads(2)
     a = torch.randn(64, 64, requires_grad=True)  # start torch's thread pool and allocator before the baseline
     (a @ a).sum().backward()
-    base = _rss_kib("VmRSS")
+    base = kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     x = torch.randint(0, 2000, (2, 32), generator=torch.Generator().manual_seed(0))
     with empty_weights():
@@ -75,16 +68,10 @@ def _worker(mode: str, ckpt: str) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    out = {"losses": losses, "growth": (_rss_kib("VmHWM") - base) * 1024}
+    out = {"losses": losses, "growth": (kib("VmHWM") - base) * 1024}
     if handle is not None:
         out |= {"memory": handle.memory(), "bytes_read": handle.stats.bytes_read}
     print(json.dumps(out))
-
-
-def _run(mode: str, ckpt: Path) -> dict:
-    proc = subprocess.run([sys.executable, __file__, mode, str(ckpt)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_streamed_finetune_peak_rss_under_budget(tmp_path):
@@ -95,8 +82,8 @@ def test_streamed_finetune_peak_rss_under_budget(tmp_path):
     layer_bytes = 16 * 13_631_488
     assert layer_bytes >= 4 * BUDGET
 
-    memory = _run("memory", tmp_path)
-    stream = _run("stream", tmp_path)
+    memory = run_script(__file__, "memory", str(tmp_path))
+    stream = run_script(__file__, "stream", str(tmp_path))
 
     assert stream["losses"] == memory["losses"]  # bitwise: same kernels on the same bytes
     # Activations of a 2x32-token batch with per-layer checkpointing are a few MB.
