@@ -9,7 +9,8 @@ themselves on block outputs); the same batches, schedule (6% warmup, linear deca
 every row.
 
 Protocol, the same for every row: a learning-rate sweep (four rates for the adapters, three for DiffFit and
-Compacter; a rate chosen at the grid's upper edge is marked in the table) at the full number of updates, one seed,
+Compacter, grown by a grid step, up to twice, while the best is at an edge; a rate still at the edge is marked
+in the table) at the full number of updates, one seed,
 trained on the training file minus its last --dev rows and scored on those (exact match, then loss); the chosen
 rate then trains on the whole training file with --seeds seeds, scored on the validation split (mean ± std).
 The validation split is never used for choosing anything. Zero-shot is a row. The MoS ablation switches one
@@ -51,6 +52,7 @@ IMG = ROOT / "docs" / "img"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_LRS = (3e-4, 1e-3, 3e-3, 1e-2)  # 1e-2 added when LoRA r=1, r=2 and MoS peaked at 3e-3, the old edge
 BLOCK_LRS = (1e-3, 3e-3, 1e-2)  # DiffFit's scales and biases, Compacter's small hypercomplex layers
+EXTEND = 2  # grid steps a sweep may grow past either edge of its grid
 
 # row -> (method, options, lrs). Budgets: LoRA r on all seven projections has r x (d_in + d_out) per module; MoS
 # at r_eq keeps exactly a rank-r_eq LoRA's parameters with a larger active rank; IncreLoRA grows 1 -> 2 on average,
@@ -188,12 +190,37 @@ def _score(r: dict) -> tuple[float, float]:
     return (r["exact_match"], -r["loss"])  # exact match first, the loss breaks ties
 
 
+def sweep_rates(runs: dict, row: str) -> list[float]:
+    """A row's sweep grid as far as its finished runs decide it: the row's rates, grown by one grid step (the
+    grid's own spacing, e.g. 1e-2 -> 3e-2) while the best finished rate is the highest or lowest, up to EXTEND
+    times, so a chosen rate lies inside the grid unless EXTEND ran out (a rate too high diverges, which stops it)."""
+    lrs = list(ROWS[row][2])
+    for _ in range(EXTEND):
+        done = {lr: runs.get(_key(row, None, "sweep", lr, 0)) for lr in lrs}
+        ok = {lr: r for lr, r in done.items() if r is not None and "error" not in r}
+        if any(r is None for r in done.values()) or not ok:  # unfinished: the growth is not decided yet
+            break
+        best = max(ok, key=lambda lr: _score(ok[lr]))
+        if best == lrs[-1]:
+            lrs.append(float(f"{lrs[-2] * lrs[-1] / lrs[-3]:.3g}"))
+        elif best == lrs[0]:
+            lrs.insert(0, float(f"{lrs[1] * lrs[0] / lrs[2]:.3g}"))
+        else:
+            break
+    return lrs
+
+
+def _sweep_runs(runs: dict, row: str) -> dict[float, dict]:
+    """The finished sweep runs of a row's grid that did not fail, by rate."""
+    got = {lr: runs.get(_key(row, None, "sweep", lr, 0)) for lr in sweep_rates(runs, row)}
+    return {lr: r for lr, r in got.items() if r is not None and "error" not in r}
+
+
 def chosen_lr(runs: dict, row: str) -> float | None:
-    """The sweep's best rate for a row, or None while its sweep is unfinished."""
-    method, _, lrs = ROWS[row]
-    if method is None:
+    """The sweep's best rate for a row, or None while its sweep (with any growth it calls for) is unfinished."""
+    if ROWS[row][0] is None:
         return 0.0
-    sweep = {lr: runs.get(_key(row, None, "sweep", lr, 0)) for lr in lrs}
+    sweep = {lr: runs.get(_key(row, None, "sweep", lr, 0)) for lr in sweep_rates(runs, row)}
     if any(r is None for r in sweep.values()):
         return None
     ok = {lr: r for lr, r in sweep.items() if "error" not in r}
@@ -202,9 +229,10 @@ def chosen_lr(runs: dict, row: str) -> float | None:
 
 def plan(quick: bool, seeds: int, only: list[str] | None = None,
          sweep: bool = True) -> list[tuple[str, str | None, str, float | None, int]]:
-    """(row, ablation variant, phase, lr or None = the row's chosen rate, seed), in the order they run: row by row
-    (first the rows that show whether rank matters here, LoRA r=1 and r=8), each its sweep and then its seeds, so
-    a partial results file holds whole rows; the ablation last. `only` keeps those rows (no ablation unless its
+    """(row, ablation variant, phase, lr, seed), in the order they run: row by row (first the rows that show whether
+    rank matters here, LoRA r=1 and r=8), each its sweep and then its seeds, so a partial results file holds whole
+    rows; the ablation last. A sweep is one entry (lr None: its rates, `sweep_rates`, depend on its results); a
+    final's lr is None too (the row's chosen rate). `only` keeps those rows (no ablation unless its
     row is kept); `sweep=False` runs the finals alone (their rates come from elsewhere)."""
     rows = QUICK_ROWS if quick else PRIORITY + [r for r in ROWS if r not in PRIORITY]
     rows = [r for r in rows if only is None or r in only]
@@ -213,7 +241,7 @@ def plan(quick: bool, seeds: int, only: list[str] | None = None,
         if ROWS[row][0] is None:
             todo.append((row, None, "final", 0.0, 0))
             continue
-        todo += [(row, None, "sweep", lr, 0) for lr in ROWS[row][2]] if sweep and not quick else []
+        todo += [(row, None, "sweep", None, 0)] if sweep and not quick else []
         todo += [(row, None, "final", None, seed) for seed in range(1 if quick else seeds)]
     if not quick and (only is None or ABLATION_OF in only):
         todo += [(ABLATION_OF, v, "final", None, seed) for v in ABLATION for seed in range(seeds)]
@@ -227,14 +255,20 @@ def summarize(payload: dict) -> list[dict]:
     sweeps = json.loads((RESULTS / lr_from).read_text())["runs"] if lr_from else runs
     out = []
     for row, variant in [(r, None) for r in ROWS] + [(ABLATION_OF, v) for v in ABLATION]:
+        every = [r for k, r in runs.items() if k.startswith(f"{row}|{variant or ''}|final|") and "error" not in r]
         lr = chosen_lr(sweeps, row)  # finals at a rate the current sweep no longer chooses are not counted
-        finals = [r for k, r in runs.items() if k.startswith(f"{row}|{variant or ''}|final|") and "error" not in r
-                  and r.get("lr") == lr]
+        unfinished = ROWS[row][0] is not None and (lr is None or not any(r.get("lr") == lr for r in every))
+        if unfinished:  # the sweep is growing, or its new choice has no finals yet: the best rate that has some
+            lr = max((lr for lr, r in _sweep_runs(sweeps, row).items() if any(f.get("lr") == lr for f in every)),
+                     key=lambda lr: _score(_sweep_runs(sweeps, row)[lr]), default=None)
+        finals = [r for r in every if r.get("lr") == lr]
         if not finals:
             continue
         em = [r["exact_match"] for r in finals]
         loss = [r["loss"] for r in finals]
+        grid = sweep_rates(sweeps, row) if ROWS[row][0] is not None else []
         out.append({"row": row, "variant": variant, "seeds": len(finals), "lr": lr,
+                    "edge": bool(grid) and lr in (grid[0], grid[-1]), "unfinished": unfinished,
                     "trainable_params": finals[0]["trainable_params"], "em": statistics.mean(em),
                     "em_std": statistics.stdev(em) if len(em) > 1 else 0.0, "loss": statistics.mean(loss),
                     "loss_std": statistics.stdev(loss) if len(loss) > 1 else 0.0,
@@ -272,7 +306,8 @@ def readme_tables(payload: dict) -> dict[str, str]:
     rows = summarize(payload)
 
     def line(s: dict, name: str) -> list[str]:
-        lr = "" if not s["lr"] else f"{s['lr']:g}" + (" (edge)" if s["lr"] == max(ROWS[s["row"]][2]) else "")
+        lr = "" if not s["lr"] else f"{s['lr']:g}" + (" (sweep unfinished)" if s["unfinished"] else
+                                                      " (edge)" if s["edge"] else "")
         return [name, f"{s['trainable_params']:,}", lr, str(s["seeds"]), f"{s['em']:.3f} ± {s['em_std']:.3f}",
                 f"{s['loss']:.3f} ± {s['loss_std']:.3f}"]
 
@@ -369,25 +404,40 @@ def main() -> None:
     start = time.perf_counter()
     if not args.report:
         files = data(args.dev, args.quick)
-        for row, variant, phase, lr, seed in plan(args.quick, args.seeds, only, sweep=rates is None):
+        runs = results.payload["runs"]
+        tried: set[str] = set()  # a run that fails is retried by the next sitting, not in a loop of this one
+
+        def pending(row: str, variant: str | None, phase: str, lr: float | None, seed: int) -> float | None:
+            """The rate this entry should run next, or None when it has nothing (left) to run."""
+            if phase == "sweep":
+                return next((r for r in sweep_rates(runs, row) if _key(row, None, "sweep", r, 0) not in tried
+                             and results.get(_key(row, None, "sweep", r, 0)) is None), None)
             if lr is None:
-                lr = ROWS[row][2][1] if args.quick else chosen_lr(rates or results.payload["runs"], row)
+                lr = ROWS[row][2][1] if args.quick else chosen_lr(rates or runs, row)
                 if lr is None:
                     print(f"skip {row} seed {seed}: its sweep has no finished rate", flush=True)
-                    continue
+                    return None
             key = _key(row, variant, phase, lr, seed)
-            if results.get(key) is not None:
-                continue
-            if args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes:
-                print("time is up: rerun to continue", flush=True)
-                break
-            train, score = (files["sweep-train"], files["dev"]) if phase == "sweep" else (files["train"], files["val"])
-            result = _child({"row": row, "variant": variant, "lr": lr, "seed": seed, "steps": steps,
-                             "train": str(train), "score": str(score), "model": str(files["model"])})
-            results.put(key, {**result, "lr": lr, "seed": seed, "phase": phase})
-            shown = result.get("error") or f"exact match {result['exact_match']:.3f}, loss {result['loss']:.3f}"
-            print(f"{row} {variant or ''} {phase} lr {lr:g} seed {seed}: {shown}  "
-                  f"[{(time.perf_counter() - start) / 60:.1f} min]", flush=True)
+            return None if key in tried or results.get(key) is not None else lr
+
+        def work() -> None:
+            for row, variant, phase, lr0, seed in plan(args.quick, args.seeds, only, sweep=rates is None):
+                while (lr := pending(row, variant, phase, lr0, seed)) is not None:
+                    if args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes:
+                        print("time is up: rerun to continue", flush=True)
+                        return
+                    key = _key(row, variant, phase, lr, seed)
+                    tried.add(key)
+                    train, score = ((files["sweep-train"], files["dev"]) if phase == "sweep"
+                                    else (files["train"], files["val"]))
+                    result = _child({"row": row, "variant": variant, "lr": lr, "seed": seed, "steps": steps,
+                                     "train": str(train), "score": str(score), "model": str(files["model"])})
+                    results.put(key, {**result, "lr": lr, "seed": seed, "phase": phase})
+                    shown = result.get("error") or f"exact match {result['exact_match']:.3f}, loss {result['loss']:.3f}"
+                    print(f"{row} {variant or ''} {phase} lr {lr:g} seed {seed}: {shown}  "
+                          f"[{(time.perf_counter() - start) / 60:.1f} min]", flush=True)
+
+        work()
     for name, table in readme_tables(results.payload).items():
         print(f"\n<!-- results/{results.path.name}: {name} -->\n{table}\n<!-- /results -->")
     if only is not None:  # every pair of a whole table would be hundreds of lines

@@ -43,12 +43,30 @@ def test_the_sweep_chooses_by_exact_match_then_loss_and_waits_for_every_rate(qll
     assert qllm.chosen_lr({}, "zero-shot") == 0.0
 
 
+def test_a_sweep_best_at_an_edge_grows_by_a_grid_step_up_to_twice(qllm):
+    row = "IncreLoRA, rank-2 budget"
+    lrs = list(qllm.ROWS[row][2])  # 3e-4, 1e-3, 3e-3, 1e-2
+    runs = _sweep(qllm, row, [0.1, 0.4, 0.6, 0.7])
+    assert qllm.sweep_rates(runs, row) == [*lrs, 3e-2] and qllm.chosen_lr(runs, row) is None  # 3e-2 must run
+    runs[qllm._key(row, None, "sweep", 3e-2, 0)] = _run(0.65, 0.5, 3e-2)
+    assert qllm.sweep_rates(runs, row) == [*lrs, 3e-2] and qllm.chosen_lr(runs, row) == 1e-2  # inside now
+    runs[qllm._key(row, None, "sweep", 3e-2, 0)] = _run(0.8, 0.5, 3e-2)
+    assert qllm.sweep_rates(runs, row) == [*lrs, 3e-2, 0.1]
+    runs[qllm._key(row, None, "sweep", 0.1, 0)] = _run(0.9, 0.5, 0.1)
+    assert qllm.sweep_rates(runs, row) == [*lrs, 3e-2, 0.1] and qllm.chosen_lr(runs, row) == 0.1  # twice: done
+    low = _sweep(qllm, row, [0.9, 0.4, 0.3, 0.2])
+    assert qllm.sweep_rates(low, row) == [1e-4, *lrs]  # the same at the lower edge
+    runs = _sweep(qllm, row, [0.1, 0.4, 0.6, 0.7])
+    runs[qllm._key(row, None, "sweep", 3e-2, 0)] = {"error": "NaN loss"}  # diverged: the best stays inside
+    assert qllm.sweep_rates(runs, row) == [*lrs, 3e-2] and qllm.chosen_lr(runs, row) == 1e-2
+
+
 def test_plan_orders_rows_and_filters(qllm):
     todo = qllm.plan(quick=False, seeds=2)
     rows = list(dict.fromkeys(t[0] for t in todo if t[1] is None))
     assert rows[:4] == qllm.PRIORITY and set(rows) == set(qllm.ROWS)
     first = [t for t in todo if t[0] == "LoRA r=1"]
-    assert [t[2] for t in first] == ["sweep"] * len(qllm.ROWS["LoRA r=1"][2]) + ["final", "final"]
+    assert [t[2] for t in first] == ["sweep", "final", "final"]  # one sweep entry: its rates depend on its results
     assert todo[-1][0] == qllm.ABLATION_OF and todo[-1][1] is not None  # the ablation last
     probe = qllm.plan(quick=False, seeds=2, only=["LoRA r=1", "LoRA r=8"], sweep=False)
     assert probe == [(r, None, "final", None, s) for r in ("LoRA r=1", "LoRA r=8") for s in (0, 1)]
@@ -72,6 +90,27 @@ def test_summary_counts_finals_at_the_chosen_rate_only_and_probes_take_rates_fro
     longer = {qllm._key(row, None, "final", lrs[1], 0): _run(0.81, 0.3, lrs[1], 0, "final")}
     (s,) = qllm.summarize({"runs": longer, "protocol": {"lr_from": "quality-llm.json"}})
     assert (s["lr"], s["em"]) == (lrs[1], 0.81)
+
+
+def test_a_row_whose_sweep_is_still_growing_shows_its_best_rate_with_finals_marked_unfinished(qllm):
+    row = "Compacter"
+    lrs = qllm.ROWS[row][2]  # 1e-3, 3e-3, 1e-2
+    runs = _sweep(qllm, row, [0.5, 0.6, 0.7])
+    for seed in (0, 1):
+        runs[qllm._key(row, None, "final", lrs[2], seed)] = _run(0.7, 0.4, lrs[2], seed, "final")
+    (s,) = qllm.summarize({"runs": runs})  # 3e-2 has not run: the table keeps 1e-2's finals, marked
+    assert (s["lr"], s["unfinished"], s["seeds"]) == (lrs[2], True, 2)
+    assert f"| {row} | 10 | 0.01 (sweep unfinished) | 2 |" in qllm.readme_tables({"runs": runs})["methods"]
+    runs[qllm._key(row, None, "sweep", 3e-2, 0)] = _run(0.65, 0.5, 3e-2)  # grown, and 1e-2 stays best
+    (s,) = qllm.summarize({"runs": runs})
+    assert (s["lr"], s["unfinished"], s["edge"]) == (lrs[2], False, False)
+    runs[qllm._key(row, None, "sweep", 3e-2, 0)] = _run(0.75, 0.5, 3e-2)  # 3e-2 wins: 0.1 runs next
+    runs[qllm._key(row, None, "sweep", 0.1, 0)] = _run(0.1, 3.0, 0.1)
+    (s,) = qllm.summarize({"runs": runs})  # 3e-2 is chosen but has no finals yet
+    assert (s["lr"], s["unfinished"]) == (lrs[2], True)
+    runs[qllm._key(row, None, "final", 3e-2, 0)] = _run(0.8, 0.3, 3e-2, 0, "final")
+    (s,) = qllm.summarize({"runs": runs})
+    assert (s["lr"], s["unfinished"], s["seeds"], s["em"]) == (3e-2, False, 1, 0.8)
 
 
 def test_results_are_written_at_once_and_another_protocol_is_refused(qllm, tmp_path, monkeypatch):

@@ -246,7 +246,7 @@ EXPECTED = {  # README rows these payloads must reproduce, character for charact
         "| row | trainable | lr | seeds | exact match | completion loss |",
         "|---|---:|---:|---:|---:|---:|",
         "| zero-shot | 0 | | 1 | 0.000 ± 0.000 | 12.790 ± 0.000 |",
-        "| LoRA r=1 | 305,280 | 0.01 (edge) | 2 | 0.719 ± 0.001 | 0.405 ± 0.007 |",
+        "| LoRA r=1 | 305,280 | 0.01 (sweep unfinished) | 2 | 0.719 ± 0.001 | 0.405 ± 0.007 |",
         "| MoS, LoRA r=2 budget (active rank 16) | 610,560 | 0.003 | 2 | 0.710 ± 0.014 | 0.405 ± 0.007 |"],
     ("quality-llm.json", "ablation"): [
         "| row | trainable | lr | seeds | exact match | completion loss |",
@@ -256,7 +256,7 @@ EXPECTED = {  # README rows these payloads must reproduce, character for charact
     ("quality-llm-300steps.json", "methods"): [
         "| row | trainable | lr | seeds | exact match | completion loss |",
         "|---|---:|---:|---:|---:|---:|",
-        "| LoRA r=1 | 305,280 | 0.01 (edge) | 2 | 0.779 ± 0.012 | 0.405 ± 0.007 |"],
+        "| LoRA r=1 | 305,280 | 0.01 (sweep unfinished) | 2 | 0.779 ± 0.012 | 0.405 ± 0.007 |"],
     ("rps.json", "compression"): [
         "| compression | RPS parameters | RPS acc / F1 | dense model of equal size | dense acc / F1 |",
         "|---|---:|---:|---|---:|",
