@@ -220,10 +220,9 @@ def chosen_lr(runs: dict, row: str) -> float | None:
     """The sweep's best rate for a row, or None while its sweep (with any growth it calls for) is unfinished."""
     if ROWS[row][0] is None:
         return 0.0
-    sweep = {lr: runs.get(_key(row, None, "sweep", lr, 0)) for lr in sweep_rates(runs, row)}
-    if any(r is None for r in sweep.values()):
+    if any(_key(row, None, "sweep", lr, 0) not in runs for lr in sweep_rates(runs, row)):
         return None
-    ok = {lr: r for lr, r in sweep.items() if "error" not in r}
+    ok = _sweep_runs(runs, row)
     return max(ok, key=lambda lr: _score(ok[lr])) if ok else None
 
 
@@ -259,8 +258,9 @@ def summarize(payload: dict) -> list[dict]:
         lr = chosen_lr(sweeps, row)  # finals at a rate the current sweep no longer chooses are not counted
         unfinished = ROWS[row][0] is not None and (lr is None or not any(r.get("lr") == lr for r in every))
         if unfinished:  # the sweep is growing, or its new choice has no finals yet: the best rate that has some
-            lr = max((lr for lr, r in _sweep_runs(sweeps, row).items() if any(f.get("lr") == lr for f in every)),
-                     key=lambda lr: _score(_sweep_runs(sweeps, row)[lr]), default=None)
+            swept = _sweep_runs(sweeps, row)
+            lr = max((lr for lr in swept if any(f.get("lr") == lr for f in every)), key=lambda lr: _score(swept[lr]),
+                     default=None)
         finals = [r for r in every if r.get("lr") == lr]
         if not finals:
             continue
