@@ -465,14 +465,13 @@ def main() -> None:
     table = markdown(rows, data.metrics)
     print("\n" + table)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"quality{suffix}.md").write_text(table)
     payload = {"machine": machine(), "task": args.task, "model": str(model_dir), "quick": args.quick,
                "epochs": args.epochs, "updates": steps, "head_lr": head_lr, "seeds": seeds,
                "train_rows": len(train), "val_rows": len(data.val),
                "rows": rows, "results": results, "total_s": MEMO.seconds()}
-    (RESULTS / f"quality{suffix}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write(RESULTS / f"quality{suffix}.json", json.dumps(payload, indent=2) + "\n")
     plot(rows, plot_path, data.metrics[0], TITLES[args.task])
-    print(f"wrote {RESULTS / f'quality{suffix}.json'}, {RESULTS / f'quality{suffix}.md'} and {plot_path}")
+    print(f"wrote {RESULTS / f'quality{suffix}.json'} and {plot_path}")
     print_readme_tables(readme_tables, RESULTS / f"quality{suffix}.json")
 
 
