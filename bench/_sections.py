@@ -56,3 +56,28 @@ def answered(model, tokenizer, val: Path, batch: int = 25) -> str:
             answer = tokenizer.decode(ids, skip_special_tokens=True).strip().splitlines()
             hits.append("1" if answer and answer[0].strip() == r["completion"] else "0")
     return "".join(hits)
+
+
+LIST_SYSTEM = "You write Debian package synopses, one line per package."
+LIST_QUESTION = "List packages of the Debian archive's {} section."
+
+
+def synopsis_lists(rows: list[dict], tokenizer, per_answer: int = 5) -> list[dict]:
+    """The synopses as long chat answers: per section, its packages in file order, `per_answer` synopses (one per
+    line) to an answer (the last of a section may hold fewer), as prompt/completion rows in a fixed shuffled order.
+    Nearly every token of such a row is a target, where a section answer has one or two: a task on which how much
+    an adapter can learn (its capacity) shows, not only whether it finds the label."""
+    import random
+
+    by_section: dict[str, list[str]] = {}
+    for r in rows:
+        by_section.setdefault(r["label"], []).append(r["text"])
+    out = []
+    for section, texts in by_section.items():
+        messages = [{"role": "system", "content": LIST_SYSTEM},
+                    {"role": "user", "content": LIST_QUESTION.format(section)}]
+        question = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        out += [{"prompt": question, "completion": "\n".join(texts[s:s + per_answer])}
+                for s in range(0, len(texts), per_answer)]
+    random.Random(0).shuffle(out)
+    return out

@@ -8,7 +8,14 @@ and the completion loss per token. Every method targets all seven projections (D
 themselves on block outputs); the same batches, schedule (6% warmup, linear decay) and number of updates for
 every row.
 
-Protocol, the same for every row: a learning-rate sweep (four rates for the adapters, three for DiffFit and
+Task `synopses` (--task synopses): the same model and rows, but the answer is long: "List packages of the Debian
+archive's <section> section." answered by five of that section's synopses, one per line (~52 target tokens of
+~91, where a section answer has one or two), 1,701 training and 232 validation answers. The metric is the
+completion loss per token on the validation answers (there is no label to match), and the sweep chooses by dev
+loss. A task where how much an adapter can learn (its capacity) can show, which the section task does not:
+there LoRA r=1 and r=8 end level.
+
+Protocol, the same for every row and task: a learning-rate sweep (four rates for the adapters, three for DiffFit and
 Compacter, grown by a grid step, up to twice, while the best is at an edge; a rate still at the edge is marked
 in the table) at the full number of updates, one seed,
 trained on the training file minus its last --dev rows and scored on those (exact match, then loss); the chosen
@@ -17,12 +24,13 @@ The validation split is never used for choosing anything. Zero-shot is a row. Th
 strategy off at a time at the LoRA r=2 budget (r_eq=2, r_pri=1: at the r=1 budget privatization cannot be on
 beside a public pool, r_pri <= r_eq = 1) and trains at that row's chosen rate.
 
-Every finished run is written to results/quality-llm.json at once (atomically) and a rerun skips it, so the
+Every finished run is written to results/quality-llm[-synopses].json at once (atomically) and a rerun skips it, so the
 benchmark runs in several sittings; each run is a fresh process.
 
     .venv/bin/python bench/quality_llm.py            # every row, sweep, seeds and ablation: hours on 2 cores
     .venv/bin/python bench/quality_llm.py --quick    # LoRA r=1/r=8 and MoS r=1, 60 updates, no sweep: ~12 min
     .venv/bin/python bench/quality_llm.py --report   # table and plot from the results file
+    .venv/bin/python bench/quality_llm.py --task synopses   # the long-answer task: results/quality-llm-synopses.json
     .venv/bin/python bench/quality_llm.py --steps 300 --rows "LoRA r=1;LoRA r=8" --lr-from results/quality-llm.json
         # a longer-schedule probe at the rates the 100-update sweeps chose: results/quality-llm-300steps.json
 
@@ -40,11 +48,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, atomic_write, heldout_loss, machine, md_table, smollm2_dir  # noqa: E402
-from _sections import answered, jsonl_rows, prompt  # noqa: E402
+from _sections import answered, jsonl_rows, prompt, synopsis_lists  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "runs" / "quality-llm"
@@ -81,11 +91,39 @@ ABLATION = {
 }
 PRIORITY = ["zero-shot", "LoRA r=1", "LoRA r=8", "MoS, LoRA r=1 budget (active rank 8)"]
 QUICK_ROWS = ["zero-shot", "LoRA r=1", "LoRA r=8", "MoS, LoRA r=1 budget (active rank 8)"]
-BATCH, MAX_LENGTH = 8, 80  # the longest prompt + completion is 69 tokens
+BATCH = 8
 
 
-def data(dev: int, quick: bool) -> dict[str, Path]:
-    """The task's files under runs/quality-llm, written once: sweep-train, dev, train and val (prompt/completion)."""
+@dataclass(frozen=True)
+class Task:
+    """What the runs learn from the debian-sections rows, and how an answer is scored."""
+
+    title: str  # the plot's
+    max_length: int  # tokens of prompt + completion; every example fits
+    steps: int  # updates per run unless --steps says otherwise
+    exact_match: bool  # greedy answers scored by exact match first (a label), or the completion loss alone
+    examples: Callable[[list[dict], object], list[dict]]  # rows, tokenizer -> prompt/completion rows
+
+
+def section_questions(rows: list[dict], tokenizer) -> list[dict]:
+    return [{"prompt": prompt(r["text"], "chat-brief", tokenizer), "completion": r["label"]} for r in rows]
+
+
+TASKS = {
+    # one or two target tokens per example: whether a method finds the label (the longest example: 69 tokens)
+    "sections": Task("debian sections as chat answers", 80, 100, True, section_questions),
+    # ~52 target tokens of ~91: how much of a domain's text a method learns (the longest example: 128 tokens)
+    "synopses": Task("debian synopses as long chat answers", 128, 100, False, synopsis_lists),
+}
+
+
+def task_of(payload: dict) -> Task:
+    return TASKS[payload.get("protocol", {}).get("task", "sections")]
+
+
+def data(task: str, dev: int, quick: bool) -> dict[str, Path]:
+    """The task's files under runs/quality-llm, written once: sweep-train, dev, train and val (prompt/completion).
+    The sweep trains on the training rows minus the last `dev` and is scored on (up to 200 examples of) those."""
     from memfit.cli.demo import DATA
     from memfit.local import load_tokenizer
 
@@ -93,15 +131,14 @@ def data(dev: int, quick: bool) -> dict[str, Path]:
     model_dir = smollm2_dir(WORK)
     tokenizer = load_tokenizer(model_dir)
     train, val = jsonl_rows(DATA / "debian-sections-train.jsonl"), jsonl_rows(DATA / "debian-sections-val.jsonl")
-    parts = {"sweep-train": train[:-dev], "dev": train[-dev:][:200], "train": train,
-             "val": val[:100] if quick else val[:400]}
+    examples = TASKS[task].examples
+    parts = {"sweep-train": examples(train[:-dev], tokenizer), "dev": examples(train[-dev:], tokenizer)[:200],
+             "train": examples(train, tokenizer), "val": examples(val, tokenizer)[:100 if quick else 400]}
     files = {"model": model_dir}
     for name, rows in parts.items():
-        path = files[name] = WORK / f"{name}-{dev}{'-quick' if name == 'val' and quick else ''}.jsonl"
+        path = files[name] = WORK / f"{task}-{name}-{dev}{'-quick' if name == 'val' and quick else ''}.jsonl"
         if not path.is_file():
-            lines = [json.dumps({"prompt": prompt(r["text"], "chat-brief", tokenizer), "completion": r["label"]})
-                     for r in rows]
-            atomic_write(path, "".join(line + "\n" for line in lines))
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
     return files
 
 
@@ -114,9 +151,10 @@ def adapter_config(method: str, options: dict):
     return get_method(method).config_cls(**options, **extra, target_modules=TARGETS)
 
 
-def run_one(row: str, variant: str | None, lr: float, seed: int, steps: int, train: Path, score: Path,
+def run_one(task: Task, row: str, variant: str | None, lr: float, seed: int, steps: int, train: Path, score: Path,
             model_dir: Path) -> dict:
-    """One training run in this process; its scores on `score` (exact match, completion loss)."""
+    """One training run in this process; its scores on `score` (exact match where the task has a label, and the
+    completion loss)."""
     import torch
 
     from memfit.local import load_tokenizer
@@ -127,23 +165,29 @@ def run_one(row: str, variant: str | None, lr: float, seed: int, steps: int, tra
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     tokenizer = load_tokenizer(model_dir)
     method, options, _ = ROWS[row]
+
+    def scored(model) -> dict:
+        if not task.exact_match:
+            return {}
+        hits = answered(model, tokenizer, score)
+        return {"exact_match": hits.count("1") / len(hits), "hits": hits}
+
     if method is None:
         model = load_base(model_dir, CausalLM())[0].eval()
-        hits = answered(model, tokenizer, score)
-        return {"exact_match": hits.count("1") / len(hits), "hits": hits,
-                "loss": heldout_loss(model, tokenizer, score, MAX_LENGTH), "trainable_params": 0, "train_time_s": 0.0}
+        return {**scored(model), "loss": heldout_loss(model, tokenizer, score, task.max_length),
+                "trainable_params": 0, "train_time_s": 0.0}
     options = {**options, **(ABLATION[variant] if variant else {})}
     cfg = TrainConfig(max_steps=steps, batch_size=BATCH, eval_batch_size=32, lr=lr, seed=seed,
-                      max_length=MAX_LENGTH, warmup_ratio=0.06, log_every=10, checkpoint_every=10**9,
+                      max_length=task.max_length, warmup_ratio=0.06, log_every=10, checkpoint_every=10**9,
                       eval_every=10**9)
     with tempfile.TemporaryDirectory(prefix="memfit-quality-llm-") as out:
         summary = finetune(model_dir, train, Path(out) / "run", adapter_config(method, options), cfg,
                            eval_data=score, quiet=True)
-        hits = answered(load_finetuned(Path(out) / "run"), tokenizer, score)
+        answers = scored(load_finetuned(Path(out) / "run"))
         logged = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
     # the training loss over the last fifth of the updates: whether a larger rank fits the training data better
     late = [e["loss"] for e in logged if e.get("event") == "train" and e["step"] > 0.8 * steps]
-    result = {"exact_match": hits.count("1") / len(hits), "hits": hits, "loss": summary["eval_loss"],
+    result = {**answers, "loss": summary["eval_loss"],
               "trainable_params": summary["trainable_params"], "train_time_s": summary["train_time_s"],
               "peak_mem_bytes": summary["peak_mem_bytes"], "train_loss_late": statistics.mean(late) if late else None}
     if summary.get("ranks"):  # IncreLoRA and AdaLoRA: where the rank went, as the mean rank of each projection
@@ -187,7 +231,7 @@ class Results:
 
 
 def _score(r: dict) -> tuple[float, float]:
-    return (r["exact_match"], -r["loss"])  # exact match first, the loss breaks ties
+    return (r.get("exact_match", 0.0), -r["loss"])  # exact match first where scored, the loss breaks ties
 
 
 def sweep_rates(runs: dict, row: str) -> list[float]:
@@ -264,7 +308,7 @@ def summarize(payload: dict) -> list[dict]:
         finals = [r for r in every if r.get("lr") == lr]
         if not finals:
             continue
-        em = [r["exact_match"] for r in finals]
+        em = [r.get("exact_match", 0.0) for r in finals]  # a task without a label: 0, not shown
         loss = [r["loss"] for r in finals]
         grid = sweep_rates(sweeps, row) if ROWS[row][0] is not None else []
         out.append({"row": row, "variant": variant, "seeds": len(finals), "lr": lr,
@@ -302,24 +346,26 @@ def paired(payload: dict, rows: list[str] | None = None) -> list[str]:
 
 
 def readme_tables(payload: dict) -> dict[str, str]:
-    """README.md's tables, from results/quality-llm.json alone (bench/readme_check.py compares them)."""
+    """README.md's tables, from results/quality-llm[-synopses].json alone (bench/readme_check.py compares them)."""
     rows = summarize(payload)
+    labelled = task_of(payload).exact_match
 
     def line(s: dict, name: str) -> list[str]:
         lr = "" if not s["lr"] else f"{s['lr']:g}" + (" (sweep unfinished)" if s["unfinished"] else
                                                       " (edge)" if s["edge"] else "")
-        return [name, f"{s['trainable_params']:,}", lr, str(s["seeds"]), f"{s['em']:.3f} ± {s['em_std']:.3f}",
-                f"{s['loss']:.3f} ± {s['loss_std']:.3f}"]
+        em = [f"{s['em']:.3f} ± {s['em_std']:.3f}"] if labelled else []
+        return [name, f"{s['trainable_params']:,}", lr, str(s["seeds"]), *em, f"{s['loss']:.3f} ± {s['loss_std']:.3f}"]
 
-    header = ["row", "trainable", "lr", "seeds", "exact match", "completion loss"]
+    header = ["row", "trainable", "lr", "seeds", *(["exact match"] if labelled else []), "completion loss"]
+    align = "l" + "r" * (len(header) - 1)
     main = [line(s, s["row"]) for s in rows if s["variant"] is None]
     ablation = [line(s, s["variant"]) for s in rows if s["variant"] is not None]
     ref = next((s for s in rows if s["row"] == ABLATION_OF and s["variant"] is None), None)
     if ref is not None and ablation:
         ablation.insert(0, line(ref, "every strategy on"))
-    tables = {"methods": md_table(header, "lrrrrr", main)}
+    tables = {"methods": md_table(header, align, main)}
     if ablation:
-        tables["ablation"] = md_table(header, "lrrrrr", ablation)
+        tables["ablation"] = md_table(header, align, ablation)
     return tables
 
 
@@ -329,6 +375,8 @@ def plot(payload: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    task = task_of(payload)
+    metric, spread = ("em", "em_std") if task.exact_match else ("loss", "loss_std")
     every = summarize(payload)  # reads the probe's rate file once
     rows = [s for s in every if s["variant"] is None and s["trainable_params"]]
     if not rows:
@@ -337,28 +385,29 @@ def plot(payload: dict, path: Path) -> None:
     for s in rows:
         family = s["row"].split(",")[0].split(" r=")[0]
         marker = {"LoRA": "o", "MoS": "*", "IncreLoRA": "^", "AdaLoRA": "v", "DiffFit": "s", "Compacter": "D"}[family]
-        ax.errorbar(s["trainable_params"], s["em"], yerr=s["em_std"], marker=marker, capsize=3, ls="none",
+        ax.errorbar(s["trainable_params"], s[metric], yerr=s[spread], marker=marker, capsize=3, ls="none",
                     ms=10 if family == "MoS" else 7, label=s["row"])
-    lora = sorted((s["trainable_params"], s["em"]) for s in rows if s["row"].startswith("LoRA"))
+    lora = sorted((s["trainable_params"], s[metric]) for s in rows if s["row"].startswith("LoRA"))
     if lora:
         ax.plot(*zip(*lora, strict=True), color="0.6", lw=1, zorder=0)
     zero = next((s for s in every if s["row"] == "zero-shot"), None)
-    low = min(s["em"] - s["em_std"] for s in rows)
-    if zero is not None and zero["em"] >= low - 0.1:
-        ax.axhline(zero["em"], color="0.4", ls=":", lw=1, label="zero-shot")
-    elif zero is not None:  # far below: a note, so the axis keeps the trained rows apart
-        ax.text(0.02, 0.03, f"zero-shot: {zero['em']:.3f} (below the axis)", transform=ax.transAxes, fontsize=8)
-    for probe in sorted(RESULTS.glob("quality-llm-*steps.json")):  # longer schedules, at this file's rates
+    low, high = min(s[metric] - s[spread] for s in rows), max(s[metric] + s[spread] for s in rows)
+    if zero is not None and low - 0.1 <= zero[metric] <= high + 0.1:
+        ax.axhline(zero[metric], color="0.4", ls=":", lw=1, label="zero-shot")
+    elif zero is not None:  # far off: a note, so the axis keeps the trained rows apart
+        ax.text(0.02, 0.03, f"zero-shot: {zero[metric]:.3f} (off the axis)", transform=ax.transAxes, fontsize=8)
+    stem = "quality-llm" if task is TASKS["sections"] else f"quality-llm-{payload['protocol']['task']}"
+    for probe in sorted(RESULTS.glob(f"{stem}-*steps.json")):  # longer schedules, at this file's rates
         other = json.loads(probe.read_text())
         longer = [s for s in summarize(other) if s["variant"] is None and s["trainable_params"]]
         if longer:
-            xs, ys, errs = zip(*[(s["trainable_params"], s["em"], s["em_std"]) for s in longer], strict=True)
+            xs, ys, errs = zip(*[(s["trainable_params"], s[metric], s[spread]) for s in longer], strict=True)
             ax.errorbar(xs, ys, yerr=errs, marker="o", mfc="none", capsize=3, color="k", lw=1, ls="--",
                         label=f"{', '.join(s['row'] for s in longer)}: {other['protocol']['steps']} updates")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("exact match (validation)")
-    ax.set_title(f"SmolLM2-135M-Instruct, debian sections as chat answers ({payload['protocol']['steps']} updates)")
+    ax.set_ylabel("exact match (validation)" if task.exact_match else "completion loss per token (validation)")
+    ax.set_title(f"SmolLM2-135M-Instruct, {task.title} ({payload['protocol']['steps']} updates)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
@@ -369,7 +418,10 @@ def plot(payload: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=100, help="updates per run (sweep and final alike)")
+    ap.add_argument("--task", choices=sorted(TASKS), default="sections",
+                    help="sections: the section of a package as a one-word answer (exact match); synopses: five "
+                         "synopses of a section as one long answer (completion loss)")
+    ap.add_argument("--steps", type=int, default=None, help="updates per run (sweep and final alike; default 100)")
     ap.add_argument("--seeds", type=int, default=2, help="seeds of the final runs")
     ap.add_argument("--dev", type=int, default=1000, help="training rows held out for the sweep")
     ap.add_argument("--quick", action="store_true", help="4 rows, 60 updates, 1 seed, the middle rate, no sweep")
@@ -382,28 +434,30 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         spec = json.loads(args.child)
-        print(json.dumps(run_one(spec["row"], spec["variant"], spec["lr"], spec["seed"], spec["steps"],
-                                 Path(spec["train"]), Path(spec["score"]), Path(spec["model"]))))
+        print(json.dumps(run_one(TASKS[spec["task"]], spec["row"], spec["variant"], spec["lr"], spec["seed"],
+                                 spec["steps"], Path(spec["train"]), Path(spec["score"]), Path(spec["model"]))))
         return
-    steps = 60 if args.quick else args.steps
+    task = TASKS[args.task]
+    default_steps = 60 if args.quick else task.steps
+    steps = default_steps if args.quick or args.steps is None else args.steps
     only = args.rows.split(";") if args.rows else None
     unknown = [r for r in only or [] if r not in ROWS]
     if unknown:
         sys.exit(f"unknown row {unknown[0]!r}: choose from {'; '.join(ROWS)}")
-    protocol = {"steps": steps, "batch": BATCH, "max_length": MAX_LENGTH, "dev": args.dev, "quick": args.quick,
-                "targets": TARGETS}
+    protocol = {"task": args.task, "steps": steps, "batch": BATCH, "max_length": task.max_length, "dev": args.dev,
+                "quick": args.quick, "targets": TARGETS}
     rates = None
     if args.lr_from is not None:
         if not args.lr_from.is_file():
             sys.exit(f"--lr-from {args.lr_from}: no such results file; run the 100-update table first.")
         rates = json.loads(args.lr_from.read_text())["runs"]
         protocol["lr_from"] = args.lr_from.name
-    default_steps = 60 if args.quick else 100
-    stem = "quality-llm" + ("-quick" if args.quick else "") + ("" if steps == default_steps else f"-{steps}steps")
+    stem = ("quality-llm" + ("" if args.task == "sections" else f"-{args.task}") + ("-quick" if args.quick else "")
+            + ("" if steps == default_steps else f"-{steps}steps"))
     results = Results(RESULTS / f"{stem}.json", {"protocol": protocol})
     start = time.perf_counter()
     if not args.report:
-        files = data(args.dev, args.quick)
+        files = data(args.task, args.dev, args.quick)
         runs = results.payload["runs"]
         tried: set[str] = set()  # a run that fails is retried by the next sitting, not in a loop of this one
 
@@ -430,10 +484,12 @@ def main() -> None:
                     tried.add(key)
                     train, score = ((files["sweep-train"], files["dev"]) if phase == "sweep"
                                     else (files["train"], files["val"]))
-                    result = _child({"row": row, "variant": variant, "lr": lr, "seed": seed, "steps": steps,
-                                     "train": str(train), "score": str(score), "model": str(files["model"])})
+                    result = _child({"task": args.task, "row": row, "variant": variant, "lr": lr, "seed": seed,
+                                     "steps": steps, "train": str(train), "score": str(score),
+                                     "model": str(files["model"])})
                     results.put(key, {**result, "lr": lr, "seed": seed, "phase": phase})
-                    shown = result.get("error") or f"exact match {result['exact_match']:.3f}, loss {result['loss']:.3f}"
+                    shown = result.get("error") or ", ".join(
+                        f"{k.replace('_', ' ')} {result[k]:.3f}" for k in ("exact_match", "loss") if k in result)
                     print(f"{row} {variant or ''} {phase} lr {lr:g} seed {seed}: {shown}  "
                           f"[{(time.perf_counter() - start) / 60:.1f} min]", flush=True)
 
@@ -443,7 +499,7 @@ def main() -> None:
     if only is not None:  # every pair of a whole table would be hundreds of lines
         print("\n".join(["", "Paired on the same prompts:", *paired(results.payload, only)]))
     if not args.quick and rates is None:  # a probe is drawn into the main plot
-        plot(results.payload, IMG / "quality_llm.png")
+        plot(results.payload, IMG / ("quality_llm.png" if args.task == "sections" else f"quality_llm_{args.task}.png"))
 
 
 if __name__ == "__main__":

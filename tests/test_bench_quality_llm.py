@@ -133,3 +133,36 @@ def test_paired_comparison_counts_the_prompts_only_one_run_gets_right(qllm):
     assert lines == ["LoRA r=1||final|0.01|0 vs LoRA r=8||final|0.001|0: disagree on 3 of 5; only the first right "
                      "on 3, only the second on 0; McNemar chi2 1.33",
                      "LoRA r=8||final|0.001|0: training loss over the last fifth 0.250"]
+
+
+def test_synopsis_lists_answer_with_up_to_five_synopses_of_one_section():
+    sys.path.insert(0, str(BENCH.parent))
+    from _sections import synopsis_lists
+
+    class Template:
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return " | ".join(m["content"] for m in messages)
+
+    rows = [{"text": f"tool {i}", "label": "net" if i % 3 else "web"} for i in range(20)]
+    lists = synopsis_lists(rows, Template())
+    net = sorted((r for r in lists if "'s net section" in r["prompt"]), key=lambda r: int(r["completion"][5:7]))
+    assert [r["completion"].count("\n") + 1 for r in net] == [5, 5, 3]  # 13 net rows: the last answer holds 3
+    assert net[0]["completion"] == "tool 1\ntool 2\ntool 4\ntool 5\ntool 7"  # file order within a section
+    web = [r["completion"] for r in lists if "'s web section" in r["prompt"]]
+    assert sorted(line for c in web for line in c.split("\n")) == sorted(f"tool {i}" for i in range(0, 20, 3))
+    assert lists == synopsis_lists(rows, Template())  # a fixed order
+
+
+def test_a_task_without_labels_chooses_and_reports_by_completion_loss(qllm):
+    row = "LoRA r=1"
+    lrs = qllm.ROWS[row][2]
+    runs = {qllm._key(row, None, "sweep", lr, 0): {k: v for k, v in _run(0.0, loss, lr).items() if k != "exact_match"}
+            for lr, loss in zip(lrs, [2.0, 1.5, 1.6, 1.9], strict=True)}
+    assert qllm.chosen_lr(runs, row) == lrs[1]
+    for seed, loss in enumerate((1.40, 1.42)):
+        final = _run(0.0, loss, lrs[1], seed, "final")
+        del final["exact_match"]
+        runs[qllm._key(row, None, "final", lrs[1], seed)] = final
+    table = qllm.readme_tables({"runs": runs, "protocol": {"task": "synopses", "steps": 100}})["methods"]
+    assert table.splitlines()[0] == "| row | trainable | lr | seeds | completion loss |"
+    assert f"| {row} | 10 | {lrs[1]:g} | 2 | 1.410 ± 0.014 |" in table

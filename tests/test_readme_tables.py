@@ -43,9 +43,9 @@ def test_readme_tables_match_committed_results():
 
 def test_readme_marks_the_benchmark_tables():
     assert REFERENCED == ["adapters_step.json", "moe.json", "moe_train.json", "optim.json", "optim_finetune.json",
-                          "optim_full.json", "plan.json", "quality-llm-300steps.json", "quality-llm.json",
-                          "quality-lm.json", "quality.json", "quantize.json", "rps.json", "serve.json", "stream.json",
-                          "zo.json"]
+                          "optim_full.json", "plan.json", "quality-llm-300steps.json", "quality-llm-synopses.json",
+                          "quality-llm.json", "quality-lm.json", "quality.json", "quantize.json", "rps.json",
+                          "serve.json", "stream.json", "zo.json"]
 
 
 # --- the mechanism, on a README and results of its own ---------------------------------------------------------
@@ -140,6 +140,13 @@ PAYLOADS = {
         **_llm_runs(MOS2, [], [0.733], variant="no subset selection")}},
     "quality-llm-300steps.json": {"protocol": {"steps": 300}, "runs": _llm_runs("LoRA r=1", [0.5, 0.6, 0.7, 0.76],
                                                                                [0.77, 0.7875])},
+    "quality-llm-synopses.json": {"protocol": {"task": "synopses", "steps": 100}, "runs": {
+        "zero-shot||final|0|0": {"loss": 5.42, "trainable_params": 0, "train_time_s": 0.0, "lr": 0.0, "seed": 0},
+        **{f"LoRA r=8||sweep|{lr:g}|0": {"loss": loss, "trainable_params": 2_442_240, "train_time_s": 500.0,
+                                         "lr": lr, "seed": 0}
+           for lr, loss in ((3e-4, 4.44), (1e-3, 4.17), (3e-3, 4.02), (1e-2, 4.05))},
+        **{f"LoRA r=8||final|0.003|{seed}": {"loss": loss, "trainable_params": 2_442_240, "train_time_s": 500.0,
+                                             "lr": 3e-3, "seed": seed} for seed, loss in enumerate((4.014, 4.006))}}},
     "rps.json": {"full_params": 788_750, "results": [
         {"compression": 1.0, "rps": {"params": 788_750, "accuracy": 0.802, "macro_f1": 0.789, "step_ms": 9.0},
          "dense": {"params": 788_750, "hidden": 128, "accuracy": 0.802, "macro_f1": 0.789, "step_ms": 5.0}},
@@ -257,6 +264,11 @@ EXPECTED = {  # README rows these payloads must reproduce, character for charact
         "| row | trainable | lr | seeds | exact match | completion loss |",
         "|---|---:|---:|---:|---:|---:|",
         "| LoRA r=1 | 305,280 | 0.01 (sweep unfinished) | 2 | 0.779 ± 0.012 | 0.405 ± 0.007 |"],
+    ("quality-llm-synopses.json", "methods"): [
+        "| row | trainable | lr | seeds | completion loss |",
+        "|---|---:|---:|---:|---:|",
+        "| zero-shot | 0 | | 1 | 5.420 ± 0.000 |",
+        "| LoRA r=8 | 2,442,240 | 0.003 | 2 | 4.010 ± 0.006 |"],
     ("rps.json", "compression"): [
         "| compression | RPS parameters | RPS acc / F1 | dense model of equal size | dense acc / F1 |",
         "|---|---:|---:|---|---:|",
