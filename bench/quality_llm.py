@@ -399,6 +399,8 @@ def plot(payload: dict, path: Path) -> None:
     stem = "quality-llm" if task is TASKS["sections"] else f"quality-llm-{payload['protocol']['task']}"
     for probe in sorted(RESULTS.glob(f"{stem}-*steps.json")):  # longer schedules, at this file's rates
         other = json.loads(probe.read_text())
+        if task_of(other) is not task:  # quality-llm-*steps.json also matches another task's probes
+            continue
         longer = [s for s in summarize(other) if s["variant"] is None and s["trainable_params"]]
         if longer:
             xs, ys, errs = zip(*[(s["trainable_params"], s[metric], s[spread]) for s in longer], strict=True)
