@@ -291,6 +291,12 @@ def plan(quick: bool, seeds: int, only: list[str] | None = None,
     return todo
 
 
+def _mean_std(name: str, values: list[float] | None) -> dict[str, float | None]:
+    if values is None:
+        return {name: None, f"{name}_std": None}
+    return {name: statistics.mean(values), f"{name}_std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
 def summarize(payload: dict) -> list[dict]:
     """One entry per row (and ablation variant): mean ± std over the final runs' seeds."""
     runs = payload["runs"]
@@ -308,14 +314,13 @@ def summarize(payload: dict) -> list[dict]:
         finals = [r for r in every if r.get("lr") == lr]
         if not finals:
             continue
-        em = [r.get("exact_match", 0.0) for r in finals]  # a task without a label: 0, not shown
-        loss = [r["loss"] for r in finals]
+        # exact match where the task has a label; a label-free task (synopses) has none, rather than a made-up 0
+        em = [r["exact_match"] for r in finals] if task_of(payload).exact_match else None
         grid = sweep_rates(sweeps, row) if ROWS[row][0] is not None else []
         out.append({"row": row, "variant": variant, "seeds": len(finals), "lr": lr,
                     "edge": bool(grid) and lr in (grid[0], grid[-1]), "unfinished": unfinished,
-                    "trainable_params": finals[0]["trainable_params"], "em": statistics.mean(em),
-                    "em_std": statistics.stdev(em) if len(em) > 1 else 0.0, "loss": statistics.mean(loss),
-                    "loss_std": statistics.stdev(loss) if len(loss) > 1 else 0.0,
+                    "trainable_params": finals[0]["trainable_params"], **_mean_std("em", em),
+                    **_mean_std("loss", [r["loss"] for r in finals]),
                     "train_min": statistics.mean(r["train_time_s"] for r in finals) / 60})
     return out
 
