@@ -89,7 +89,10 @@ ABLATION = {
     "no vector sharding (l=1)": {"shards": 1},
     "no privatization (r_pri=0)": {"r_pri": 0},
 }
-PRIORITY = ["zero-shot", "LoRA r=1", "LoRA r=8", "MoS, LoRA r=1 budget (active rank 8)"]
+# First what shows whether rank matters (LoRA r=1, r=8), then each goal's rows: MoS at 1/8 of r=8; IncreLoRA and
+# AdaLoRA against LoRA r=2.
+PRIORITY = ["zero-shot", "LoRA r=1", "LoRA r=8", "MoS, LoRA r=1 budget (active rank 8)", "LoRA r=2",
+            "IncreLoRA, rank-2 budget", "AdaLoRA, rank-2 budget"]
 QUICK_ROWS = ["zero-shot", "LoRA r=1", "LoRA r=8", "MoS, LoRA r=1 budget (active rank 8)"]
 BATCH = 8
 
@@ -117,8 +120,19 @@ TASKS = {
 }
 
 
+def task_name(payload: dict) -> str:
+    return payload.get("protocol", {}).get("task", "sections")  # files from before tasks were sections runs
+
+
 def task_of(payload: dict) -> Task:
-    return TASKS[payload.get("protocol", {}).get("task", "sections")]
+    return TASKS[task_name(payload)]
+
+
+def stem(task: str, quick: bool = False, steps: int | None = None) -> str:
+    """A results file's name: quality-llm[-<task>][-quick][-<steps>steps] (no task part for sections, the first
+    task; steps only where they differ from the default, as for a longer-schedule probe)."""
+    return ("quality-llm" + ("" if task == "sections" else f"-{task}") + ("-quick" if quick else "")
+            + ("" if steps is None else f"-{steps}steps"))
 
 
 def data(task: str, dev: int, quick: bool) -> dict[str, Path]:
@@ -272,11 +286,11 @@ def chosen_lr(runs: dict, row: str) -> float | None:
 
 def plan(quick: bool, seeds: int, only: list[str] | None = None,
          sweep: bool = True) -> list[tuple[str, str | None, str, float | None, int]]:
-    """(row, ablation variant, phase, lr, seed), in the order they run: row by row (first the rows that show whether
-    rank matters here, LoRA r=1 and r=8), each its sweep and then its seeds, so a partial results file holds whole
-    rows; the ablation last. A sweep is one entry (lr None: its rates, `sweep_rates`, depend on its results); a
-    final's lr is None too (the row's chosen rate). `only` keeps those rows (no ablation unless its
-    row is kept); `sweep=False` runs the finals alone (their rates come from elsewhere)."""
+    """(row, ablation variant, phase, lr, seed), in the order they run: row by row (PRIORITY first), each its sweep
+    and then its seeds, so a partial results file holds whole rows; the ablation last. A sweep is one entry (lr None:
+    its rates, `sweep_rates`, depend on its results); a final's lr is None too (the row's chosen rate). `only` keeps
+    those rows (no ablation unless its row is kept); `sweep=False` runs the finals alone (their rates come from
+    elsewhere)."""
     rows = QUICK_ROWS if quick else PRIORITY + [r for r in ROWS if r not in PRIORITY]
     rows = [r for r in rows if only is None or r in only]
     todo = []
@@ -401,8 +415,7 @@ def plot(payload: dict, path: Path) -> None:
         ax.axhline(zero[metric], color="0.4", ls=":", lw=1, label="zero-shot")
     elif zero is not None:  # far off: a note, so the axis keeps the trained rows apart
         ax.text(0.02, 0.03, f"zero-shot: {zero[metric]:.3f} (off the axis)", transform=ax.transAxes, fontsize=8)
-    stem = "quality-llm" if task is TASKS["sections"] else f"quality-llm-{payload['protocol']['task']}"
-    for probe in sorted(RESULTS.glob(f"{stem}-*steps.json")):  # longer schedules, at this file's rates
+    for probe in sorted(RESULTS.glob(f"{stem(task_name(payload))}-*steps.json")):  # longer schedules, this file's rates
         other = json.loads(probe.read_text())
         if task_of(other) is not task:  # quality-llm-*steps.json also matches another task's probes
             continue
@@ -459,9 +472,8 @@ def main() -> None:
             sys.exit(f"--lr-from {args.lr_from}: no such results file; run the 100-update table first.")
         rates = json.loads(args.lr_from.read_text())["runs"]
         protocol["lr_from"] = args.lr_from.name
-    stem = ("quality-llm" + ("" if args.task == "sections" else f"-{args.task}") + ("-quick" if args.quick else "")
-            + ("" if steps == default_steps else f"-{steps}steps"))
-    results = Results(RESULTS / f"{stem}.json", {"protocol": protocol})
+    name = stem(args.task, args.quick, None if steps == default_steps else steps)
+    results = Results(RESULTS / f"{name}.json", {"protocol": protocol})
     start = time.perf_counter()
     if not args.report:
         files = data(args.task, args.dev, args.quick)

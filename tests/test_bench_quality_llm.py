@@ -64,7 +64,7 @@ def test_a_sweep_best_at_an_edge_grows_by_a_grid_step_up_to_twice(qllm):
 def test_plan_orders_rows_and_filters(qllm):
     todo = qllm.plan(quick=False, seeds=2)
     rows = list(dict.fromkeys(t[0] for t in todo if t[1] is None))
-    assert rows[:4] == qllm.PRIORITY and set(rows) == set(qllm.ROWS)
+    assert rows[: len(qllm.PRIORITY)] == qllm.PRIORITY and set(rows) == set(qllm.ROWS)
     first = [t for t in todo if t[0] == "LoRA r=1"]
     assert [t[2] for t in first] == ["sweep", "final", "final"]  # one sweep entry: its rates depend on its results
     assert todo[-1][0] == qllm.ABLATION_OF and todo[-1][1] is not None  # the ablation last
@@ -166,3 +166,11 @@ def test_a_task_without_labels_chooses_and_reports_by_completion_loss(qllm):
     table = qllm.readme_tables({"runs": runs, "protocol": {"task": "synopses", "steps": 100}})["methods"]
     assert table.splitlines()[0] == "| row | trainable | lr | seeds | completion loss |"
     assert f"| {row} | 10 | {lrs[1]:g} | 2 | 1.410 ± 0.014 |" in table
+
+
+def test_results_file_names_follow_task_quick_and_steps(qllm):
+    # readme_check and the plot's probe search find the files by these names
+    assert qllm.stem("sections") == "quality-llm"
+    assert qllm.stem("sections", steps=300) == "quality-llm-300steps"
+    assert qllm.stem("synopses", quick=True) == "quality-llm-synopses-quick"
+    assert qllm.stem(qllm.task_name({"protocol": {}})) == "quality-llm"  # a file from before tasks
