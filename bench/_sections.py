@@ -8,6 +8,7 @@ completion; a greedy answer is scored by exact match.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 QUESTION = "Which Debian archive section is this package in? Package: {}"
@@ -65,10 +66,8 @@ LIST_QUESTION = "List packages of the Debian archive's {} section."
 def synopsis_lists(rows: list[dict], tokenizer, per_answer: int = 5) -> list[dict]:
     """The synopses as long chat answers: per section, its packages in file order, `per_answer` synopses (one per
     line) to an answer (the last of a section may hold fewer), as prompt/completion rows in a fixed shuffled order.
-    Nearly every token of such a row is a target, where a section answer has one or two: a task on which how much
-    an adapter can learn (its capacity) shows, not only whether it finds the label."""
-    import random
-
+    Most tokens of such a row are targets (~52 of ~91), where a section answer has one or two: a task on which how
+    much an adapter can learn (its capacity) shows, not only whether it finds the label."""
     by_section: dict[str, list[str]] = {}
     for r in rows:
         by_section.setdefault(r["label"], []).append(r["text"])
