@@ -287,38 +287,81 @@ def _cpu_flags() -> set[str]:
     return set(next((line for line in lines if line.startswith("flags")), "").split())
 
 
-@pytest.mark.parametrize("isa", ["native", "avx2"])
-@pytest.mark.parametrize(("rows", "row"), [(1, 70_001), (37, 700), (6, 512), (3, 100)])
-def test_the_vector_kernel_is_bitwise_the_scalar_one(rows, row, isa):
-    """The vector path (AVX-512 VBMI: byte-plane decoding and the search-free encoder; else AVX2: gathers and the
-    direct search; both pipelined over blocks, with prefetch) against the same C compiled without AVX2, which runs
-    the maths value by value. Rows of 700 mix full blocks with a partial one between them (the
-    pipeline's pending block must survive it); rows of 100 have only partial blocks; 1 x 70,001 is one flat run."""
+def _vector_and_scalar(isa: str) -> tuple[object, object]:
     vector, scalar = kernels.load(isa), kernels.load("scalar")
     if vector is None or scalar is None:
         pytest.skip("no C compiler for both builds here")
     if "avx2" not in _cpu_flags():
         pytest.skip("no AVX2 here: both builds would be the scalar code")
-    from memfit.optim.adamw8bit import _hyper
-    from memfit.optim.quant import blocks_per_row, tables
+    return vector, scalar
 
+
+def _run_kernel(lib: object, state: list[torch.Tensor], grad: torch.Tensor, row: int, nb: int, step: int,
+                lr: float = 1e-2) -> None:
+    from memfit.optim.adamw8bit import _hyper
+    from memfit.optim.quant import tables
+
+    tm, tv = tables(True), tables(False)
+    hp = _hyper(dict(betas=(0.9, 0.999), lr=lr, weight_decay=0.1, eps=1e-8), step)
+    lib.adamw8bit_blocks(*(t.data_ptr() for t in (state[0], grad, *state[1:])), row, 0, nb,
+                         *(t.data_ptr() for t in (tm.qmap, tm.direct, tm.encoder, tv.qmap, tv.direct, tv.encoder,
+                                                  hp)))
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize(("rows", "row"), [(1, 70_001), (37, 700), (6, 512), (3, 100)])
+def test_the_vector_kernel_keeps_the_scalar_states_bitwise(rows, row, isa):
+    """The vector path (AVX-512 VBMI: byte-plane decoding and the search-free encoder; else AVX2: gathers and the
+    direct search; both pipelined over blocks, with prefetch) against the same C compiled without AVX2, which runs
+    the maths value by value: the states bitwise. p only within its last bits, since the vector paths divide by
+    the reciprocal estimate and one correction (the next test holds that quotient to the division). Rows of 700
+    mix full blocks with a partial one between them (the pipeline's pending block must survive it); rows of 100
+    have only partial blocks; 1 x 70,001 is one flat run."""
+    from memfit.optim.quant import blocks_per_row
+
+    vector, scalar = _vector_and_scalar(isa)
     g = torch.Generator().manual_seed(1)
     n, nb = rows * row, rows * blocks_per_row(row)
     start = [torch.randn(n, generator=g), torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g),
              torch.rand(nb, generator=g), torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g),
              torch.rand(nb, generator=g) * 1e-4]
     states = {lib: [t.clone() for t in start] for lib in (vector, scalar)}
-    tm, tv = tables(True), tables(False)
+    moved, held = torch.zeros(n), torch.zeros(n)  # sum over steps of |update| and of |p|, from the scalar run
     for step in range(1, 5):
         grad = torch.randn(n, generator=g) * 10.0 ** -step
-        hp = _hyper(dict(betas=(0.9, 0.999), lr=1e-2, weight_decay=0.1, eps=1e-8), step)
-        for lib, (p, mq, ma, vq, va) in states.items():
-            lib.adamw8bit_blocks(*(t.data_ptr() for t in (p, grad, mq, ma, vq, va)), row, 0, nb,
-                                 *(t.data_ptr() for t in (tm.qmap, tm.direct, tm.encoder, tv.qmap, tv.direct,
-                                                          tv.encoder, hp)))
-    for name, a, b in zip(("p", "mq", "ma", "vq", "va"), states[vector], states[scalar], strict=True):
+        before = states[scalar][0].clone()
+        for lib, state in states.items():
+            _run_kernel(lib, state, grad, row, nb, step)
+        moved += (states[scalar][0] - before).abs()
+        held += states[scalar][0].abs()
+    for name, a, b in zip(("mq", "ma", "vq", "va"), states[vector][1:], states[scalar][1:], strict=True):
         assert torch.equal(a, b), name
     assert not torch.equal(states[vector][1], start[1])  # the codes really changed
+    # each step: the quotient within 2 ulp of the update, and p's own rounding within an ulp of p
+    tolerance = torch.finfo(torch.float32).eps * (2 * moved + held)
+    assert torch.all((states[vector][0] - states[scalar][0]).abs() <= tolerance)
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_the_vector_update_is_the_division_within_two_ulp(isa):
+    """From p = 0 one step writes p = -lr/bc1 * m / denom alone, so p shows the vector path's quotient (reciprocal
+    estimate and one correction) against the scalar build's division, over denominators from eps-sized to large:
+    within 2 ulp (the estimate alone is 2^-12 or 2^-14 off, hundreds of ulp)."""
+    from memfit.optim.quant import blocks_per_row
+
+    vector, scalar = _vector_and_scalar(isa)
+    g = torch.Generator().manual_seed(2)
+    n = 64 * 256
+    nb = blocks_per_row(n)
+    grad = torch.randn(n, generator=g) * 10.0 ** torch.randint(-9, 3, (n,), generator=g).float()
+    start = [torch.zeros(n), torch.full((n,), 127, dtype=torch.uint8), torch.zeros(nb),
+             torch.zeros(n, dtype=torch.uint8), torch.zeros(nb)]
+    states = {lib: [t.clone() for t in start] for lib in (vector, scalar)}
+    for lib, state in states.items():
+        _run_kernel(lib, state, grad, n, nb, 1)
+    a, b = states[vector][0], states[scalar][0]
+    assert b.abs().min() > 0 and torch.equal(a.sign(), b.sign())
+    assert torch.all((a - b).abs() <= 2 * torch.finfo(torch.float32).eps * b.abs())
 
 
 @pytest.mark.parametrize("signed", [True, False])

@@ -4,11 +4,13 @@ Why not torch ops: the update is ~20 elementwise passes plus four table lookups 
 ops it runs ~40x slower than torch's fused AdamW on CPU, and torch.compile's generated C++ (indirect loads,
 a recomputed reduction) was still ~9x slower here. One pass over each 256-value block does it all.
 
-Speed: the update itself is bound by the divider: one division and a square root per value (torch's fused AdamW
-divides twice, by sqrt(bc2) too; here that is a multiply by its reciprocal, which on Zen 4 took 20% off the step
-with the encoder sharing the vector pipes; p may differ from torch's formula in the last bit, the states do not
-depend on it); the rest is four table lookups per value (decode m and v, encode them again), which GCC does not
-vectorise by itself. Three paths, chosen by what `-march=native` offers, all bitwise the same states:
+Speed: the divider and the table lookups bound it. torch's fused AdamW divides twice per value, by sqrt(bc2) and
+by the denominator, and takes a square root. Here the first is a multiply by its reciprocal, and the vector paths
+replace the second by the CPU's reciprocal estimate and one correction of the quotient (within an ulp or two of
+the division): on Zen 4 each change took a fifth off the step, since the divider is shared with the square root
+and the encoder. Only p uses them, so p may differ from torch's formula, and from the scalar build, in its last
+bits; the states never do. The rest is four table lookups per value (decode m and v, encode them again), which
+GCC does not vectorise by itself. Three paths, chosen by what `-march=native` offers, all bitwise the same states:
 - AVX-512 VBMI (Zen 4, Ice Lake and later): no gathers, which cost ~10 cycles per 8 values on Zen 4. Decoding
   reads the map from four byte planes with byte permutes, 64 codes at a time; encoding is search-free: a lower
   bound of the code from the value's bits and one fused multiply-add (the map is sign, decade and linear
@@ -150,6 +152,18 @@ static inline uint32_t hmax(__m256i x) {
     y = _mm_max_epu32(y, _mm_shuffle_epi32(y, 0xB1));
     return (uint32_t)_mm_cvtsi128_si32(y);
 }
+
+/* a / d without the divider: the 12-bit reciprocal estimate, then one correction of the quotient from its
+   residual (q + r(a - dq), with FMA), within an ulp or two of the division; p is the only output that uses it */
+static inline __m256 quot8(__m256 a, __m256 d) {
+#ifdef __FMA__
+    const __m256 r = _mm256_rcp_ps(d);
+    const __m256 q = _mm256_mul_ps(a, r);
+    return _mm256_fmadd_ps(_mm256_fnmadd_ps(d, q, a), r, q);
+#else
+    return _mm256_div_ps(a, d);
+#endif
+}
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
@@ -255,6 +269,14 @@ static inline void encode64(const float* x, __m512 scale, const Enc* v, const in
 
 static inline uint32_t hmax16(__m512i x) { return (uint32_t)_mm512_reduce_max_epu32(x); }
 
+/* a / d as quot8 does it, from the 14-bit estimate: Zen 4's divider is shared with the square root and the
+   encoder's work, and one division per value took a fifth of the step */
+static inline __m512 quot16(__m512 a, __m512 d) {
+    const __m512 r = _mm512_rcp14_ps(d);
+    const __m512 q = _mm512_mul_ps(a, r);
+    return _mm512_fmadd_ps(_mm512_fnmadd_ps(d, q, a), r, q);
+}
+
 /* Full blocks [b0, b1) of one flat run or rows, software-pipelined like the AVX2 path (block b-1 is encoded
    while block b is decoded and updated); partial blocks go to block_scalar. */
 static void blocks_vbmi(float* restrict p, const float* restrict g, uint8_t* restrict mq, float* restrict ma,
@@ -300,7 +322,7 @@ static void blocks_vbmi(float* restrict p, const float* restrict g, uint8_t* res
                 const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vi), ibc2s), eps);
                 const __m512 pk = _mm512_loadu_ps(p + s + i);
                 _mm512_storeu_ps(p + s + i, _mm512_add_ps(_mm512_mul_ps(pk, decay),
-                                                          _mm512_mul_ps(neg_step, _mm512_div_ps(mi, denom))));
+                                                          _mm512_mul_ps(neg_step, quot16(mi, denom))));
                 _mm512_store_ps(m + i, mi);
                 _mm512_store_ps(v + i, vi);
                 mmax = _mm512_max_epu32(mmax, _mm512_and_si512(_mm512_castps_si512(mi), nosign));
@@ -400,7 +422,7 @@ static void blocks_gather(float* restrict p, const float* restrict g, uint8_t* r
                 const __m256 denom = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(vi), ibc2s), eps);
                 const __m256 pk = _mm256_loadu_ps(p + s + k);
                 _mm256_storeu_ps(p + s + k, _mm256_add_ps(_mm256_mul_ps(pk, decay),
-                                                          _mm256_mul_ps(neg_step, _mm256_div_ps(mi, denom))));
+                                                          _mm256_mul_ps(neg_step, quot8(mi, denom))));
                 _mm256_store_ps(m + k, mi);
                 _mm256_store_ps(v + k, vi);
                 mmax = _mm256_max_epu32(mmax, _mm256_and_si256(_mm256_castps_si256(mi), nosign));
