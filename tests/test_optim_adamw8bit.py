@@ -366,11 +366,12 @@ def test_the_vector_update_is_the_division_within_two_ulp(isa):
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_the_vector_encoder_gives_the_nearest_code_everywhere(signed):
-    """The kernel's encoder (on AVX-512 VBMI the search-free one: a bound from the value's bits and one fused
-    multiply-add, then one comparison with a midpoint) against torch.bucketize on the map's midpoints: a sweep of
-    every 331st fp32 bit pattern (all signs and magnitudes, NaN and inf included), every midpoint and its two
-    neighbours (the ties), the decades' edges and the values around 1 and 2. An exhaustive run over all 2^32
-    patterns matched too (see the module docstring of memfit.optim.kernels)."""
+    """The kernel's encoder (on AVX-512 VBMI the search-free one: a bound from the value's top 16 bits, then one
+    comparison with a midpoint) against torch.bucketize on the map's midpoints: a sweep of every 331st fp32 bit
+    pattern (all signs and magnitudes, NaN and inf included), the first, middle and last value of every top-16-bit
+    bin (where the bound's lines change), every midpoint and its two neighbours (the ties), the decades' edges and
+    the values around 1 and 2. An exhaustive run over all 2^32 patterns matched too (see the module docstring of
+    memfit.optim.kernels)."""
     lib = kernels.load()
     if lib is None:
         pytest.skip("no C compiler here")
@@ -383,7 +384,9 @@ def test_the_vector_encoder_gives_the_nearest_code_everywhere(signed):
     special = torch.cat([special, torch.nextafter(special, torch.tensor(9.0)),
                          torch.nextafter(special, torch.tensor(-9.0)), torch.tensor([float("nan"), -float("nan")])])
     sweep = torch.arange(-(2**31), 2**31 - 1, 331, dtype=torch.int64).to(torch.int32).view(torch.float32)
-    x = torch.cat([sweep, special])
+    bins = (torch.arange(65536, dtype=torch.int64)[:, None] << 16) | torch.tensor([0, 0x8000, 0xFFFF])
+    bins = torch.where(bins >= 2**31, bins - 2**32, bins).to(torch.int32).view(torch.float32).flatten()
+    x = torch.cat([sweep, bins, special])
     out = torch.empty(x.numel(), dtype=torch.uint8)
     lib.encode_values(x.data_ptr(), out.data_ptr(), x.numel(), t.direct.data_ptr(), t.encoder.data_ptr(), signed)
     assert torch.equal(out, quantize_normalized(x, t))

@@ -12,11 +12,14 @@ and the encoder. Only p uses them, so p may differ from torch's formula, and fro
 bits; the states never do. The rest is four table lookups per value (decode m and v, encode them again), which
 GCC does not vectorise by itself. Three paths, chosen by what `-march=native` offers, all bitwise the same states:
 - AVX-512 VBMI (Zen 4, Ice Lake and later): no gathers, which cost ~10 cycles per 8 values on Zen 4. Decoding
-  reads the map from four byte planes with byte permutes, 64 codes at a time; encoding is search-free: a lower
-  bound of the code from the value's bits and one fused multiply-add (the map is sign, decade and linear
-  fraction: `memfit.optim.quant.encoder_table`), then one exact comparison with the midpoint above it, read the
-  same way. Checked against the direct search on all 2^32 fp32 bit patterns of both maps (both matched:
-  `bench/encoder_exhaustive.py`; the tests sweep every 331st pattern and every tie).
+  reads the map from four byte planes with byte permutes, 64 codes at a time; encoding is search-free: a bound
+  of the code from the value's top 16 bits, 32 values per vector in 16-bit lanes (within a binade the map is
+  linear in those bits, but where a decade begins: one or two lines of 16-bit fixed point per binade, fitted
+  and checked on all 65,536 keys by `memfit.optim.quant.encoder_table`), then one exact comparison with the
+  midpoint above it, read from byte planes too. Checked against the direct search on all 2^32 fp32 bit patterns
+  of both maps (`bench/encoder_exhaustive.py`; the tests sweep every 331st pattern, every key's bin edges and
+  every tie). It replaced a bound computed per value in 32-bit lanes (a decade lookup and one fused
+  multiply-add), which took twice the operations and a third of the step.
 - AVX2: gathers, and the direct search of `memfit.optim.quant` (one gather per code, no search loop).
 - Without AVX2 (or the "scalar" build, `load("scalar")`) plain C runs the same maths value by value: the
   reference the tests hold both vector paths to (`tests/test_optim_adamw8bit.py`).
@@ -170,33 +173,28 @@ static inline __m256 quot8(__m256 a, __m256 d) {
 #define VBMI_PATH 1
 /* AVX-512 VBMI path: no gathers. Decoding reads the map from four byte planes (byte k of every entry, 256 bytes
    each: two two-table byte permutes and a blend give one byte of 64 values) and interleaves them into fp32;
-   encoding computes each code from the value's bits and one fused multiply-add (memfit.optim.quant.encoder_table)
-   and finishes with one exact comparison against the midpoint read the same way. */
+   encoding computes a bound of each code from the value's top 16 bits, 32 values per vector in 16-bit lanes
+   (memfit.optim.quant.encoder_table), and finishes with one exact comparison against the midpoint read the same
+   way as the map. */
 typedef struct {
-    __m512i d0, d1, neg;
-    __m512 l0, l1, s, o, b, top, e;
+    __m512i edge, a0, a1, b0, b1, neg;  /* 16-bit lanes: per binade EDGE; per segment A and B (64 each) */
     __m512i map[4][4], mid[4][4];  /* byte planes: [byte of the fp32 value][64-entry quarter] */
 } Enc;
 
 /* Byte i of 64 codes is placed at i' so that the in-lane unpacks below return values 16q..16q+15 in vector q:
    ORDER[16L + 4q + r] = 16q + 4L + r (its own inverse). */
 static const uint8_t ORDER[64] = {ORDER_INIT};
-static const uint8_t PACK[64] = {PACK_INIT};  /* low bytes of the dwords of two vectors, into ORDER's places */
-#define PACK_HI 0xFF00FF00FF00FF00ull  /* ORDER's places of vectors 2 and 3 */
+static const uint8_t PACK[64] = {PACK_INIT};  /* low bytes of the words of two vectors, into ORDER's places */
+static const uint16_t HIGH_WORDS[32] = {HIGH_INIT};  /* the top half of each dword of two vectors */
 
 static void enc_load(Enc* v, const uint8_t* table) {
-    const int32_t* w = (const int32_t*)table;
-    const float* f = (const float*)table;
-    v->d0 = _mm512_loadu_si512(w + ENC_D);
-    v->d1 = _mm512_loadu_si512(w + ENC_D + 16);
-    v->l0 = _mm512_loadu_ps(f + ENC_L);
-    v->l1 = _mm512_loadu_ps(f + ENC_L + 16);
-    v->s = _mm512_loadu_ps(f + ENC_S);
-    v->o = _mm512_loadu_ps(f + ENC_O);
-    v->b = _mm512_loadu_ps(f + ENC_B);
-    v->top = _mm512_set1_ps(f[ENC_TOP]);
-    v->e = _mm512_set1_ps(f[ENC_E]);
-    v->neg = _mm512_set1_epi32(w[ENC_NEG]);
+    const uint16_t* h = (const uint16_t*)table;
+    v->edge = _mm512_loadu_si512(h + 2 * ENC_EDGE);
+    v->a0 = _mm512_loadu_si512(h + 2 * ENC_A);
+    v->a1 = _mm512_loadu_si512(h + 2 * ENC_A + 32);
+    v->b0 = _mm512_loadu_si512(h + 2 * ENC_B);
+    v->b1 = _mm512_loadu_si512(h + 2 * ENC_B + 32);
+    v->neg = _mm512_set1_epi16((short)((const int32_t*)table)[ENC_NEG]);
     const uint8_t* planes = table + 4 * ENC_INTS;
     for (int k = 0; k < 4; k++)
         for (int j = 0; j < 4; j++) {
@@ -226,38 +224,32 @@ static inline void decode64(const uint8_t* codes, const Enc* v, __m512 scale, __
     for (int q = 0; q < 4; q++) out[q] = _mm512_mul_ps(_mm512_castsi512_ps(raw[q]), scale);
 }
 
-/* A lower bound c0 of 16 codes, at most one below (see encoder_table); `is_signed` is a constant where inlined. */
-static inline __m512i code_bound16(__m512 x, const Enc* v, const int is_signed) {
-    const __m512i one = _mm512_set1_epi32(1);
-    const __m512i bits = _mm512_castps_si512(x);
-    const __m512i abits = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF));
-    const __m512 a = _mm512_castsi512_ps(abits);
-    const __m512i binade = _mm512_subs_epu16(_mm512_srli_epi32(abits, 23), _mm512_set1_epi32(ENC_E_MIN));
-    const __m512i start = _mm512_permutex2var_epi32(v->d0, binade, v->d1);
-    const __m512 edge = _mm512_permutex2var_ps(v->l0, binade, v->l1);
-    const __m512i t = _mm512_mask_add_epi32(start, _mm512_cmp_ps_mask(a, edge, _CMP_GE_OQ), start, one);
-    const __m512 u = _mm512_fmadd_ps(a, _mm512_permutexvar_ps(t, v->s), _mm512_permutexvar_ps(t, v->o));
-    /* NaN: min gives TOP and both unordered comparisons count, so 255 like every |x| >= 1 (a binade index past 31
-       wraps, but any decade's u is then far above E) */
-    __m512i c = _mm512_cvttps_epi32(_mm512_min_ps(u, v->top));
-    c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(u, _mm512_permutexvar_ps(t, v->b), _CMP_NLE_UQ), c, one);
-    c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(u, v->e, _CMP_NLE_UQ), c, one);
-    const __mmask16 negative = _mm512_movepi32_mask(bits);
-    if (is_signed) return _mm512_max_epi32(_mm512_mask_sub_epi32(c, negative, v->neg, c), _mm512_setzero_si512());
-    return _mm512_maskz_mov_epi32(_knot_mask16(negative), c);  /* below every unsigned midpoint */
+/* c0 of 32 values from their keys (top 16 bits), with c0 <= code <= c0 + 1: memfit.optim.quant.encoder_bound,
+   step for step. `is_signed` is a constant where inlined. */
+static inline __m512i code_bound32(__m512i key, const Enc* v, const int is_signed) {
+    const __m512i kp = _mm512_min_epu16(_mm512_subs_epu16(_mm512_and_si512(key, _mm512_set1_epi16(0x7FFF)),
+                                                          _mm512_set1_epi16(ENC_K0)),
+                                        _mm512_set1_epi16(ENC_KMAX));
+    const __m512i binade = _mm512_srli_epi16(kp, 7);
+    const __mmask32 upper = _mm512_cmpge_epu16_mask(kp, _mm512_permutexvar_epi16(binade, v->edge));
+    const __m512i seg = _mm512_mask_add_epi16(binade, upper, binade, _mm512_set1_epi16(32));
+    const __m512i a = _mm512_permutex2var_epi16(v->a0, seg, v->a1), b = _mm512_permutex2var_epi16(v->b0, seg, v->b1);
+    const __m512i c = _mm512_srli_epi16(_mm512_add_epi16(_mm512_mulhi_epu16(_mm512_slli_epi16(kp, 9), a), b), 8);
+    const __mmask32 negative = _mm512_movepi16_mask(key);
+    if (is_signed) return _mm512_max_epi16(_mm512_mask_sub_epi16(c, negative, v->neg, c), _mm512_setzero_si512());
+    return _mm512_maskz_mov_epi16(_knot_mask32(negative), c);  /* below every unsigned midpoint */
 }
 
 /* Codes of 64 values x * scale, exactly those of quant(). */
 static inline void encode64(const float* x, __m512 scale, const Enc* v, const int is_signed, uint8_t* out) {
     __m512 xs[4];
-    __m512i c[4];
-    for (int q = 0; q < 4; q++) {
-        xs[q] = _mm512_mul_ps(_mm512_load_ps(x + 16 * q), scale);
-        c[q] = code_bound16(xs[q], v, is_signed);
-    }
-    const __m512i pack = _mm512_loadu_si512(PACK);
-    const __m512i placed = _mm512_mask_blend_epi8(PACK_HI, _mm512_permutex2var_epi8(c[0], pack, c[1]),
-                                                  _mm512_permutex2var_epi8(c[2], pack, c[3]));
+    for (int q = 0; q < 4; q++) xs[q] = _mm512_mul_ps(_mm512_load_ps(x + 16 * q), scale);
+    const __m512i high = _mm512_loadu_si512(HIGH_WORDS);
+    const __m512i c0 = code_bound32(_mm512_permutex2var_epi16(_mm512_castps_si512(xs[0]), high,
+                                                              _mm512_castps_si512(xs[1])), v, is_signed);
+    const __m512i c1 = code_bound32(_mm512_permutex2var_epi16(_mm512_castps_si512(xs[2]), high,
+                                                              _mm512_castps_si512(xs[3])), v, is_signed);
+    const __m512i placed = _mm512_permutex2var_epi8(c0, _mm512_loadu_si512(PACK), c1);
     __m512i mid[4];
     lookup64(placed, v->mid, mid);
     __mmask16 above[4];
@@ -475,10 +467,12 @@ void adamw8bit_blocks(float* restrict p, const float* restrict g, uint8_t* restr
 
 
 def _byte_orders() -> dict[str, str]:
-    """ORDER and PACK of the VBMI path as C initialisers (see the comments there)."""
+    """ORDER, PACK and HIGH_WORDS of the VBMI path as C initialisers (see the comments there)."""
     order = [16 * ((i >> 2) & 3) + 4 * (i >> 4) + (i & 3) for i in range(64)]
-    pack = [64 * (((i >> 2) & 3) % 2) + 4 * (4 * (i >> 4) + (i & 3)) for i in range(64)]
-    return {"ORDER_INIT": ", ".join(map(str, order)), "PACK_INIT": ", ".join(map(str, pack))}
+    pack = [2 * o for o in order]  # value v's code is the low byte of word v of the two 16-bit vectors
+    high = [2 * i + 1 for i in range(32)]
+    return {name: ", ".join(map(str, values)) for name, values in
+            (("ORDER_INIT", order), ("PACK_INIT", pack), ("HIGH_INIT", high))}
 
 
 SOURCE = TEMPLATE

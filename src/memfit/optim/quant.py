@@ -25,7 +25,7 @@ from functools import cache
 
 import torch
 
-from memfit.quant.codebooks import DECADES, dynamic_map
+from memfit.quant.codebooks import dynamic_map
 
 BLOCK = 256
 
@@ -41,13 +41,14 @@ def direct_index(bits: torch.Tensor) -> torch.Tensor:
     return ((sign * EXPONENTS + exponent) << 7) | ((bits >> 16) & 0x7F)
 
 
-# The arithmetic encoder (`encoder_table`): binades from 2^(ENC_E_MIN - 127) up get their own decade lookup.
-ENC_E_MIN = 103  # the binade of 1e-7, the lowest decade's edge: every smaller value lies in decade 0 too
-ENC_DELTA = 1 / 64  # u is lowered by this (> its rounding error, < the gap between two thresholds): c0 <= code
+# The kernel's search-free encoder (`encoder_table`), in 16-bit lanes on a value's top 16 bits (its key).
+ENC_K0 = 103 << 7  # keys below the binade of 2^-24 all become k' = 0: no midpoint lies below 2^-24
+ENC_BINADES = 25  # binades 2^-24 .. [1, 2); 1.0 and up, inf and NaN are clamped into the top one
+ENC_KMAX = ENC_BINADES * 128 - 1
 ENC_INTS = 128  # int32 words before the byte planes; offsets of each field within them below
-ENC_D, ENC_L, ENC_O, ENC_S, ENC_B, ENC_TOP, ENC_E, ENC_NEG = 0, 32, 64, 80, 96, 112, 113, 114
-ENC_LAYOUT = dict(ENC_E_MIN=ENC_E_MIN, ENC_INTS=ENC_INTS, ENC_D=ENC_D, ENC_L=ENC_L, ENC_O=ENC_O, ENC_S=ENC_S,
-                  ENC_B=ENC_B, ENC_TOP=ENC_TOP, ENC_E=ENC_E, ENC_NEG=ENC_NEG)  # the C kernel's -D flags
+ENC_EDGE, ENC_A, ENC_B, ENC_NEG = 0, 16, 48, 80  # EDGE: 32 uint16, A and B: 64 uint16 each, NEG: one int32
+ENC_LAYOUT = dict(ENC_K0=ENC_K0, ENC_KMAX=ENC_KMAX, ENC_INTS=ENC_INTS, ENC_EDGE=ENC_EDGE, ENC_A=ENC_A,
+                  ENC_B=ENC_B, ENC_NEG=ENC_NEG)  # the C kernel's -D flags
 
 
 def mids_of(qmap: torch.Tensor) -> torch.Tensor:
@@ -55,50 +56,99 @@ def mids_of(qmap: torch.Tensor) -> torch.Tensor:
     return ((qmap[:-1].double() + qmap[1:].double()) / 2).float()
 
 
+def encoder_bound(keys: torch.Tensor, edge: torch.Tensor, a: torch.Tensor, b: torch.Tensor, neg: int,
+                  signed: bool) -> torch.Tensor:
+    """The kernel's lower bound c0 of the code, for int64 keys (top 16 bits of fp32 values), in its integer steps:
+    k' = min(sat(|k| - K0), KMAX); segment = k' >> 7, + 32 past the binade's EDGE; c0 = ((((k' << 9) mod 2^16)
+    * A >> 16) + B) mod 2^16 >> 8; a negative key takes max(NEG - c0, 0) (signed map) or 0."""
+    kp = ((keys & 0x7FFF) - ENC_K0).clamp(0, ENC_KMAX)
+    binade = kp >> 7
+    seg = binade + 32 * (kp >= edge[binade]).long()
+    c = (((((kp << 9) & 0xFFFF) * a[seg]) >> 16) + b[seg]) % 65536 >> 8
+    negative = keys >= 0x8000
+    return torch.where(negative, (neg - c).clamp(min=0) if signed else torch.zeros_like(c), c)
+
+
+def _line(lo: torch.Tensor, hi: torch.Tensor, m: torch.Tensor, widths: tuple[int, ...] = (64, 1024),
+          ) -> tuple[int, int] | None:
+    """A, B (uint16) with lo <= c0(m) <= hi for every mantissa key m of one segment, or None. A is searched
+    around the chord's slope, within each of `widths` in turn."""
+    mid = (lo + hi).double() / 2
+    slope = float((mid[-1] - mid[0]) / max(int(m[-1] - m[0]), 1))
+    centre = min(max(round(slope * 32768), 0), 65535)
+    for width in widths:
+        a = torch.arange(max(centre - width, 0), min(centre + width, 65535) + 1)
+        x = (((m << 9) & 0xFFFF)[None, :] * a[:, None]) >> 16
+        b_lo, b_hi = ((lo * 256)[None, :] - x).amax(1), ((hi * 256 + 255)[None, :] - x).amin(1)
+        ok = torch.nonzero(b_lo <= b_hi).flatten()
+        if ok.numel():
+            i = int(ok[(b_hi - b_lo)[ok].argmax()])  # the widest margin
+            return int(a[i]), int((b_lo[i] + b_hi[i]) // 2) % 65536
+    return None
+
+
 def encoder_table(qmap: torch.Tensor, signed: bool) -> torch.Tensor:
     """The tables of the vector kernel's search-free encoder, as one uint8 buffer.
 
-    The map is sign, decade and linear fraction, so the number of midpoints below a magnitude a in decade t
-    (edges lo_t = 10^(t-7) .. 10^(t-6), n_t cells of width w_t) is C_t + min(floor(u), n_t - 1) + [u > B_t] +
-    [u > E] with u = (a - lo_t) / w_t: C_t midpoints lie below the decade, its own grid puts one at each whole u,
-    B_t is the midpoint to the decade below and E the one to the map's 1.0 (top decade only). The kernel computes
-    U = a / w_t + (C_t - lo_t / w_t - ENC_DELTA) with one fused multiply-add (tables S and O), so C_t needs no
-    addition and, since C_t grows with t, the clamp and E become constants of U (TOP, E). The decade comes from
-    the binade (a per-binade start decade D and the next decade's edge L, one comparison). Lowering U by
-    ENC_DELTA means rounding can only undercount, by at most one: the code is c0 + [mids[c0] < x], one exact
-    comparison with a midpoint read from byte planes (four 256-byte tables, one per byte of the fp32 value,
-    looked up 64 codes at a time). A negative x takes NEG - c0(|x|) with the signed map (it is mirrored), clamped
-    at 0, and 0 with the unsigned one; NaN counts every midpoint, like the direct search. Layout: ENC_INTS int32
-    words (fields at ENC_*), then the byte planes of the map (decoding) and of the midpoints with +inf appended
-    (encoding), [4, 256] each.
-    """
+    Codes are found 32 at a time in 16-bit lanes from a value's key (its top 16 bits: sign, exponent and 7
+    mantissa bits, the direct search's bins; `encoder_bound` is the formula). Within one binade the map is
+    linear in the key except where a decade begins, so a line per binade (two where a decade edge splits it,
+    the second past EDGE) in 16-bit fixed point gives c0 with c0 <= code <= c0 + 1 for every value of the bin,
+    and one exact comparison with the midpoint above c0, read from byte planes (four 256-byte tables, one per
+    byte of the fp32 value, looked up 64 codes at a time), finishes it. A negative key takes NEG - c0 of its
+    magnitude with the signed map (it is mirrored), clamped at 0, and 0 with the unsigned one; NaN and inf
+    count like the direct search (their c0 is already the code: NaN fails the comparison). The lines are
+    fitted here to the bins' code ranges, and every one of the 65,536 keys is checked before the table is used.
+    Layout: ENC_INTS int32 words (fields at ENC_*), then the byte planes of the map (decoding) and of the
+    midpoints with +inf appended (encoding), [4, 256] each."""
     mids = mids_of(qmap)
-    mids64 = mids.double()
+    neg = 2 * int((qmap < 0).sum()) - 1 if signed else -1  # 253: code(-a) = 253 - c0(a) (+ the comparison)
+    keys = torch.arange(65536, dtype=torch.int64)
+    edges = [(keys << 16).to(torch.int32).view(torch.float32), ((keys << 16) | 0xFFFF).to(torch.int32).view(
+        torch.float32)]  # each bin's first and last value
+    nan = torch.isnan(edges[0])
+    edges[1] = torch.where(torch.isnan(edges[1]), edges[0], edges[1])  # inf's bin: its NaNs count like inf
+    first, last = (torch.bucketize(e, mids) for e in edges)  # the codes: midpoints strictly below
+    low, high = torch.minimum(first, last), torch.maximum(first, last)
+    plus = keys < 0x8000
+    low = torch.where(nan, torch.where(plus, 255, 0), low)
+    high = torch.where(nan, torch.where(plus, 256, 0), high)  # NaN fails the comparison: c0 must be its code
+    # allowed c0 of each positive key: its own bin, and (signed) the mirrored bin through max(NEG - c0, 0)
+    pos, negk = keys[:0x8000], keys[0x8000:]
+    lo, hi = high[pos] - 1, low[pos].clone()
+    if signed:
+        lo = torch.maximum(lo, neg - low[negk])
+        hi = torch.minimum(hi, torch.where(high[negk] <= 1, 255, neg - high[negk] + 1))
+    lo, hi = lo.clamp(min=0), hi.clamp(max=255)
+    kp = ((pos & 0x7FFF) - ENC_K0).clamp(0, ENC_KMAX)  # keys that share k' must share c0
+    klo = torch.full((ENC_KMAX + 1,), -(2**30), dtype=torch.int64).scatter_reduce(0, kp, lo, "amax")
+    khi = torch.full((ENC_KMAX + 1,), 2**30, dtype=torch.int64).scatter_reduce(0, kp, hi, "amin")
+    edge, a, b = torch.full((32,), 0xFFFF), torch.zeros(64, dtype=torch.int64), torch.zeros(64, dtype=torch.int64)
+    for binade in range(ENC_BINADES):
+        m = torch.arange(128)
+        at = binade * 128 + m
+        line = _line(klo[at], khi[at], m, (64,))
+        if line is not None:
+            a[binade], b[binade] = line
+            continue
+        fits, fails = 1, 128  # bisect the longest first line (a prefix of a line is one), then fit the rest
+        while fails - fits > 1:
+            half = (fits + fails) // 2
+            fits, fails = (half, fails) if _line(klo[at[:half]], khi[at[:half]], m[:half], (64,)) else (fits, half)
+        split = fits
+        first_line = _line(klo[at[:split]], khi[at[:split]], m[:split])
+        rest = _line(klo[at[split:]], khi[at[split:]], m[split:])
+        assert first_line is not None and rest is not None, f"binade {binade}: the map is not two lines in the key"
+        (a[binade], b[binade]), (a[binade + 32], b[binade + 32]) = first_line, rest
+        edge[binade] = binade * 128 + split
+    c0 = encoder_bound(keys, edge, a, b, neg, signed)
+    ok = (c0 >= high - 1) & (c0 <= low)
+    assert bool(ok.all()), f"the encoder misses {int((~ok).sum())} keys"
     words = torch.zeros(ENC_INTS, dtype=torch.int32)
-    floats = words.view(torch.float32)
-    lo = [10.0 ** (t - DECADES) for t in range(DECADES + 1)]  # lo[t + 1] is decade t's upper edge
-    for t in range(16):  # decades 0..6; 7..15 repeat the top one (the kernel's permutes read 16 entries)
-        d = min(t, DECADES - 1)
-        n = 2**d if signed else 2 ** (d + 1)
-        width = (lo[d + 1] - lo[d]) / n
-        inside = mids64[(mids64 >= lo[d]) & (mids64 < lo[d + 1])]
-        below = int((mids64 < lo[d]).sum())
-        u = (inside - lo[d]) / width
-        assert torch.allclose(u[1:n], torch.arange(1, n, dtype=torch.float64), atol=1e-4) and 0 < u[0] < 1, \
-            "the map is not sign, decade and linear fraction"
-        assert u.numel() == n + (d == DECADES - 1), "only the top decade holds the midpoint to 1.0"
-        floats[ENC_S + t] = 1 / width
-        floats[ENC_O + t] = below - lo[d] / width - ENC_DELTA
-        floats[ENC_B + t] = below + u[0]
-        if d == DECADES - 1:
-            floats[ENC_TOP] = below + n - 1
-            floats[ENC_E] = below + u[n]
-    for e in range(32):
-        start, end = 2.0 ** (ENC_E_MIN + e - 127), 2.0 ** (ENC_E_MIN + e - 126)
-        d = max(0, min(DECADES - 1, sum(start >= lo[k] for k in range(1, DECADES))))
-        words[ENC_D + e] = d
-        floats[ENC_L + e] = lo[d + 1] if d + 1 < DECADES and lo[d + 1] < end else float("inf")
-    words[ENC_NEG] = 2 * int((qmap < 0).sum()) - 1 if signed else -1  # 253: code(-a) = 253 - c0(a) (+ the fix)
+    halves = words.view(torch.int16)
+    for offset, values in ((ENC_EDGE, edge), (ENC_A, a), (ENC_B, b)):
+        halves[2 * offset:2 * offset + values.numel()] = torch.where(values > 32767, values - 65536, values)
+    words[ENC_NEG] = neg
     planes = [t.contiguous().view(torch.uint8).view(256, 4).t().contiguous().view(-1)
               for t in (qmap, torch.cat([mids, torch.tensor([float("inf")])]))]
     return torch.cat([words.view(torch.uint8), *planes])
