@@ -4,7 +4,7 @@ A correctness check, not a benchmark: the tests sweep every 331st pattern and ev
 for a change to `memfit.optim.quant.encoder_table` or the kernel's encoder. On a CPU without the AVX-512 VBMI path
 the kernel's encoder is the direct search itself and the check is trivially true (it says so).
 
-    .venv/bin/python bench/encoder_exhaustive.py     # ~13 min on 2 cores; prints the mismatches per map
+    .venv/bin/python bench/encoder_exhaustive.py     # ~6 min on 2 cores; prints the mismatches per map
 """
 
 from __future__ import annotations

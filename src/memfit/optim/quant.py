@@ -106,8 +106,7 @@ def encoder_table(qmap: torch.Tensor, signed: bool) -> torch.Tensor:
     keys = torch.arange(65536, dtype=torch.int64)
     edges = [(keys << 16).to(torch.int32).view(torch.float32), ((keys << 16) | 0xFFFF).to(torch.int32).view(
         torch.float32)]  # each bin's first and last value
-    nan = torch.isnan(edges[0])
-    edges[1] = torch.where(torch.isnan(edges[1]), edges[0], edges[1])  # inf's bin: its NaNs count like inf
+    nan = torch.isnan(edges[1])  # the NaN bins and inf's, whose values all count like +-inf (the direct search)
     first, last = (torch.bucketize(e, mids) for e in edges)  # the codes: midpoints strictly below
     low, high = torch.minimum(first, last), torch.maximum(first, last)
     plus = keys < 0x8000
