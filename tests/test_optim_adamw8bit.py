@@ -137,24 +137,52 @@ def test_kernel_and_torch_op_paths_agree(monkeypatch):
         assert same > 0.999, (k, same)  # rare last-bit differences may flip a rounding at a midpoint
 
 
-def test_the_kernels_thread_split_gives_bitwise_the_one_thread_result(monkeypatch):
-    """The suite runs on one thread, so the split of the blocks over a thread pool needs its own test: 300,000
+class _Spy:
+    """The kernel library, recording how each step was split: OpenMP's team size, or Python's pool size."""
+
+    def __init__(self, lib: object, openmp: bool) -> None:
+        self.lib, self.use_openmp, self.splits = lib, openmp, []
+
+    def openmp(self) -> int:
+        return int(self.use_openmp and self.lib.openmp())
+
+    def adamw8bit_parallel(self, *args: object) -> None:
+        self.splits.append(args[8])  # the number of threads
+        self.lib.adamw8bit_parallel(*args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.lib, name)
+
+
+@pytest.mark.parametrize("openmp", [True, False])
+def test_the_kernels_thread_split_gives_bitwise_the_one_thread_result(monkeypatch, openmp):
+    """The suite runs on one thread, so the split of the blocks over threads needs its own test, for both ways of
+    running them: torch's OpenMP team (where the kernel was built with OpenMP) and Python's thread pool. 300,000
     values are 1,172 blocks, enough for two threads (>= 2 x MIN_PARALLEL_BLOCKS)."""
-    if kernels.load() is None:
+    lib = kernels.load()
+    if lib is None:
         pytest.skip("no C compiler: only the torch-op path exists here")
-    calls = []
-    monkeypatch.setattr(kernels, "_pool", lambda n, pool=kernels._pool: calls.append(n) or pool(n))
+    if openmp and not lib.openmp():
+        pytest.skip("the kernel was built without OpenMP here")
+    spy = _Spy(lib, openmp)
+    monkeypatch.setattr(kernels, "load", lambda isa=None: spy)
+    monkeypatch.setattr(kernels, "_pool", lambda n, pool=kernels._pool: spy.splits.append(n) or pool(n))
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(300_000, generator=g)) for _ in range(2)]
     params[1].data.copy_(params[0].data)
     opts = [AdamW8bit([p], lr=1e-2, weight_decay=0.1) for p in params]
-    for _ in range(3):
-        grad = torch.randn(300_000, generator=g)
-        for threads, p, opt in zip((1, 2), params, opts, strict=True):
-            torch.set_num_threads(threads)
-            p.grad = grad.clone()
-            opt.step()
-    assert calls == [2, 2, 2]  # the two-thread optimizer really split its blocks, every step
+    threads_before = torch.get_num_threads()
+    try:
+        for _ in range(3):
+            grad = torch.randn(300_000, generator=g)
+            for threads, p, opt in zip((1, 2), params, opts, strict=True):
+                torch.set_num_threads(threads)
+                p.grad = grad.clone()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads_before)
+    # the two-thread optimizer really split its blocks, every step (OpenMP also runs the one-thread steps)
+    assert spy.splits == ([1, 2] * 3 if openmp else [2, 2, 2])
     assert torch.equal(params[0], params[1])
     for k in Q_KEYS:
         assert torch.equal(opts[0].state[params[0]][k], opts[1].state[params[1]][k]), k

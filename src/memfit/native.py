@@ -93,9 +93,9 @@ def _build(name: str, source: str, compiler: str, flags: list[str]) -> Path:
     return target
 
 
-def compile_library(name: str, source: str, flags: list[str], what: str) -> ctypes.CDLL | None:
-    """The compiled `source`, or None (with one warning naming `what` falls back) when no C compiler works here or
-    `MEMFIT_NO_KERNEL` is set."""
+def compile_library(name: str, source: str, flags: list[str], what: str, warn: bool = True) -> ctypes.CDLL | None:
+    """The compiled `source`, or None (with one warning naming `what` falls back, unless `warn` is False: the
+    caller has another build to try) when no C compiler works here or `MEMFIT_NO_KERNEL` is set."""
     if os.environ.get("MEMFIT_NO_KERNEL"):
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -104,6 +104,7 @@ def compile_library(name: str, source: str, flags: list[str], what: str) -> ctyp
             raise OSError("no C compiler (cc/gcc) on PATH")
         return ctypes.CDLL(str(_build(name, source, compiler, FLAGS + flags)))
     except (OSError, subprocess.SubprocessError) as e:
-        warnings.warn(f"memfit: the {name} CPU kernel is unavailable ({e}); {what} uses slower torch ops. "
-                      "Install gcc or set CC to speed it up.", RuntimeWarning, stacklevel=3)
+        if warn:
+            warnings.warn(f"memfit: the {name} CPU kernel is unavailable ({e}); {what} uses slower torch ops. "
+                          "Install gcc or set CC to speed it up.", RuntimeWarning, stacklevel=3)
         return None
