@@ -324,13 +324,12 @@ def _vector_and_scalar(isa: str) -> tuple[object, object]:
     return vector, scalar
 
 
-def _run_kernel(lib: object, state: list[torch.Tensor], grad: torch.Tensor, row: int, nb: int, step: int,
-                lr: float = 1e-2) -> None:
+def _run_kernel(lib: object, state: list[torch.Tensor], grad: torch.Tensor, row: int, nb: int, step: int) -> None:
     from memfit.optim.adamw8bit import _hyper
     from memfit.optim.quant import tables
 
     tm, tv = tables(True), tables(False)
-    hp = _hyper(dict(betas=(0.9, 0.999), lr=lr, weight_decay=0.1, eps=1e-8), step)
+    hp = _hyper(dict(betas=(0.9, 0.999), lr=1e-2, weight_decay=0.1, eps=1e-8), step)
     lib.adamw8bit_blocks(*(t.data_ptr() for t in (state[0], grad, *state[1:])), row, 0, nb,
                          *(t.data_ptr() for t in (tm.qmap, tm.direct, tm.encoder, tv.qmap, tv.direct, tv.encoder,
                                                   hp)))
@@ -340,11 +339,11 @@ def _run_kernel(lib: object, state: list[torch.Tensor], grad: torch.Tensor, row:
 @pytest.mark.parametrize(("rows", "row"), [(1, 70_001), (37, 700), (6, 512), (3, 100)])
 def test_the_vector_kernel_keeps_the_scalar_states_bitwise(rows, row, isa):
     """The vector path (AVX-512 VBMI: byte-plane decoding and the search-free encoder; else AVX2: gathers and the
-    direct search; both pipelined over blocks, with prefetch) against the same C compiled without AVX2, which runs
-    the maths value by value: the states bitwise. p only within its last bits, since the vector paths divide by
-    the reciprocal estimate and one correction (the next test holds that quotient to the division). Rows of 700
-    mix full blocks with a partial one between them (the pipeline's pending block must survive it); rows of 100
-    have only partial blocks; 1 x 70,001 is one flat run."""
+    direct search; both pipelined over blocks) against the same C compiled without AVX2, which runs the maths
+    value by value: the states bitwise. p only within its last bits, since the vector paths divide by the
+    reciprocal estimate and one correction (the next test holds that quotient to the division). Rows of 700 mix
+    full blocks with a partial one between them (the pipeline's pending block must survive it); rows of 100 have
+    only partial blocks; 1 x 70,001 is one flat run."""
     from memfit.optim.quant import blocks_per_row
 
     vector, scalar = _vector_and_scalar(isa)
