@@ -56,13 +56,17 @@ def drop_cache(directory: Path) -> None:
             os.close(fd)
 
 
-def variants(params: list[torch.nn.Parameter], swap: Path) -> dict[str, tuple[torch.optim.Optimizer, float, Callable]]:
-    """name -> (optimizer, bytes moved per parameter, hook run before each timed step)."""
+Hook = Callable[[], None]
+
+
+def variants(params: list[torch.nn.Parameter], swap: Path) -> dict[str, tuple[torch.optim.Optimizer, int, Hook, Hook]]:
+    """name -> (optimizer, bytes moved per parameter, hooks run untimed before and after each timed step)."""
     import torch
 
     from memfit.optim import AdamW8bit, OffloadAdamW, kernels
 
     none = lambda: None  # noqa: E731
+    sync = os.sync  # the disk rows' dirty pages: their writeback would otherwise slow the rows after them
 
     class AVX2Path(AdamW8bit):
         """The same optimizer stepping with the AVX2 build of the kernel (gathers), for the comparison."""
@@ -75,20 +79,21 @@ def variants(params: list[torch.nn.Parameter], swap: Path) -> dict[str, tuple[to
                 del os.environ["MEMFIT_KERNEL_ISA"]
 
     out = {
-        "torch AdamW foreach": (torch.optim.AdamW(params, foreach=True, **HYPER), 28, none),
-        "torch AdamW fused": (torch.optim.AdamW(params, fused=True, **HYPER), 28, none),
-        "memfit AdamW8bit": (AdamW8bit(params, **HYPER), 16, none),
-        "offload-cpu": (OffloadAdamW(params, offload="cpu", **HYPER), 28, none),
-        "offload-disk warm": (OffloadAdamW(params, offload="disk", path=swap / "warm", **HYPER), 28 + 24, none),
+        "torch AdamW foreach": (torch.optim.AdamW(params, foreach=True, **HYPER), 28, none, none),
+        "torch AdamW fused": (torch.optim.AdamW(params, fused=True, **HYPER), 28, none, none),
+        "memfit AdamW8bit": (AdamW8bit(params, **HYPER), 16, none, none),
+        "offload-cpu": (OffloadAdamW(params, offload="cpu", **HYPER), 28, none, none),
+        "offload-disk warm": (OffloadAdamW(params, offload="disk", path=swap / "warm", **HYPER), 28 + 24, none,
+                              sync),
         "offload-disk cold": (OffloadAdamW(params, offload="disk", path=swap / "cold", durable=True, **HYPER), 28 + 24,
-                              lambda: drop_cache(swap / "cold")),
+                              lambda: drop_cache(swap / "cold"), sync),
     }
     if kernels.vector_path() == "avx512-vbmi":
-        out["memfit AdamW8bit, AVX2 path"] = (AVX2Path(params, **HYPER), 16, none)
+        out["memfit AdamW8bit, AVX2 path"] = (AVX2Path(params, **HYPER), 16, none, none)
     try:
         import bitsandbytes as bnb
 
-        out["bitsandbytes AdamW8bit"] = (bnb.optim.AdamW8bit(params, **HYPER), 16, none)
+        out["bitsandbytes AdamW8bit"] = (bnb.optim.AdamW8bit(params, **HYPER), 16, none, none)
     except Exception as e:  # noqa: BLE001 (any import or init failure means: no baseline here)
         print(f"bitsandbytes baseline skipped: {type(e).__name__}: {str(e)[:120]}")
     return out
@@ -154,23 +159,22 @@ def main() -> None:
     n = n_each * 10
     with tempfile.TemporaryDirectory(prefix="memfit-optim-bench-", dir=os.environ.get("MEMFIT_SWAP_DIR")) as tmp:
         opts = variants(params, Path(tmp))
-        for opt, _, _ in opts.values():
+        for opt, *_ in opts.values():
             opt.step()  # warm-up: allocates states, writes swap version 0, builds the 8-bit kernel
         times: dict[str, list[float]] = {k: [] for k in opts}
         triads = []
         for _ in range(args.rounds):
             triads.append(triad_gbs(n))
-            for name, (opt, _, before) in opts.items():
+            for name, (opt, _, before, after) in opts.items():
                 before()
                 t0 = time.perf_counter()
                 opt.step()
                 times[name].append(time.perf_counter() - t0)
-                if name.startswith("offload-disk"):
-                    os.sync()  # its dirty pages, untimed: their writeback would otherwise slow the next rows
+                after()
         triad = statistics.median(triads)
         fused = statistics.median(times["torch AdamW fused"])
         rows, results = [], {}
-        for name, (opt, moved, _) in opts.items():
+        for name, (opt, moved, *_) in opts.items():
             step = statistics.median(times[name])
             gbs = moved * n / step / 1e9
             r = results[name] = {"step_s": step, "state_bytes_per_param": optimizer_state_bytes(opt)[0] / n,
