@@ -130,12 +130,12 @@ def encoder_table(qmap: torch.Tensor, signed: bool) -> torch.Tensor:
         if line is not None:
             a[binade], b[binade] = line
             continue
-        fits, fails = 1, 128  # bisect the longest first line (a prefix of a line is one), then fit the rest
-        while fails - fits > 1:
-            half = (fits + fails) // 2
-            fits, fails = (half, fails) if _line(klo[at[:half]], khi[at[:half]], m[:half], (64,)) else (fits, half)
-        split = fits
-        first_line = _line(klo[at[:split]], khi[at[:split]], m[:split])
+        split, fails, first_line = 1, 128, None  # bisect the longest first line (a prefix of a line is one)
+        while fails - split > 1:
+            half = (split + fails) // 2
+            line = _line(klo[at[:half]], khi[at[:half]], m[:half], (64,))
+            split, fails, first_line = (half, fails, line) if line else (split, half, first_line)
+        first_line = first_line or _line(klo[at[:1]], khi[at[:1]], m[:1])
         rest = _line(klo[at[split:]], khi[at[split:]], m[split:])
         assert first_line is not None and rest is not None, f"binade {binade}: the map is not two lines in the key"
         (a[binade], b[binade]), (a[binade + 32], b[binade + 32]) = first_line, rest
