@@ -145,14 +145,15 @@ def data(task: str, dev: int, quick: bool) -> dict[str, Path]:
     model_dir = smollm2_dir(WORK)
     tokenizer = load_tokenizer(model_dir)
     train, val = jsonl_rows(DATA / "debian-sections-train.jsonl"), jsonl_rows(DATA / "debian-sections-val.jsonl")
-    examples = TASKS[task].examples
-    parts = {"sweep-train": examples(train[:-dev], tokenizer), "dev": examples(train[-dev:], tokenizer)[:200],
-             "train": examples(train, tokenizer), "val": examples(val, tokenizer)[:100 if quick else 400]}
+    # part -> (rows, how many of their examples it keeps); examples are built only for a file that is missing
+    parts = {"sweep-train": (train[:-dev], None), "dev": (train[-dev:], 200), "train": (train, None),
+             "val": (val, 100 if quick else 400)}
     files = {"model": model_dir}
-    for name, rows in parts.items():
+    for name, (rows, keep) in parts.items():
         path = files[name] = WORK / f"{task}-{name}-{dev}{'-quick' if name == 'val' and quick else ''}.jsonl"
         if not path.is_file():
-            atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+            examples = TASKS[task].examples(rows, tokenizer)[:keep]
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in examples))
     return files
 
 
