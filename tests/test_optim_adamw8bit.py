@@ -146,9 +146,9 @@ class _Spy:
     def openmp(self) -> int:
         return int(self.use_openmp and self.lib.openmp())
 
-    def adamw8bit_parallel(self, *args: object) -> None:
-        self.splits.append(args[8])  # the number of threads
-        self.lib.adamw8bit_parallel(*args)
+    def adamw8bit_jobs(self, *args: object) -> None:
+        self.splits.append(args[3])  # the number of threads
+        self.lib.adamw8bit_jobs(*args)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.lib, name)
@@ -157,8 +157,10 @@ class _Spy:
 @pytest.mark.parametrize("openmp", [True, False])
 def test_the_kernels_thread_split_gives_bitwise_the_one_thread_result(monkeypatch, openmp):
     """The suite runs on one thread, so the split of the blocks over threads needs its own test, for both ways of
-    running them: torch's OpenMP team (where the kernel was built with OpenMP) and Python's thread pool. 300,000
-    values are 1,172 blocks, enough for two threads (>= 2 x MIN_PARALLEL_BLOCKS)."""
+    running them: torch's OpenMP team (where the kernel was built with OpenMP) and Python's thread pool. One
+    optimizer steps three tensors in one call on two threads (274 + 1,172 + 20 blocks: the split falls inside the
+    second tensor, and the last one ends in a partial block); it must match, bitwise, one optimizer per tensor on
+    one thread."""
     lib = kernels.load()
     if lib is None:
         pytest.skip("no C compiler: only the torch-op path exists here")
@@ -168,24 +170,57 @@ def test_the_kernels_thread_split_gives_bitwise_the_one_thread_result(monkeypatc
     monkeypatch.setattr(kernels, "load", lambda isa=None: spy)
     monkeypatch.setattr(kernels, "_pool", lambda n, pool=kernels._pool: spy.splits.append(n) or pool(n))
     g = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(300_000, generator=g)) for _ in range(2)]
-    params[1].data.copy_(params[0].data)
-    opts = [AdamW8bit([p], lr=1e-2, weight_decay=0.1) for p in params]
+    sizes = (70_001, 300_000, 5_000)
+    together = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in sizes]
+    alone = [torch.nn.Parameter(p.detach().clone()) for p in together]
+    opt = AdamW8bit(together, lr=1e-2, weight_decay=0.1)
+    opts = [AdamW8bit([p], lr=1e-2, weight_decay=0.1) for p in alone]
     threads_before = torch.get_num_threads()
     try:
         for _ in range(3):
-            grad = torch.randn(300_000, generator=g)
-            for threads, p, opt in zip((1, 2), params, opts, strict=True):
-                torch.set_num_threads(threads)
+            grads = [torch.randn(n, generator=g) for n in sizes]
+            torch.set_num_threads(2)
+            for p, grad in zip(together, grads, strict=True):
                 p.grad = grad.clone()
-                opt.step()
+            opt.step()
+            torch.set_num_threads(1)
+            for p, grad, single in zip(alone, grads, opts, strict=True):
+                p.grad = grad.clone()
+                single.step()
     finally:
         torch.set_num_threads(threads_before)
-    # the two-thread optimizer really split its blocks, every step (OpenMP also runs the one-thread steps)
-    assert spy.splits == ([1, 2] * 3 if openmp else [2, 2, 2])
-    assert torch.equal(params[0], params[1])
+    # one call for the three tensors, really split in two, every step (OpenMP also runs the one-thread steps)
+    assert spy.splits == ([2, 1, 1, 1] * 3 if openmp else [2, 2, 2])
+    for a, b, single in zip(together, alone, opts, strict=True):
+        assert torch.equal(a, b)
+        for k in Q_KEYS:
+            assert torch.equal(opt.state[a][k], single.state[b][k]), k
+
+
+def test_a_parameter_listed_twice_is_stepped_twice_in_turn():
+    """torch allows a parameter twice in one group (with a warning) and steps it twice; the two updates read each
+    other's result, so they must not run in one kernel call, where two threads could take one each."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(300_000, generator=g))
+    q = torch.nn.Parameter(p.detach().clone())
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        twice = AdamW8bit([p, p], lr=1e-2, weight_decay=0.1)
+    ref = AdamW8bit([q], lr=1e-2, weight_decay=0.1)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(2):
+            p.grad = torch.randn(300_000, generator=g)
+            q.grad = p.grad.clone()
+            twice.step()
+            ref.step()
+            ref.step()
+    finally:
+        torch.set_num_threads(threads_before)
+    assert torch.equal(p, q)
+    assert twice.state[p]["step"] == 4
     for k in Q_KEYS:
-        assert torch.equal(opts[0].state[params[0]][k], opts[1].state[params[1]][k]), k
+        assert torch.equal(twice.state[p][k], ref.state[q][k]), k
 
 
 def test_tracks_torch_adamw_on_one_large_tensor():

@@ -83,16 +83,28 @@ class AdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        updates: list[kernels.Update] = []  # the 8-bit ones, run together at the end (one kernel call on CPU)
+        pending: set[int] = set()
+        hypers: dict[tuple[int, float], torch.Tensor] = {}  # one constants tensor per group and step count
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise ConfigError("AdamW8bit does not support sparse gradients; use dense embeddings.")
-                self._update(p, group)
+                if id(p) in pending:  # listed twice: its first update must land before the second reads it
+                    step_8bit_many(updates, self.chunk_size)
+                    updates, pending = [], set()
+                update = self._update(p, group, hypers)
+                if update is not None:
+                    updates.append(update)
+                    pending.add(id(p))
+        step_8bit_many(updates, self.chunk_size)
         return loss
 
-    def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+    def _update(self, p: torch.Tensor, group: dict[str, Any],
+                hypers: dict[tuple[int, float], torch.Tensor]) -> kernels.Update | None:
+        """Count the step and update fp32 states at once; an 8-bit update is returned, to run with the others."""
         if not self.state.get(p):
             self.state[p] = self._init_state(p)
         state = self.state[p]
@@ -100,15 +112,17 @@ class AdamW8bit(torch.optim.Optimizer):
         w, g = local(p), local(p.grad)
         if "exp_avg" in state:
             self._update_fp32(w, g, state, group)
-            return
+            return None
         if w.numel() == 0:
-            return
+            return None
         if w.dtype != torch.float32 or g.dtype != torch.float32 or not w.is_contiguous():
             raise ConfigError(f"AdamW8bit needs contiguous fp32 parameters and gradients, got {w.dtype}/{g.dtype}. "
                               "Keep trainable weights in fp32 (master weights) and cast in the forward.")
-        hp = _hyper(group, state["step"].item())
-        step_8bit(w.view(-1), g.contiguous().view(-1), *(state[k] for k in Q_KEYS), hp, _row_length(p),
-                  self.chunk_size)
+        step = state["step"].item()
+        hp = hypers.get((id(group), step))
+        if hp is None:
+            hp = hypers[id(group), step] = _hyper(group, step)
+        return (w.view(-1), g.contiguous().view(-1), *(state[k] for k in Q_KEYS), hp, _row_length(p))
 
     @staticmethod
     def _update_fp32(w: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
@@ -154,10 +168,25 @@ def step_8bit(p: torch.Tensor, g: torch.Tensor, mq: torch.Tensor, ma: torch.Tens
     of `row` values): p = p * hp[3] + hp[4] * m / (sqrt(v) * hp[5] + hp[6]). The fused CPU kernel where it is
     built; elsewhere the same maths as torch ops in chunks of whole blocks, compiled into fused kernels on
     accelerators (`chunk_update`). `hp` is a CPU tensor; nothing here waits for the device."""
+    step_8bit_many([(p, g, mq, ma, vq, va, hp, row)], chunk_size)
+
+
+def step_8bit_many(updates: list[kernels.Update], chunk_size: int = 1 << 20) -> None:
+    """`step_8bit` of many tensors: those on the CPU in one kernel call where it is built (their blocks split over
+    the threads together), the others one by one."""
+    kernel = kernels.load() is not None
+    fused = [u for u in updates if kernel and u[0].device.type == "cpu"]
+    if fused:
+        kernels.adamw8bit_steps(fused, tables(True), tables(False))
+    for update in updates:
+        if not (kernel and update[0].device.type == "cpu"):
+            _step_torch(*update, chunk_size)
+
+
+def _step_torch(p: torch.Tensor, g: torch.Tensor, mq: torch.Tensor, ma: torch.Tensor, vq: torch.Tensor,
+                va: torch.Tensor, hp: torch.Tensor, row: int, chunk_size: int) -> None:
+    """`step_8bit` as torch ops on any device."""
     tm, tv = tables(True, p.device), tables(False, p.device)
-    if p.device.type == "cpu" and kernels.load() is not None:
-        kernels.adamw8bit_step(p, g, mq, ma, vq, va, hp, tm, tv, row)
-        return
     update = chunk_update(p.device.type != "cpu")
     if p.device.type != "cpu":  # pinned, so the copy is queued behind the step's kernels, not waited for
         hp = hp.pin_memory().to(p.device, non_blocking=True) if p.device.type == "cuda" else hp.to(p.device)
