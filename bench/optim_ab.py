@@ -10,9 +10,9 @@ untimed torch op on all threads right before its timed `optimizer.step()`, as th
 every round, go to a table and to results/optim_ab.json. This is how a kernel change is measured before it is
 committed.
 
-    .venv/bin/python bench/optim_ab.py HEAD~1 .              # the last commit's kernel against the working tree
-    .venv/bin/python bench/optim_ab.py ba2794d~1 ba2794d      # the prefetch change, ~3 min on 2 cores
-    .venv/bin/python bench/optim_ab.py . --params 5e6 --rounds 3   # smoke run
+    .venv/bin/python bench/optim_ab.py HEAD~1 .                  # the last commit against the working tree
+    .venv/bin/python bench/optim_ab.py ba2794d~1 "ba2794d:no prefetch"   # REF:LABEL names a row; ~1 min
+    .venv/bin/python bench/optim_ab.py . --params 5e6 --rounds 3       # smoke run
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ def readme_tables(payload: dict) -> dict[str, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("refs", nargs="*", help="git refs of memfit to compare; '.' is the working tree")
+    ap.add_argument("refs", nargs="*", help="versions of memfit to compare: git refs, '.' for the working tree, "
+                    "each optionally REF:LABEL (git refs never contain ':')")
     ap.add_argument("--params", type=float, default=50e6, help="total parameters (10 equal tensors)")
     ap.add_argument("--rounds", type=int, default=9, help="timed steps per version, interleaved")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -128,10 +129,14 @@ def main() -> None:
     if not args.refs:
         ap.error("name at least one version to time, e.g. `HEAD~1 .`")
     with tempfile.TemporaryDirectory(prefix="memfit-optim-ab-") as tmp:
-        names = [FUSED, *(f"AdamW8bit @ {ref}" for ref in args.refs)]
+        versions = [(ref, f"AdamW8bit @ {ref}" + (f": {label}" if label else ""))
+                    for ref, _, label in (arg.partition(":") for arg in args.refs)]
+        names = [FUSED, *(name for _, name in versions)]
+        if len(set(names)) < len(names):
+            _fail("a version is named twice; give each its own REF or REF:LABEL.")
         procs = {FUSED: _start(None, params)}
         kernels = {}
-        for ref, name in zip(args.refs, names[1:], strict=True):
+        for ref, name in versions:
             procs[name] = _start(extract(ref, Path(tmp)), params)
             kernels[name] = _read(procs[name], name)["kernel"]
         for name, proc in procs.items():  # one at a time: each builds and warms up alone
