@@ -519,7 +519,7 @@ def test_the_kernel_refuses_states_that_do_not_fit_their_parameter():
         torch.zeros(4)
     hp = _hyper(dict(betas=(0.9, 0.999), lr=1e-2, weight_decay=0.0, eps=1e-8), 1)
     with pytest.raises(CheckpointError, match="exp_avg_sq_q must be a contiguous CPU torch.uint8 tensor of 1000"):
-        kernels.adamw8bit_step(p, g, mq, ma, vq, va, hp, tables(True), tables(False), n)
+        kernels.adamw8bit_steps([(p, g, mq, ma, vq, va, hp, n)], tables(True), tables(False))
 
 
 def test_the_compiled_torch_op_path_matches_the_eager_one():

@@ -563,7 +563,7 @@ def load(isa: str | None = None) -> ctypes.CDLL | None:
 @cache
 def _load(isa: str) -> ctypes.CDLL | None:
     flags = FLAGS + ISA_FLAGS[isa]
-    # OpenMP where the compiler has it (see adamw8bit_parallel); else the same C with Python's threads
+    # OpenMP where the compiler has it (see adamw8bit_jobs); else the same C with Python's threads
     lib = compile_library("adamw8bit", SOURCE, [*flags, "-fopenmp"], "the 8-bit AdamW step", warn=False)
     lib = lib or compile_library("adamw8bit", SOURCE, flags, "the 8-bit AdamW step")
     if lib is None:
@@ -650,9 +650,3 @@ def adamw8bit_steps(updates: list[Update], tm: QuantTables, tv: QuantTables) -> 
                for lo, hi in zip(bounds, bounds[1:], strict=False)]
     for f in futures:
         f.result()
-
-
-def adamw8bit_step(p: torch.Tensor, g: torch.Tensor, mq: torch.Tensor, ma: torch.Tensor, vq: torch.Tensor,
-                   va: torch.Tensor, hp: torch.Tensor, tm: QuantTables, tv: QuantTables, row: int) -> None:
-    """One tensor's update (`adamw8bit_steps`)."""
-    adamw8bit_steps([(p, g, mq, ma, vq, va, hp, row)], tm, tv)
