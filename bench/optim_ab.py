@@ -2,7 +2,8 @@
 
 Each version (a git ref, or `.` for the working tree with its uncommitted changes) runs in its own worker process
 that imports memfit from that version's `src` (extracted with `git archive`), builds its kernel and holds its own
-parameters, gradients and states (the same seed in each: 50M fp32 values in 10 tensors, as in bench/optim.py). A
+parameters, gradients and states (the same seed in each: 50M fp32 values in 10 tensors by default, as in
+bench/optim.py; `--tensors` splits them finer, as a real model is). A
 further worker steps torch's fused AdamW. The controller asks the workers for one step at a time, round-robin,
 with a pause between steps so that no worker's OpenMP threads still spin on the cores; each worker runs an
 untimed torch op on all threads right before its timed `optimizer.step()`, as the backward pass does in training
@@ -59,14 +60,14 @@ def extract(ref: str, into: Path) -> Path:
     return out / "src"
 
 
-def worker(kind: str, params: int) -> None:
+def worker(kind: str, params: int, tensors: int) -> None:
     """Serve steps on stdin ("step" -> one line: the step's seconds) until it closes. `kind`: FUSED, or the `src`
     folder memfit must be imported from."""
     import torch
 
     torch.manual_seed(0)
-    n_each = params // 10
-    ps = [torch.nn.Parameter(torch.randn(n_each) * 0.02) for _ in range(10)]
+    n_each = params // tensors
+    ps = [torch.nn.Parameter(torch.randn(n_each) * 0.02) for _ in range(tensors)]
     for p in ps:
         p.grad = torch.randn(n_each) * 1e-3
     if kind == FUSED:
@@ -79,7 +80,7 @@ def worker(kind: str, params: int) -> None:
         opt = AdamW8bit(ps, lr=1e-4, weight_decay=0.01)
         print(json.dumps({"kernel": kernels.vector_path()}), flush=True)
     opt.step()  # warm-up: allocates the states, builds the kernel
-    a, b = torch.rand(n_each), torch.empty(n_each)
+    a, b = torch.rand(params // 10), torch.empty(params // 10)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if line.strip() != "step":
@@ -90,12 +91,12 @@ def worker(kind: str, params: int) -> None:
         print(json.dumps({"step_s": time.perf_counter() - t0}), flush=True)
 
 
-def _start(src: Path | None, params: int) -> subprocess.Popen:
+def _start(src: Path | None, params: int, tensors: int) -> subprocess.Popen:
     """A worker stepping fused AdamW (`src` None) or the AdamW8bit of memfit imported from `src`."""
     env = dict(os.environ, PYTHONPATH=str(src)) if src else dict(os.environ)
-    return subprocess.Popen([sys.executable, __file__, "--worker", FUSED if src is None else str(src),
-                             "--params", str(params)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env=env, cwd=ROOT)
+    cmd = [sys.executable, __file__, "--worker", FUSED if src is None else str(src), "--params", str(params),
+           "--tensors", str(tensors)]
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
 
 def _read(proc: subprocess.Popen, name: str) -> dict:
@@ -118,13 +119,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("refs", nargs="*", help="versions of memfit to compare: git refs, '.' for the working tree, "
                     "each optionally REF:LABEL (git refs never contain ':')")
-    ap.add_argument("--params", type=float, default=50e6, help="total parameters (10 equal tensors)")
+    ap.add_argument("--params", type=float, default=50e6, help="total parameters")
+    ap.add_argument("--tensors", type=int, default=10, help="equal tensors they are split into")
     ap.add_argument("--rounds", type=int, default=9, help="timed steps per version, interleaved")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     params = int(args.params)
     if args.worker:
-        worker(args.worker, params)
+        worker(args.worker, params, args.tensors)
         return
     if not args.refs:
         ap.error("name at least one version to time, e.g. `HEAD~1 .`")
@@ -134,10 +136,10 @@ def main() -> None:
         names = [FUSED, *(name for _, name in versions)]
         if len(set(names)) < len(names):
             _fail("a version is named twice; give each its own REF or REF:LABEL.")
-        procs = {FUSED: _start(None, params)}
+        procs = {FUSED: _start(None, params, args.tensors)}
         kernels = {}
         for ref, name in versions:
-            procs[name] = _start(extract(ref, Path(tmp)), params)
+            procs[name] = _start(extract(ref, Path(tmp)), params, args.tensors)
             kernels[name] = _read(procs[name], name)["kernel"]
         for name, proc in procs.items():  # one at a time: each builds and warms up alone
             _read(proc, name)
@@ -159,9 +161,11 @@ def main() -> None:
         results[name] = {"step_s": step, "vs_fused": step / fused, "within_round": ratios, "all_s": times[name],
                          "kernel": kernels.get(name)}
         rows.append([name, step * 1e3, step / fused, f"{min(ratios):.2f}-{max(ratios):.2f}"])
-    path = report("optim_ab", f"AdamW8bit step by version, {params / 1e6:.0f}M fp32 params, median of {args.rounds} "
-           "interleaved steps", ["version", "step ms", "÷ fused AdamW", "within-round range"], rows,
-           {"params": params, "rounds": args.rounds, "refs": args.refs, "results": results})
+    title = (f"AdamW8bit step by version, {params / 1e6:.0f}M fp32 params in {args.tensors} tensors, median of "
+             f"{args.rounds} interleaved steps")
+    path = report("optim_ab", title, ["version", "step ms", "÷ fused AdamW", "within-round range"], rows,
+                  {"params": params, "tensors": args.tensors, "rounds": args.rounds, "refs": args.refs,
+                   "results": results})
     print_readme_tables(readme_tables, path)
 
 
