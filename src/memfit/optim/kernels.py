@@ -641,10 +641,10 @@ def adamw8bit_steps(updates: list[Update], tm: QuantTables, tv: QuantTables) -> 
     if lib.openmp():
         lib.adamw8bit_jobs(jobs, len(jobs), total, threads, *tables)
         return
-    bounds = [total * i // threads for i in range(threads + 1)]
     if threads == 1:
         lib.adamw8bit_range(jobs, len(jobs), 0, total, *tables)
         return
+    bounds = [total * i // threads for i in range(threads + 1)]
     pool = _pool(threads)
     futures = [pool.submit(lib.adamw8bit_range, jobs, len(jobs), lo, hi, *tables)
                for lo, hi in zip(bounds, bounds[1:], strict=False)]
