@@ -60,6 +60,12 @@ def extract(ref: str, into: Path) -> Path:
     return out / "src"
 
 
+def _commit(ref: str) -> str:
+    """The commit a ref named when it ran (HEAD moves on); the working tree's with "-dirty" if it had changes."""
+    cmd = ["git", "describe", "--always", "--dirty"] if ref == "." else ["git", "rev-parse", "--short", ref]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
 def worker(kind: str, params: int, tensors: int) -> None:
     """Serve steps on stdin ("step" -> one line: the step's seconds) until it closes. `kind`: FUSED, or the `src`
     folder memfit must be imported from."""
@@ -137,10 +143,11 @@ def main() -> None:
         if len(set(names)) < len(names):
             _fail("a version is named twice; give each its own REF or REF:LABEL.")
         procs = {FUSED: _start(None, params, args.tensors)}
-        kernels = {}
+        kernels, commits = {}, {}
         for ref, name in versions:
             procs[name] = _start(extract(ref, Path(tmp)), params, args.tensors)
             kernels[name] = _read(procs[name], name)["kernel"]
+            commits[name] = _commit(ref)
         for name, proc in procs.items():  # one at a time: each builds and warms up alone
             _read(proc, name)
         times: dict[str, list[float]] = {name: [] for name in names}
@@ -159,7 +166,7 @@ def main() -> None:
         ratios = [a / b for a, b in zip(times[name], times[FUSED], strict=True)]
         step = statistics.median(times[name])
         results[name] = {"step_s": step, "vs_fused": step / fused, "within_round": ratios, "all_s": times[name],
-                         "kernel": kernels.get(name)}
+                         "kernel": kernels.get(name), "commit": commits.get(name)}
         rows.append([name, step * 1e3, step / fused, f"{min(ratios):.2f}-{max(ratios):.2f}"])
     title = (f"AdamW8bit step by version, {params / 1e6:.0f}M fp32 params in {args.tensors} tensors, median of "
              f"{args.rounds} interleaved steps")
