@@ -43,10 +43,11 @@ def _fail(message: str) -> None:
 
 
 def extract(ref: str, into: Path) -> Path:
-    """The `src` folder of `ref` (`.`: this working tree's own), as a path to put first on PYTHONPATH."""
+    """The `src` folder of `ref` (`.`: this working tree's own), as a path to put first on PYTHONPATH; a ref's is
+    extracted into the new folder `into`."""
     if ref == ".":
         return ROOT / "src"
-    out = into / ref.replace("/", "_").replace("~", "-").replace("^", "-")
+    out = into
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "src"], capture_output=True)
     if archive.returncode:
         _fail(f"{ref!r} is not a git ref of this repository ({archive.stderr.decode().strip()}); name a commit, a "
@@ -61,9 +62,14 @@ def extract(ref: str, into: Path) -> Path:
 
 
 def _commit(ref: str) -> str:
-    """The commit a ref named when it ran (HEAD moves on); the working tree's with "-dirty" if it had changes."""
-    cmd = ["git", "describe", "--always", "--dirty"] if ref == "." else ["git", "rev-parse", "--short", ref]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    """The commit a ref named when it ran (HEAD moves on); for the working tree HEAD's, with "+changes" when its
+    `src` differs from it (the code the worker imported)."""
+    git = ["git", "-C", str(ROOT)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD" if ref == "." else ref], capture_output=True,
+                            text=True).stdout.strip()
+    changed = ref == "." and subprocess.run([*git, "status", "--porcelain", "--", "src"], capture_output=True,
+                                            text=True).stdout.strip()
+    return commit + ("+changes" if changed else "")
 
 
 def worker(kind: str, params: int, tensors: int) -> None:
@@ -142,14 +148,13 @@ def main() -> None:
         names = [FUSED, *(name for _, name in versions)]
         if len(set(names)) < len(names):
             _fail("a version is named twice; give each its own REF or REF:LABEL.")
-        procs = {FUSED: _start(None, params, args.tensors)}
-        kernels, commits = {}, {}
-        for ref, name in versions:
-            procs[name] = _start(extract(ref, Path(tmp)), params, args.tensors)
-            kernels[name] = _read(procs[name], name)["kernel"]
-            commits[name] = _commit(ref)
-        for name, proc in procs.items():  # one at a time: each builds and warms up alone
-            _read(proc, name)
+        procs, kernels, commits = {}, {}, {}
+        for i, (ref, name) in enumerate([(None, FUSED), *versions]):  # one at a time: each builds and warms up alone
+            procs[name] = _start(None if ref is None else extract(ref, Path(tmp) / str(i)), params, args.tensors)
+            if ref is not None:
+                kernels[name] = _read(procs[name], name)["kernel"]
+                commits[name] = _commit(ref)
+            _read(procs[name], name)  # ready: warmed up
         times: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(args.rounds):
             for name in names:
@@ -168,10 +173,11 @@ def main() -> None:
         results[name] = {"step_s": step, "vs_fused": step / fused, "within_round": ratios, "all_s": times[name],
                          "kernel": kernels.get(name), "commit": commits.get(name)}
         rows.append([name, step * 1e3, step / fused, f"{min(ratios):.2f}-{max(ratios):.2f}"])
-    title = (f"AdamW8bit step by version, {params / 1e6:.0f}M fp32 params in {args.tensors} tensors, median of "
+    stepped = params // args.tensors * args.tensors
+    title = (f"AdamW8bit step by version, {stepped / 1e6:.0f}M fp32 params in {args.tensors} tensors, median of "
              f"{args.rounds} interleaved steps")
     path = report("optim_ab", title, ["version", "step ms", "÷ fused AdamW", "within-round range"], rows,
-                  {"params": params, "tensors": args.tensors, "rounds": args.rounds, "refs": args.refs,
+                  {"params": stepped, "tensors": args.tensors, "rounds": args.rounds, "refs": args.refs,
                    "results": results})
     print_readme_tables(readme_tables, path)
 

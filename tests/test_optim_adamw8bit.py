@@ -223,6 +223,21 @@ def test_a_parameter_listed_twice_is_stepped_twice_in_turn():
         assert torch.equal(twice.state[p][k], ref.state[q][k]), k
 
 
+def test_a_refused_parameter_leaves_the_ones_before_it_updated():
+    """8-bit updates wait for the end of the step; when a later parameter is refused, those before it (their step
+    already counted) are still applied, as when each ran at once."""
+    from memfit.errors import ConfigError
+
+    good = torch.nn.Parameter(torch.randn(8192))
+    bad = torch.nn.Parameter(torch.randn(8192).bfloat16())
+    good.grad, bad.grad = torch.randn(8192), torch.randn(8192).bfloat16()
+    before = good.detach().clone()
+    opt = AdamW8bit([good, bad], lr=1e-2)
+    with pytest.raises(ConfigError, match="contiguous fp32 parameters"):
+        opt.step()
+    assert opt.state[good]["step"] == 1 and not torch.equal(good, before)
+
+
 def test_tracks_torch_adamw_on_one_large_tensor():
     """Per-step parameter change close to fp32 AdamW's (quantisation error only)."""
     g = torch.Generator().manual_seed(0)

@@ -83,23 +83,27 @@ class AdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        updates: list[kernels.Update] = []  # the 8-bit ones, run together at the end (one kernel call on CPU)
+        # The 8-bit updates run together at the end: one kernel call on CPU. Distinct parameters must not share
+        # memory (they may run at once on different threads); one listed twice is run in turn.
+        updates: list[kernels.Update] = []
         pending: set[int] = set()
         hypers: dict[tuple[int, float], torch.Tensor] = {}  # one constants tensor per group and step count
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ConfigError("AdamW8bit does not support sparse gradients; use dense embeddings.")
-                if id(p) in pending:  # listed twice: its first update must land before the second reads it
-                    step_8bit_many(updates, self.chunk_size)
-                    updates, pending = [], set()
-                update = self._update(p, group, hypers)
-                if update is not None:
-                    updates.append(update)
-                    pending.add(id(p))
-        step_8bit_many(updates, self.chunk_size)
+        try:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    if p.grad.is_sparse:
+                        raise ConfigError("AdamW8bit does not support sparse gradients; use dense embeddings.")
+                    if id(p) in pending:  # listed twice: its first update must land before the second reads it
+                        step_8bit_many(updates, self.chunk_size)
+                        updates, pending = [], set()
+                    update = self._update(p, group, hypers)
+                    if update is not None:
+                        updates.append(update)
+                        pending.add(id(p))
+        finally:  # also when a later parameter is refused: those before it were counted, so they are applied
+            step_8bit_many(updates, self.chunk_size)
         return loss
 
     def _update(self, p: torch.Tensor, group: dict[str, Any],
