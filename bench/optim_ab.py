@@ -3,13 +3,12 @@
 Each version (a git ref, or `.` for the working tree with its uncommitted changes) runs in its own worker process
 that imports memfit from that version's `src` (extracted with `git archive`), builds its kernel and holds its own
 parameters, gradients and states (the same seed in each: 50M fp32 values in 10 tensors by default, as in
-bench/optim.py; `--tensors` splits them finer, as a real model is). A
-further worker steps torch's fused AdamW. The controller asks the workers for one step at a time, round-robin,
-with a pause between steps so that no worker's OpenMP threads still spin on the cores; each worker runs an
-untimed torch op on all threads right before its timed `optimizer.step()`, as the backward pass does in training
-(torch's OpenMP workers spin for a few ms after it). The medians, and each version's step ÷ fused AdamW's within
-every round, go to a table and to results/optim_ab.json. This is how a kernel change is measured before it is
-committed.
+bench/optim.py; `--tensors` splits them finer, as a real model is). A further worker steps torch's fused AdamW.
+The controller asks the workers for one step at a time, round-robin, with a pause between steps so that no
+worker's OpenMP threads still spin on the cores; each worker runs an untimed torch op on all threads right before
+its timed `optimizer.step()`, as the backward pass does in training (torch's OpenMP workers spin for a few ms
+after it). The medians, each version's step ÷ fused AdamW's within every round and each version's commit go to a
+table and to results/optim_ab.json. This is how a kernel change is measured before it is committed.
 
     .venv/bin/python bench/optim_ab.py HEAD~1 .                  # the last commit against the working tree
     .venv/bin/python bench/optim_ab.py ba2794d~1 "ba2794d:no prefetch"   # REF:LABEL names a row; ~1 min
@@ -47,18 +46,17 @@ def extract(ref: str, into: Path) -> Path:
     extracted into the new folder `into`."""
     if ref == ".":
         return ROOT / "src"
-    out = into
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "src"], capture_output=True)
     if archive.returncode:
         _fail(f"{ref!r} is not a git ref of this repository ({archive.stderr.decode().strip()}); name a commit, a "
               "branch or '.' for the working tree.")
-    out.mkdir(parents=True)
+    into.mkdir(parents=True)
     with tempfile.TemporaryFile() as f:
         f.write(archive.stdout)
         f.seek(0)
         with tarfile.open(fileobj=f) as tar:
-            tar.extractall(out, filter="data")
-    return out / "src"
+            tar.extractall(into, filter="data")
+    return into / "src"
 
 
 def _commit(ref: str) -> str:

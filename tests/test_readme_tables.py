@@ -42,10 +42,11 @@ def test_readme_tables_match_committed_results():
 
 
 def test_readme_marks_the_benchmark_tables():
-    assert REFERENCED == ["adapters_step.json", "moe.json", "moe_train.json", "optim.json", "optim_finetune.json",
-                          "optim_full.json", "plan.json", "quality-llm-300steps.json", "quality-llm-synopses.json",
-                          "quality-llm.json", "quality-lm.json", "quality.json", "quantize.json", "rps.json",
-                          "serve.json", "stream.json", "zo.json"]
+    assert REFERENCED == ["adapters_step.json", "moe.json", "moe_train.json", "optim.json", "optim_ab.json",
+                          "optim_finetune.json", "optim_full.json", "plan.json", "quality-llm-300steps.json",
+                          "quality-llm-synopses-300steps.json", "quality-llm-synopses.json", "quality-llm.json",
+                          "quality-lm.json", "quality.json", "quantize.json", "rps.json", "serve.json", "stream.json",
+                          "zo.json"]
 
 
 # --- the mechanism, on a README and results of its own ---------------------------------------------------------
@@ -147,6 +148,17 @@ PAYLOADS = {
            for lr, loss in ((3e-4, 4.44), (1e-3, 4.17), (3e-3, 4.02), (1e-2, 4.05))},
         **{f"LoRA r=8||final|0.003|{seed}": {"loss": loss, "trainable_params": 2_442_240, "train_time_s": 500.0,
                                              "lr": 3e-3, "seed": seed} for seed, loss in enumerate((4.014, 4.006))}}},
+    "quality-llm-synopses-300steps.json": {"protocol": {"task": "synopses", "steps": 300,
+                                                        "lr_from": "quality-llm-synopses.json"}, "runs": {
+        "LoRA r=2||final|0.01|0": {"loss": 3.7536, "trainable_params": 610_560, "train_time_s": 1368.0, "lr": 0.01,
+                                   "seed": 0},
+        "IncreLoRA, rank-2 budget||final|0.03|0": {"loss": 3.9397, "trainable_params": 1_051_812,
+                                                   "train_time_s": 1790.0, "lr": 0.03, "seed": 0}}},
+    "optim_ab.json": {"results": {  # in the order main() writes them: fused AdamW first
+        "torch AdamW fused": {"step_s": 0.0264, "vs_fused": 1.0, "within_round": [1.0, 1.0], "all_s": [0.0264] * 2,
+                              "kernel": None, "commit": None},
+        "AdamW8bit @ 5c2456e: before": {"step_s": 0.05, "vs_fused": 1.894, "within_round": [3.89, 1.28],
+                                        "all_s": [0.05] * 2, "kernel": "avx512-vbmi", "commit": "5c2456e"}}},
     "rps.json": {"full_params": 788_750, "results": [
         {"compression": 1.0, "rps": {"params": 788_750, "accuracy": 0.802, "macro_f1": 0.789, "step_ms": 9.0},
          "dense": {"params": 788_750, "hidden": 128, "accuracy": 0.802, "macro_f1": 0.789, "step_ms": 5.0}},
@@ -269,6 +281,16 @@ EXPECTED = {  # README rows these payloads must reproduce, character for charact
         "|---|---:|---:|---:|---:|",
         "| zero-shot | 0 | | 1 | 5.420 ± 0.000 |",
         "| LoRA r=8 | 2,442,240 | 0.003 | 2 | 4.010 ± 0.006 |"],
+    ("quality-llm-synopses-300steps.json", "methods"): [
+        "| row | trainable | lr | seeds | completion loss |",
+        "|---|---:|---:|---:|---:|",
+        "| LoRA r=2 | 610,560 | 0.01 | 1 | 3.754 ± 0.000 |",
+        "| IncreLoRA, rank-2 budget | 1,051,812 | 0.03 | 1 | 3.940 ± 0.000 |"],
+    ("optim_ab.json", "ab"): [
+        "| version | step ms | step ÷ fused AdamW | within-round range |",
+        "|---|---:|---:|---:|",
+        "| torch AdamW fused | 26.4 | 1.00 | 1.00-1.00 |",
+        "| AdamW8bit @ 5c2456e: before | 50.0 | 1.89 | 1.28-3.89 |"],
     ("rps.json", "compression"): [
         "| compression | RPS parameters | RPS acc / F1 | dense model of equal size | dense acc / F1 |",
         "|---|---:|---:|---|---:|",
