@@ -179,12 +179,13 @@ def step_8bit_many(updates: list[kernels.Update], chunk_size: int = 1 << 20) -> 
     """`step_8bit` of many tensors: those on the CPU in one kernel call where it is built (their blocks split over
     the threads together), the others one by one."""
     kernel = kernels.load() is not None
-    fused = [u for u in updates if kernel and u[0].device.type == "cpu"]
+    fused, other = [], []
+    for update in updates:
+        (fused if kernel and update[0].device.type == "cpu" else other).append(update)
     if fused:
         kernels.adamw8bit_steps(fused, tables(True), tables(False))
-    for update in updates:
-        if not (kernel and update[0].device.type == "cpu"):
-            _step_torch(*update, chunk_size)
+    for update in other:
+        _step_torch(*update, chunk_size)
 
 
 def _step_torch(p: torch.Tensor, g: torch.Tensor, mq: torch.Tensor, ma: torch.Tensor, vq: torch.Tensor,
