@@ -56,16 +56,28 @@ def test_state_bytes_per_parameter_on_a_large_tensor():
 
 
 def test_small_tensors_keep_fp32_states_and_match_torch_exactly():
-    p = torch.nn.Parameter(torch.randn(100))
-    q = torch.nn.Parameter(p.detach().clone())
-    ours, ref = AdamW8bit([p], lr=1e-2), torch.optim.AdamW([q], lr=1e-2, foreach=False)
+    """Small tensors take torch's foreach Adam, one call per group: bitwise its single-tensor loop, in two groups
+    with their own hyperparameters and one tensor stepping late (its own step count)."""
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (100, 37, 1, 500, 64)]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+
+    def groups(t: list) -> list[dict]:
+        return [dict(params=t[:3]), dict(params=t[3:], lr=3e-3, weight_decay=0.1, betas=(0.8, 0.99))]
+
+    ours, ref = AdamW8bit(groups(ps), lr=1e-2), torch.optim.AdamW(groups(qs), lr=1e-2, foreach=False)
     for i in range(5):
-        p.grad = torch.randn(100, generator=torch.Generator().manual_seed(i))
-        q.grad = p.grad.clone()
+        for j, (p, q) in enumerate(zip(ps, qs, strict=True)):
+            late = j == 1 and i < 2  # no gradient in the first two steps
+            p.grad = None if late else torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * i + j))
+            q.grad = None if late else p.grad.clone()
         ours.step()
         ref.step()
-    assert ours.state[p]["exp_avg"].dtype == torch.float32
-    assert torch.equal(p, q)
+    assert ours.state[ps[0]]["exp_avg"].dtype == torch.float32
+    assert ours.state[ps[1]]["step"] == 3
+    for p, q in zip(ps, qs, strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(ours.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"])
 
 
 def test_final_loss_close_to_torch_adamw():
@@ -223,19 +235,38 @@ def test_a_parameter_listed_twice_is_stepped_twice_in_turn():
         assert torch.equal(twice.state[p][k], ref.state[q][k]), k
 
 
+def test_a_small_parameter_listed_twice_is_stepped_twice_in_turn():
+    """The same for a small tensor (fp32 states, the foreach batch): torch's AdamW steps it twice in turn."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(100, generator=g))
+    q = torch.nn.Parameter(p.detach().clone())
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        twice = AdamW8bit([p, p], lr=1e-2, weight_decay=0.1)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        ref = torch.optim.AdamW([q, q], lr=1e-2, weight_decay=0.1, foreach=False)
+    for _ in range(3):
+        p.grad = torch.randn(100, generator=g)
+        q.grad = p.grad.clone()
+        twice.step()
+        ref.step()
+    assert torch.equal(p, q)
+    assert twice.state[p]["step"] == 6
+
+
 def test_a_refused_parameter_leaves_the_ones_before_it_updated():
     """8-bit updates wait for the end of the step; when a later parameter is refused, those before it (their step
     already counted) are still applied, as when each ran at once."""
     from memfit.errors import ConfigError
 
-    good = torch.nn.Parameter(torch.randn(8192))
+    good, small = torch.nn.Parameter(torch.randn(8192)), torch.nn.Parameter(torch.randn(10))
     bad = torch.nn.Parameter(torch.randn(8192).bfloat16())
-    good.grad, bad.grad = torch.randn(8192), torch.randn(8192).bfloat16()
-    before = good.detach().clone()
-    opt = AdamW8bit([good, bad], lr=1e-2)
+    good.grad, small.grad, bad.grad = torch.randn(8192), torch.randn(10), torch.randn(8192).bfloat16()
+    before, small_before = good.detach().clone(), small.detach().clone()
+    opt = AdamW8bit([good, small, bad], lr=1e-2)
     with pytest.raises(ConfigError, match="contiguous fp32 parameters"):
         opt.step()
     assert opt.state[good]["step"] == 1 and not torch.equal(good, before)
+    assert opt.state[small]["step"] == 1 and not torch.equal(small, small_before)
 
 
 def test_tracks_torch_adamw_on_one_large_tensor():
