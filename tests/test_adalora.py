@@ -150,7 +150,42 @@ def test_export_names_modules_when_a_kind_name_is_shared_with_unadapted_ones(tmp
         assert torch.allclose(ref(x).logits, model(x).logits, rtol=1e-5, atol=1e-6)
 
 
+def test_lora_init_starts_like_lora_and_moves_delta_w_from_the_first_update(tmp_path):
+    """init="lora": B = 0, A Kaiming-uniform, E = 1, so ΔW = 0 and B takes the whole gradient at once. From the
+    paper's start (E = 0, A, B ~ N(0, 0.02)) the first update moves ΔW only by E's step times two small factors:
+    one Adam step each on the same batch, and the first ΔW is many times the second (~270× here). Saved and
+    loaded, the adapter keeps its weights and its config."""
+    moved = {}
+    for init in ("lora", "gaussian"):
+        torch.manual_seed(0)
+        config = memfit.AdaLoRAConfig(target_modules=TARGETS, init_rank=2, target_rank=2, init=init)
+        model = memfit.inject(tiny_llama(), config).train()
+        layers = [layer for _, layer in adapter_modules(model)]
+        for layer in layers:
+            assert not layer.delta_weight().any()
+            if init == "lora":
+                bound = layer.in_features ** -0.5  # kaiming_uniform_(a=√5), as LoRA's A
+                assert not layer.lora_B.any() and torch.equal(layer.lora_E, torch.ones_like(layer.lora_E))
+                assert layer.lora_A.abs().max() <= bound and layer.lora_A.std() > 0.5 * bound
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        x = _batches(1)[0]
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        moved[init] = sum(layer.delta_weight().norm().item() for layer in layers)
+    assert moved["lora"] > 20 * moved["gaussian"] > 0
+
+    torch.manual_seed(1)
+    started = memfit.inject(tiny_llama(), memfit.AdaLoRAConfig(target_modules=TARGETS, init="lora")).eval()
+    memfit.save_adapter(started, tmp_path)
+    loaded = memfit.load_adapter(tiny_llama(), tmp_path).eval()
+    assert loaded.memfit_config.init == "lora"
+    for name, layer in adapter_modules(started):
+        assert torch.equal(loaded.get_submodule(name).lora_A, layer.lora_A)
+
+
 def test_bad_input():
+    with pytest.raises(ConfigError, match="AdaLoRAConfig.init='zeros' is not a way to start the components"):
+        memfit.AdaLoRAConfig(init="zeros")
     with pytest.raises(ConfigError, match=r"t_init \(40\) \+ t_final \(30\) >= total steps \(70\)"):
         memfit.rank_allocator(memfit.inject(tiny_llama(), memfit.AdaLoRAConfig(target_modules=["q_proj"], t_init=40,
                                                                                t_final=30)), total_steps=70)

@@ -16,6 +16,7 @@ TARGETS = ["q_proj", "v_proj"]  # 4 modules in the 2-layer tiny Llama
 CONFIG = dict(target_modules=TARGETS, init_rank=1, target_rank=3, top_h=2, rank_step=3, t_init=3, interval=4,
               restart_warmup=2)
 TOTAL = 14
+CONFIG_RESERVE_E = memfit.IncreLoRAConfig().reserve_e
 
 
 def _batches(n: int, seed: int = 0) -> list[torch.Tensor]:
@@ -166,7 +167,27 @@ def test_save_load_keeps_the_grown_structure(tmp_path):
         assert torch.equal(loaded.eval()(x).logits, model.eval()(x).logits)
 
 
+def test_lora_init_starts_the_initial_components_like_lora_and_the_reserves_the_authors_way():
+    """init="lora" starts the initial components as LoRA does (b = 0, a Kaiming-uniform, e = 1: ΔW = 0 and b takes
+    the whole gradient at once); reserves keep the author's start, a frozen e = reserve_e and a, b ~ N(0, 0.02),
+    and growth runs to the budget as with the default start."""
+    model, opt, sched, alloc = _setup(init="lora")
+    for _, layer in adapter_modules(model):
+        a, e, b = layer.lora_A[0], layer.lora_E[0], layer.lora_B[0]
+        assert not b.any() and torch.equal(e, torch.ones_like(e)) and e.requires_grad
+        assert a.abs().max() <= layer.in_features ** -0.5 < 2 * a.std()
+        assert not (b @ (a * e)).any()  # the initial components add nothing (the live reserve adds e = 1e-5's)
+        reserve = layer.lora_E[1]
+        assert not reserve.requires_grad and torch.equal(reserve, torch.full_like(reserve, CONFIG_RESERVE_E))
+        assert 0.015 < layer.lora_B[1].std() < 0.025
+    _train(model, opt, sched, alloc, TOTAL)
+    assert sum(alloc.ranks().values()) == 4 * CONFIG["target_rank"]
+    assert all(layer.delta_weight().any() for _, layer in adapter_modules(model))
+
+
 def test_bad_input():
+    with pytest.raises(ConfigError, match="IncreLoRAConfig.init='svd' is not a way to start the components"):
+        memfit.IncreLoRAConfig(init="svd")
     with pytest.raises(ConfigError, match="target_rank=1 < init_rank=4: IncreLoRA only grows ranks"):
         memfit.IncreLoRAConfig(init_rank=4, target_rank=1)
     model = memfit.inject(tiny_llama(), memfit.IncreLoRAConfig(target_modules=TARGETS))

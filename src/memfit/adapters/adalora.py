@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memfit.adapters.adaptive import ImportanceEMA, JSONState, RankAllocator
+from memfit.adapters.adaptive import ImportanceEMA, JSONState, RankAllocator, check_init, init_components
 from memfit.adapters.config import AdapterConfig, check_dropout, check_positive
 from memfit.adapters.layer import AdapterLinear, adapter_input, float_dtype, make_dropout
 from memfit.adapters.method import Method, Target
@@ -50,10 +50,13 @@ class AdaLoRAConfig(AdapterConfig):
     beta1: float = option(0.85, help="EMA factor of the sensitivity")
     beta2: float = option(0.85, help="EMA factor of the uncertainty")
     orth_reg_weight: float = option(0.5, help="weight of the orthogonality regulariser")
+    init: str = option("gaussian", help="how the triplets start: gaussian (the paper's and PEFT's: E = 0, A, B ~ "
+                       "N(0, 0.02)) or lora (LoRA's: B = 0, A Kaiming, E = 1; faster on short runs)", flag=True)
 
     def validate(self) -> None:
         check_positive(self, "init_rank", "target_rank", "alpha", "interval")
         check_dropout(self)
+        check_init(self)
         if self.target_rank > self.init_rank:
             raise ConfigError(f"AdaLoRAConfig.target_rank={self.target_rank} > init_rank={self.init_rank}: AdaLoRA "
                               "only prunes. Raise init_rank, or use IncreLoRAConfig to grow ranks.")
@@ -86,10 +89,9 @@ class AdaLoRALinear(AdapterLinear):
         dtype = float_dtype(base.weight)
         self.init_rank, self.scale = r, config.alpha / r
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
-        self.lora_E = nn.Parameter(torch.zeros(r, 1, dtype=dtype, device=device))
+        self.lora_E = nn.Parameter(torch.empty(r, 1, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=dtype, device=device))
-        nn.init.normal_(self.lora_A, std=INIT_STD)
-        nn.init.normal_(self.lora_B, std=INIT_STD)
+        init_components(self.lora_A, self.lora_E, self.lora_B, config.init, INIT_STD)
         self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=device))
         self.dropout = make_dropout(config.dropout)
 

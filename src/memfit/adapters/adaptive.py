@@ -4,6 +4,7 @@
   both methods rank by.
 - `orthogonality`: the mean of ‖AAᵀ − I‖_F and ‖BᵀB − I‖_F over the factors, as PEFT's AdaLoRA computes it.
 - `RankAllocator`: the one interface of both allocators, and `rank_allocator(model)` that builds the right one.
+- `init_components`: how the first components (b·e·aᵀ) start, the papers' way or LoRA's.
 
 Running an allocator inside memfit's trainer, and drawing where the ranks went, live in `memfit.train.allocation`:
 adapters know nothing of training loops.
@@ -11,6 +12,7 @@ adapters know nothing of training loops.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -25,6 +27,31 @@ from memfit.adapters.registry import get_method, methods
 from memfit.errors import ConfigError
 
 JSONState = dict[str, Any]  # flat: str -> torch.Tensor | JSON-able value
+
+# How the components start. "gaussian": the papers' and PEFT's, e = 0 and a, b ~ N(0, 0.02). "lora": LoRA's, b = 0,
+# a Kaiming-uniform and e = 1. Both give ΔW = 0, but from e = 0 each factor's gradient is a product of the other two,
+# both small, so under Adam ΔW first grows with the cube of the steps rather than linearly: the gaussian start is
+# slow on short runs (README, "On a real chat LLM").
+INITS = ("gaussian", "lora")
+
+
+def check_init(config: Any) -> None:
+    if config.init not in INITS:
+        raise ConfigError(f"{type(config).__name__}.init={config.init!r} is not a way to start the components; "
+                          f"use one of {', '.join(INITS)}.")
+
+
+@torch.no_grad()
+def init_components(a: torch.Tensor, e: torch.Tensor, b: torch.Tensor, how: str, std: float) -> None:
+    """Start components a [r, in], e [r, 1], b [out, r] in place the `how` way (INITS), std the gaussian one's."""
+    if how == "lora":
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        e.fill_(1.0)
+        b.zero_()
+        return
+    nn.init.normal_(a, std=std)
+    e.zero_()
+    nn.init.normal_(b, std=std)
 
 
 class ImportanceEMA:
