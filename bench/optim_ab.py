@@ -13,6 +13,8 @@ table and to results/optim_ab.json. This is how a kernel change is measured befo
     .venv/bin/python bench/optim_ab.py HEAD~1 .                  # the last commit against the working tree
     .venv/bin/python bench/optim_ab.py ba2794d~1 "ba2794d:no prefetch"   # REF:LABEL names a row; ~1 min
     .venv/bin/python bench/optim_ab.py . --params 5e6 --rounds 3       # smoke run
+    .venv/bin/python bench/optim_ab.py HEAD~1 . --params 35136 --tensors 61 --name optim_ab_small
+        # 61 tensors of 576 values (SmolLM2's norms), all below min_8bit_size: the fp32-state path
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=50e6, help="total parameters")
     ap.add_argument("--tensors", type=int, default=10, help="equal tensors they are split into")
     ap.add_argument("--rounds", type=int, default=9, help="timed steps per version, interleaved")
+    ap.add_argument("--name", default="optim_ab", help="results file: results/NAME.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     params = int(args.params)
@@ -172,9 +175,9 @@ def main() -> None:
                          "kernel": kernels.get(name), "commit": commits.get(name)}
         rows.append([name, step * 1e3, step / fused, f"{min(ratios):.2f}-{max(ratios):.2f}"])
     stepped = params // args.tensors * args.tensors
-    title = (f"AdamW8bit step by version, {stepped / 1e6:.0f}M fp32 params in {args.tensors} tensors, median of "
+    title = (f"AdamW8bit step by version, {stepped:,} fp32 params in {args.tensors} tensors, median of "
              f"{args.rounds} interleaved steps")
-    path = report("optim_ab", title, ["version", "step ms", "÷ fused AdamW", "within-round range"], rows,
+    path = report(args.name, title, ["version", "step ms", "÷ fused AdamW", "within-round range"], rows,
                   {"params": stepped, "tensors": args.tensors, "rounds": args.rounds, "refs": args.refs,
                    "results": results})
     print_readme_tables(readme_tables, path)

@@ -33,6 +33,8 @@ benchmark runs in several sittings; each run is a fresh process.
     .venv/bin/python bench/quality_llm.py --task synopses   # the long-answer task: results/quality-llm-synopses.json
     .venv/bin/python bench/quality_llm.py --steps 300 --rows "LoRA r=1;LoRA r=8" --lr-from results/quality-llm.json
         # a longer-schedule probe at the rates the 100-update sweeps chose: results/quality-llm-300steps.json
+    .venv/bin/python bench/quality_llm.py --task synopses --experiment --seeds 1
+        # the experiments (EXPERIMENTS), at the rates the table chose: results/quality-llm-synopses-experiments.json
 
 Each run keeps its per-prompt hits and its late training loss; --report --rows ... prints those rows' runs
 compared prompt by prompt.
@@ -89,6 +91,19 @@ ABLATION = {
     "no vector sharding (l=1)": {"shards": 1},
     "no privatization (r_pri=0)": {"r_pri": 0},
 }
+# Experiments (--experiment), never in the table: why IncreLoRA and AdaLoRA fall short of LoRA r=2. Each row:
+# (method, options, the table row whose chosen rate it trains at). "Fixed rank 2": init_rank = target_rank, so
+# nothing is pruned; "LoRA's start": init="lora" (b = 0, a Kaiming, e = 1) in place of the papers' (e = 0, a, b ~
+# N(0, 0.02)), trained at LoRA r=2's rate.
+EXPERIMENTS: dict[str, tuple[str, dict, str]] = {
+    "AdaLoRA, fixed rank 2": ("adalora", {"init_rank": 2, "target_rank": 2, "alpha": 4.0}, "AdaLoRA, rank-2 budget"),
+    "AdaLoRA, fixed rank 2, LoRA's start": ("adalora", {"init_rank": 2, "target_rank": 2, "alpha": 4.0,
+                                                        "init": "lora"}, "LoRA r=2"),
+    "AdaLoRA, rank-2 budget, LoRA's start": ("adalora", {"init_rank": 4, "target_rank": 2, "alpha": 8.0,
+                                                         "init": "lora"}, "LoRA r=2"),
+    "IncreLoRA, rank-2 budget, LoRA's start": ("increlora", {"init_rank": 1, "target_rank": 2, "alpha": 4.0,
+                                                             "init": "lora"}, "LoRA r=2"),
+}
 # First what shows whether rank matters (LoRA r=1, r=8), then each goal's rows: MoS at 1/8 of r=8; IncreLoRA and
 # AdaLoRA against LoRA r=2.
 PRIORITY = ["zero-shot", "LoRA r=1", "LoRA r=8", "MoS, LoRA r=1 budget (active rank 8)", "LoRA r=2",
@@ -128,11 +143,11 @@ def task_of(payload: dict) -> Task:
     return TASKS[task_name(payload)]
 
 
-def stem(task: str, quick: bool = False, steps: int | None = None) -> str:
-    """A results file's name: quality-llm[-<task>][-quick][-<steps>steps] (no task part for sections, the first
-    task; steps only where they differ from the default, as for a longer-schedule probe)."""
+def stem(task: str, quick: bool = False, steps: int | None = None, experiment: bool = False) -> str:
+    """A results file's name: quality-llm[-<task>][-quick][-<steps>steps][-experiments] (no task part for sections,
+    the first task; steps only where they differ from the default, as for a longer-schedule probe)."""
     return ("quality-llm" + ("" if task == "sections" else f"-{task}") + ("-quick" if quick else "")
-            + ("" if steps is None else f"-{steps}steps"))
+            + ("" if steps is None else f"-{steps}steps") + ("-experiments" if experiment else ""))
 
 
 def data(task: str, dev: int, quick: bool) -> dict[str, Path]:
@@ -157,6 +172,12 @@ def data(task: str, dev: int, quick: bool) -> dict[str, Path]:
     return files
 
 
+def spec(row: str) -> tuple[str | None, dict]:
+    """(method, options) of a table row or an experiment."""
+    method, options, _ = ROWS[row] if row in ROWS else EXPERIMENTS[row]
+    return method, options
+
+
 def adapter_config(method: str, options: dict):
     from memfit.adapters import get_method
 
@@ -179,7 +200,7 @@ def run_one(task: Task, row: str, variant: str | None, lr: float, seed: int, ste
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     tokenizer = load_tokenizer(model_dir)
-    method, options, _ = ROWS[row]
+    method, options = spec(row)
 
     def scored(model) -> dict:
         if not task.exact_match:
@@ -365,8 +386,28 @@ def paired(payload: dict, rows: list[str] | None = None) -> list[str]:
     return lines
 
 
+def summarize_experiments(payload: dict) -> list[dict]:
+    """One entry per experiment run so far: mean ± std over its seeds, and its late training loss."""
+    out = []
+    for row, (_, options, rate_of) in EXPERIMENTS.items():
+        finals = [r for k, r in payload["runs"].items() if k.startswith(f"{row}||final|") and "error" not in r]
+        if finals:
+            late = [r["train_loss_late"] for r in finals if r.get("train_loss_late") is not None]
+            out.append({"row": row, "rate_of": rate_of, "lr": finals[0]["lr"], "seeds": len(finals),
+                        "trainable_params": finals[0]["trainable_params"], "init": options.get("init", "gaussian"),
+                        **_mean_std("loss", [r["loss"] for r in finals]), **_mean_std("late", late or None)})
+    return out
+
+
 def readme_tables(payload: dict) -> dict[str, str]:
-    """README.md's tables, from results/quality-llm[-synopses].json alone (bench/readme_check.py compares them)."""
+    """README.md's tables, from results/quality-llm[-synopses][-experiments].json alone (bench/readme_check.py
+    compares them)."""
+    if payload.get("protocol", {}).get("experiment"):
+        rows = [[s["row"], f"{s['trainable_params']:,}", f"{s['lr']:g} ({s['rate_of']}'s)", str(s["seeds"]),
+                 f"{s['loss']:.3f} ± {s['loss_std']:.3f}", "" if s["late"] is None else f"{s['late']:.3f}"]
+                for s in summarize_experiments(payload)]
+        return {"experiments": md_table(["experiment", "trainable", "lr", "seeds", "completion loss",
+                                         "late training loss"], "lrrrrr", rows)}
     rows = summarize(payload)
     labelled = task_of(payload).exact_match
 
@@ -451,6 +492,8 @@ def main() -> None:
     ap.add_argument("--rows", help="run only these rows, separated by ';' (e.g. 'LoRA r=1;LoRA r=8')")
     ap.add_argument("--lr-from", type=Path, help="a results file of this benchmark (another --steps): the finals "
                     "take the rates its sweep chose, and no sweep runs (a probe of longer schedules)")
+    ap.add_argument("--experiment", action="store_true", help="run the experiments (EXPERIMENTS; --rows picks some) "
+                    "at the rates the table's rows chose, into results/quality-llm[-TASK]-experiments.json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -462,18 +505,22 @@ def main() -> None:
     default_steps = 60 if args.quick else task.steps
     steps = default_steps if args.quick or args.steps is None else args.steps
     only = args.rows.split(";") if args.rows else None
-    unknown = [r for r in only or [] if r not in ROWS]
+    known = EXPERIMENTS if args.experiment else ROWS
+    unknown = [r for r in only or [] if r not in known]
     if unknown:
-        sys.exit(f"unknown row {unknown[0]!r}: choose from {'; '.join(ROWS)}")
+        sys.exit(f"unknown {'experiment' if args.experiment else 'row'} {unknown[0]!r}: choose from {'; '.join(known)}")
     protocol = {"task": args.task, "steps": steps, "batch": BATCH, "max_length": task.max_length, "dev": args.dev,
                 "quick": args.quick, "targets": TARGETS}
     rates = None
+    if args.experiment:  # the table's rates, from its own file unless --lr-from names another
+        args.lr_from = args.lr_from or RESULTS / f"{stem(args.task)}.json"
+        protocol["experiment"] = True
     if args.lr_from is not None:
         if not args.lr_from.is_file():
             sys.exit(f"--lr-from {args.lr_from}: no such results file; run the 100-update table first.")
         rates = json.loads(args.lr_from.read_text())["runs"]
         protocol["lr_from"] = args.lr_from.name
-    name = stem(args.task, args.quick, None if steps == default_steps else steps)
+    name = stem(args.task, args.quick, None if steps == default_steps else steps, args.experiment)
     results = Results(RESULTS / f"{name}.json", {"protocol": protocol})
     start = time.perf_counter()
     if not args.report:
@@ -494,8 +541,20 @@ def main() -> None:
             key = _key(row, variant, phase, lr, seed)
             return None if key in tried or results.get(key) is not None else lr
 
+        def todo() -> list[tuple[str, str | None, str, float | None, int]]:
+            if not args.experiment:
+                return plan(args.quick, args.seeds, only, sweep=rates is None)
+            entries = []
+            for row in only or EXPERIMENTS:
+                lr = chosen_lr(rates, EXPERIMENTS[row][2])
+                if lr is None:
+                    print(f"skip {row}: {EXPERIMENTS[row][2]}'s sweep is unfinished", flush=True)
+                    continue
+                entries += [(row, None, "final", lr, seed) for seed in range(args.seeds)]
+            return entries
+
         def work() -> None:
-            for row, variant, phase, lr0, seed in plan(args.quick, args.seeds, only, sweep=rates is None):
+            for row, variant, phase, lr0, seed in todo():
                 while (lr := pending(row, variant, phase, lr0, seed)) is not None:
                     if args.max_minutes is not None and time.perf_counter() - start > 60 * args.max_minutes:
                         print("time is up: rerun to continue", flush=True)
@@ -518,7 +577,7 @@ def main() -> None:
         print(f"\n<!-- results/{results.path.name}: {name} -->\n{table}\n<!-- /results -->")
     if only is not None:  # every pair of a whole table would be hundreds of lines
         print("\n".join(["", "Paired on the same prompts:", *paired(results.payload, only)]))
-    if not args.quick and rates is None:  # a probe is drawn into the main plot
+    if not args.quick and rates is None:  # a probe is drawn into the main plot; experiments are not
         plot(results.payload, IMG / ("quality_llm.png" if args.task == "sections" else f"quality_llm_{args.task}.png"))
 
 

@@ -174,3 +174,19 @@ def test_results_file_names_follow_task_quick_and_steps(qllm):
     assert qllm.stem("sections", steps=300) == "quality-llm-300steps"
     assert qllm.stem("synopses", quick=True) == "quality-llm-synopses-quick"
     assert qllm.stem(qllm.task_name({"protocol": {}})) == "quality-llm"  # a file from before tasks
+
+
+def test_experiments_are_valid_configs_outside_the_table_with_their_own_file_and_table(qllm):
+    assert qllm.stem("synopses", experiment=True) == "quality-llm-synopses-experiments"
+    assert not set(qllm.EXPERIMENTS) & set(qllm.ROWS)  # never planned into the table
+    assert all(row not in {r for r, *_ in qllm.plan(False, 2)} for row in qllm.EXPERIMENTS)
+    for row, (method, options, rate_of) in qllm.EXPERIMENTS.items():
+        assert rate_of in qllm.ROWS, row  # the row whose chosen rate it takes
+        assert qllm.spec(row) == (method, options)
+        qllm.adapter_config(method, options).validate()  # raises on an option the method does not have
+    row = "AdaLoRA, fixed rank 2, LoRA's start"
+    runs = {qllm._key(row, None, "final", 1e-2, seed): {**_run(0.0, loss, 1e-2, seed, "final"),
+                                                         "train_loss_late": late}
+            for seed, (loss, late) in enumerate(((4.0, 3.9), (4.1, 4.1)))}
+    table = qllm.readme_tables({"runs": runs, "protocol": {"task": "synopses", "steps": 100, "experiment": True}})
+    assert table["experiments"].splitlines()[2] == f"| {row} | 10 | 0.01 (LoRA r=2's) | 2 | 4.050 ± 0.071 | 4.000 |"
