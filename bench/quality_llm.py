@@ -81,6 +81,11 @@ ROWS: dict[str, tuple[str | None, dict, tuple[float, ...]]] = {
                                                ADAPTER_LRS),
     "IncreLoRA, rank-2 budget": ("increlora", {"init_rank": 1, "target_rank": 2, "alpha": 4.0}, ADAPTER_LRS),
     "AdaLoRA, rank-2 budget": ("adalora", {"init_rank": 4, "target_rank": 2, "alpha": 8.0}, ADAPTER_LRS),
+    # the same two from LoRA's start (b = 0, a Kaiming, e = 1) in place of the papers' (EXPERIMENTS: why)
+    "IncreLoRA, rank-2 budget, LoRA's start": ("increlora", {"init_rank": 1, "target_rank": 2, "alpha": 4.0,
+                                                             "init": "lora"}, ADAPTER_LRS),
+    "AdaLoRA, rank-2 budget, LoRA's start": ("adalora", {"init_rank": 4, "target_rank": 2, "alpha": 8.0,
+                                                         "init": "lora"}, ADAPTER_LRS),
     "DiffFit": ("difffit", {}, BLOCK_LRS),
     "Compacter": ("compacter", {"reduction": 16}, BLOCK_LRS),  # n=4 divides SmolLM2's 576 and 576 // 16
 }
@@ -107,7 +112,8 @@ EXPERIMENTS: dict[str, tuple[str, dict, str]] = {
 # First what shows whether rank matters (LoRA r=1, r=8), then each goal's rows: MoS at 1/8 of r=8; IncreLoRA and
 # AdaLoRA against LoRA r=2.
 PRIORITY = ["zero-shot", "LoRA r=1", "LoRA r=8", "MoS, LoRA r=1 budget (active rank 8)", "LoRA r=2",
-            "IncreLoRA, rank-2 budget", "AdaLoRA, rank-2 budget"]
+            "IncreLoRA, rank-2 budget", "AdaLoRA, rank-2 budget", "AdaLoRA, rank-2 budget, LoRA's start",
+            "IncreLoRA, rank-2 budget, LoRA's start"]
 QUICK_ROWS = ["zero-shot", "LoRA r=1", "LoRA r=8", "MoS, LoRA r=1 budget (active rank 8)"]
 BATCH = 8
 

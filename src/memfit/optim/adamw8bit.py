@@ -4,7 +4,8 @@ Per parameter of at least `min_8bit_size` values the state is: `exp_avg_q` / `ex
 per value, signed / unsigned dynamic map) and `exp_avg_absmax` / `exp_avg_sq_absmax` (fp32, one per block
 of 256). Each step dequantises a block, runs the AdamW update in fp32, then requantises with the block's new
 absmax. Smaller tensors (biases, norms) keep fp32 `exp_avg` / `exp_avg_sq` like torch.optim.AdamW: they are
-a rounding error of the memory and the most sensitive to quantisation.
+a rounding error of the memory and the most sensitive to quantisation; they step together, one foreach Adam call
+per group (bitwise torch's single-tensor AdamW).
 
 On CPU the update is one fused pass (`memfit.optim.kernels`); on CUDA, or without a C compiler, the same
 maths runs as torch ops in chunks of `chunk_size` values so temporaries stay small, compiled by torch.compile
