@@ -182,7 +182,25 @@ def test_lora_init_starts_the_initial_components_like_lora_and_the_reserves_the_
         assert 0.015 < layer.lora_B[1].std() < 0.025
     _train(model, opt, sched, alloc, TOTAL)
     assert sum(alloc.ranks().values()) == 4 * CONFIG["target_rank"]
-    assert all(layer.delta_weight().any() for _, layer in adapter_modules(model))
+    for _, layer in adapter_modules(model):
+        assert layer.delta_weight().any()
+        for i in range(1, layer.active_chunks):  # grown: e trains from 1, b's moments restarted at its growth
+            assert layer.lora_E[i].requires_grad
+            assert opt.state[layer.lora_B[i]]["step"] < opt.state[layer.lora_A[i]]["step"]
+
+
+def test_a_component_grown_from_loras_start_keeps_its_product_with_e_folded_into_b():
+    torch.manual_seed(0)
+    layer = next(m for _, m in adapter_modules(memfit.inject(tiny_llama(), memfit.IncreLoRAConfig(
+        **{**CONFIG, "init": "lora"}))))
+    with torch.no_grad():
+        layer.lora_A[1].normal_()  # as if learned in advance
+        layer.lora_B[1].normal_()
+    before = layer.lora_B[1] @ (layer.lora_A[1] * layer.lora_E[1])
+    layer.grow(1)
+    after = layer.lora_B[1] @ (layer.lora_A[1] * layer.lora_E[1])
+    assert torch.equal(layer.lora_E[1], torch.ones_like(layer.lora_E[1])) and layer.lora_E[1].requires_grad
+    assert torch.allclose(after, before, rtol=1e-6, atol=0) and before.abs().max() > 0
 
 
 def test_bad_input():

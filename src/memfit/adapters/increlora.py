@@ -64,9 +64,9 @@ class IncreLoRAConfig(AdapterConfig):
     beta2: float = option(0.85, help="EMA factor of the uncertainty")
     orth_reg_weight: float = option(0.1, help="weight of the orthogonality regulariser")
     reserve_e: float = option(1e-5, help="the frozen e of reserve components (advance learning)")
-    init: str = option("gaussian", help="how the initial components start: gaussian (the author's: e = 0, a, b ~ "
-                       "N(0, 0.02)) or lora (LoRA's: b = 0, a Kaiming, e = 1; faster on short runs); reserves always "
-                       "start the author's way", flag=True)
+    init: str = option("gaussian", help="how components start: gaussian (the author's: e = 0, a, b ~ N(0, 0.02)) "
+                       "or lora (LoRA's: b = 0, a Kaiming, e = 1; faster on short runs; reserves still learn in "
+                       "advance, and a grown one continues with e folded into b, e = 1)", flag=True)
 
     def validate(self) -> None:
         check_positive(self, "init_rank", "target_rank", "alpha", "top_h", "reserve_e")
@@ -109,6 +109,7 @@ class IncreLoRALinear(AdapterLinear):
     def __init__(self, base: nn.Linear, config: IncreLoRAConfig) -> None:
         super().__init__(base)
         self.alpha, self.init_rank, self.reserve_e = config.alpha, config.init_rank, config.reserve_e
+        self.init = config.init
         self.lora_A, self.lora_E, self.lora_B = nn.ParameterList(), nn.ParameterList(), nn.ParameterList()
         self.register_buffer("rank", torch.tensor(config.init_rank))
         self.k = config.init_rank  # python copy of `rank`: the forward needs it without a device sync
@@ -153,10 +154,16 @@ class IncreLoRALinear(AdapterLinear):
 
     def grow(self, n: int) -> list[tuple[str, nn.Parameter]]:
         """Activate the first `n` reserve components and append `n` fresh reserves; returns the (relative name,
-        parameter) pairs that are new to the optimizer: the activated e and the new reserves' a and b."""
+        parameter) pairs that are new to the optimizer: the activated e and the new reserves' a and b. From LoRA's
+        start (init "lora") an activated component's e is folded into its b, so its b's gradient grows by 1/e:
+        the allocator then restarts that b's optimizer state."""
         first = self.active_chunks
         new = []
         for i in range(first, first + n):
+            if self.init == "lora":  # LoRA's start from here on: e's scale folded into b (b·e·a unchanged), e = 1
+                with torch.no_grad():
+                    self.lora_B[i].mul_(self.lora_E[i].view(1, -1))
+                    self.lora_E[i].fill_(1.0)
             self.lora_E[i].requires_grad_(True)
             new.append((f"lora_E.{i}", self.lora_E[i]))
         self.k += n
@@ -309,7 +316,12 @@ class IncreLoRAAllocator(RankAllocator):
             n = min(self.config.step_rank, left)
             left -= n
             grown[names[i]] = n
-            new += [(f"{names[i]}.{rel}", p) for rel, p in self.modules[names[i]].grow(n)]
+            layer = self.modules[names[i]]
+            first = layer.active_chunks
+            new += [(f"{names[i]}.{rel}", p) for rel, p in layer.grow(n)]
+            if self.config.init == "lora":  # b's moments were of gradients 1/e smaller (see grow)
+                for b in layer.lora_B[first:first + n]:
+                    optimizer.state.pop(b, None)
         self._add_group(optimizer, scheduler, new, global_step)
         if left == 0:
             self.finish()
