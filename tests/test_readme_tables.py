@@ -44,7 +44,8 @@ def test_readme_tables_match_committed_results():
 def test_readme_marks_the_benchmark_tables():
     assert REFERENCED == ["adapters_step.json", "moe.json", "moe_train.json", "optim.json", "optim_ab.json",
                           "optim_finetune.json", "optim_full.json", "plan.json", "quality-llm-300steps.json",
-                          "quality-llm-synopses-300steps.json", "quality-llm-synopses.json", "quality-llm.json",
+                          "quality-llm-synopses-300steps.json", "quality-llm-synopses-experiments.json",
+                          "quality-llm-synopses.json", "quality-llm.json",
                           "quality-lm.json", "quality.json", "quantize.json", "rps.json", "serve.json", "stream.json",
                           "zo.json"]
 
@@ -154,6 +155,12 @@ PAYLOADS = {
                                    "seed": 0},
         "IncreLoRA, rank-2 budget||final|0.03|0": {"loss": 3.9397, "trainable_params": 1_051_812,
                                                    "train_time_s": 1790.0, "lr": 0.03, "seed": 0}}},
+    "quality-llm-synopses-experiments.json": {"protocol": {"task": "synopses", "steps": 100, "experiment": True,
+                                                           "lr_from": "quality-llm-synopses.json"}, "runs": {
+        "AdaLoRA, fixed rank 2||final|0.03|0": {"loss": 4.17202, "trainable_params": 610_980, "train_time_s": 276.0,
+                                                "lr": 0.03, "seed": 0, "train_loss_late": 4.17691},
+        "AdaLoRA, fixed rank 2, LoRA's start||final|0.01|0": {"loss": 4.03966, "trainable_params": 610_980,
+                                                              "train_time_s": 280.0, "lr": 0.01, "seed": 0}}},
     "optim_ab.json": {"results": {  # in the order main() writes them: fused AdamW first
         "torch AdamW fused": {"step_s": 0.0264, "vs_fused": 1.0, "within_round": [1.0, 1.0], "all_s": [0.0264] * 2,
                               "kernel": None, "commit": None},
@@ -286,6 +293,11 @@ EXPECTED = {  # README rows these payloads must reproduce, character for charact
         "|---|---:|---:|---:|---:|",
         "| LoRA r=2 | 610,560 | 0.01 | 1 | 3.754 ± 0.000 |",
         "| IncreLoRA, rank-2 budget | 1,051,812 | 0.03 | 1 | 3.940 ± 0.000 |"],
+    ("quality-llm-synopses-experiments.json", "experiments"): [
+        "| experiment | trainable | lr | seeds | completion loss | late training loss |",
+        "|---|---:|---:|---:|---:|---:|",
+        "| AdaLoRA, fixed rank 2 | 610,980 | 0.03 (AdaLoRA, rank-2 budget's) | 1 | 4.172 ± 0.000 | 4.177 |",
+        "| AdaLoRA, fixed rank 2, LoRA's start | 610,980 | 0.01 (LoRA r=2's) | 1 | 4.040 ± 0.000 | |"],
     ("optim_ab.json", "ab"): [
         "| version | step ms | step ÷ fused AdamW | within-round range |",
         "|---|---:|---:|---:|",

@@ -263,7 +263,8 @@ _register("finetune", scratch=False, doc="""Fine-tune an adapter (LoRA, MoS, ...
     classification rows are {"text": ..., "label": ...} and train a new head beside the adapter.
 
     Adaptive ranks: --method increlora grows ranks where importance is high, --method adalora prunes from a larger
-    start; both print the rank each module ended with, log it to metrics.jsonl and draw ranks.png.
+    start; both print the rank each module ended with, log it to metrics.jsonl and draw ranks.png. On runs of a few
+    hundred updates add --init lora: their factors then start as LoRA's do and learn at LoRA's rates.
 
     Example: memfit finetune --model ./tiny-llama --data train.jsonl --eval-data val.jsonl --method mos --out runs/a
     """)
