@@ -108,15 +108,15 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def _update(self, p: torch.Tensor, group: dict[str, Any], hypers: dict[tuple[int, float], torch.Tensor],
                 batch: _Batch) -> None:
-        """Count the step and add the parameter's update to the batch."""
+        """Add the parameter's update to the batch and count its step (torch's adam counts the fp32 ones)."""
         if not self.state.get(p):
             self.state[p] = self._init_state(p)
         state = self.state[p]
-        state["step"] += 1
         w, g = local(p), local(p.grad)
         if "exp_avg" in state:
             batch.add_fp32(group, w, g, state)
             return
+        state["step"] += 1
         if w.numel() == 0:
             return
         if w.dtype != torch.float32 or g.dtype != torch.float32 or not w.is_contiguous():
@@ -161,9 +161,8 @@ class _Batch:
 
     def add_fp32(self, group: dict[str, Any], w: torch.Tensor, g: torch.Tensor, state: dict) -> None:
         lists = self.fp32.setdefault(id(group), (group, [[], [], [], [], []]))[1]
-        # torch's adam counts the step itself: it gets the count before this step, in a tensor of its own
-        for target, t in zip(lists, (w, g, state["exp_avg"], state["exp_avg_sq"], state["step"] - 1), strict=True):
-            target.append(t)
+        for target, t in zip(lists, (w, g, state["exp_avg"], state["exp_avg_sq"], state["step"]), strict=True):
+            target.append(t)  # torch's adam adds 1 to the step count in place before it uses it
 
     def run(self) -> None:
         updates, fp32 = self.updates, self.fp32
