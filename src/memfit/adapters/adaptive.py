@@ -29,9 +29,9 @@ from memfit.errors import ConfigError
 JSONState = dict[str, Any]  # flat: str -> torch.Tensor | JSON-able value
 
 # How the components start. "gaussian": the papers' and PEFT's, e = 0 and a, b ~ N(0, 0.02). "lora": LoRA's, b = 0,
-# a Kaiming-uniform and e = 1. Both give ΔW = 0, but from e = 0 each factor's gradient is a product of the other two,
-# both small, so under Adam ΔW first grows with the cube of the steps rather than linearly: the gaussian start is
-# slow on short runs (README, "On a real chat LLM").
+# a Kaiming-uniform and e = 1. Both give ΔW = 0, but from e = 0 the first updates move ΔW only through e, times both
+# small outer factors (0.02²), where LoRA's move it through b times a alone: under Adam the gaussian start is much
+# slower on short runs (README, "On a real chat LLM").
 INITS = ("gaussian", "lora")
 
 
