@@ -99,15 +99,14 @@ ABLATION = {
 # Experiments (--experiment): why IncreLoRA and AdaLoRA fall short of LoRA r=2, one run each at the rate a table row
 # chose, without a sweep of their own. Each: (method, options, that table row). "Fixed rank 2": init_rank =
 # target_rank, so nothing is pruned; "LoRA's start": init="lora" (b = 0, a Kaiming, e = 1) in place of the papers'
-# (e = 0, a, b ~ N(0, 0.02)), at LoRA r=2's rate. The last two then became table rows too, with the same options.
+# (e = 0, a, b ~ N(0, 0.02)), at LoRA r=2's rate.
 EXPERIMENTS: dict[str, tuple[str, dict, str]] = {
     "AdaLoRA, fixed rank 2": ("adalora", {"init_rank": 2, "target_rank": 2, "alpha": 4.0}, "AdaLoRA, rank-2 budget"),
     "AdaLoRA, fixed rank 2, LoRA's start": ("adalora", {"init_rank": 2, "target_rank": 2, "alpha": 4.0,
                                                         "init": "lora"}, "LoRA r=2"),
-    "AdaLoRA, rank-2 budget, LoRA's start": ("adalora", {"init_rank": 4, "target_rank": 2, "alpha": 8.0,
-                                                         "init": "lora"}, "LoRA r=2"),
-    "IncreLoRA, rank-2 budget, LoRA's start": ("increlora", {"init_rank": 1, "target_rank": 2, "alpha": 4.0,
-                                                             "init": "lora"}, "LoRA r=2"),
+    # the table's rows of the same names, run once at LoRA r=2's rate before they had a sweep
+    **{row: (*ROWS[row][:2], "LoRA r=2") for row in ("AdaLoRA, rank-2 budget, LoRA's start",
+                                                      "IncreLoRA, rank-2 budget, LoRA's start")},
 }
 # First what shows whether rank matters (LoRA r=1, r=8), then each goal's rows: MoS at 1/8 of r=8; IncreLoRA and
 # AdaLoRA against LoRA r=2.

@@ -183,7 +183,7 @@ def test_experiments_are_valid_configs_outside_the_table_with_their_own_file_and
         assert rate_of in qllm.ROWS, row  # the row whose chosen rate it takes
         assert qllm.spec(row) == (method, options)  # one that became a table row too keeps its options
         assert row in qllm.ROWS or row not in planned
-        qllm.adapter_config(method, options).validate()  # raises on an option the method does not have
+        qllm.adapter_config(method, options)  # a config validates itself: raises on an option it does not have
     row = "AdaLoRA, fixed rank 2, LoRA's start"
     runs = {qllm._key(row, None, "final", 1e-2, seed): {**_run(0.0, loss, 1e-2, seed, "final"),
                                                          "train_loss_late": late}

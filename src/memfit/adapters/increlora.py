@@ -114,16 +114,17 @@ class IncreLoRALinear(AdapterLinear):
         self.register_buffer("rank", torch.tensor(config.init_rank))
         self.k = config.init_rank  # python copy of `rank`: the forward needs it without a device sync
         self.dropout = make_dropout(config.dropout)
-        self._add_chunk(config.init_rank, e=0.0, active=True, init=config.init)
+        self._add_chunk(config.init_rank, active=True, init=config.init)
         for _ in range(config.step_rank):
-            self._add_chunk(1, e=config.reserve_e, active=False)
+            self._add_chunk(1, active=False, e=config.reserve_e)
         self.reserve_live = True  # reserve components are in the forward (advance learning)
         self.track_importance = True  # the ΔW hook is on
         self._score: torch.Tensor | None = None
 
     # -- structure ---------------------------------------------------------------------------------------------
-    def _add_chunk(self, r: int, e: float, active: bool, init: str = "gaussian") -> int:
-        """Append a chunk of r components started the `init` way; with "gaussian", e is set to `e` after."""
+    def _add_chunk(self, r: int, active: bool, init: str = "gaussian", e: float | None = None) -> int:
+        """Append a chunk of r components started the `init` way; `e`, when given, replaces the start's e (a
+        reserve's frozen reserve_e)."""
         # Later chunks follow the first one (which moved with the adapter), not a possibly streamed base weight.
         like = self.lora_A[0] if len(self.lora_A) else self.weight
         dtype = float_dtype(like)
@@ -131,7 +132,7 @@ class IncreLoRALinear(AdapterLinear):
         b = torch.empty(self.out_features, r, dtype=dtype, device=like.device)
         e_init = torch.empty(r, 1, dtype=dtype, device=like.device)
         init_components(a, e_init, b, init, INIT_STD)
-        if init == "gaussian":
+        if e is not None:
             e_init.fill_(e)
         self.lora_A.append(nn.Parameter(a))
         self.lora_B.append(nn.Parameter(b))
@@ -169,7 +170,7 @@ class IncreLoRALinear(AdapterLinear):
         self.k += n
         self.rank.fill_(self.k)
         for _ in range(n):
-            i = self._add_chunk(1, e=self.reserve_e, active=False)
+            i = self._add_chunk(1, active=False, e=self.reserve_e)
             new += [(f"lora_A.{i}", self.lora_A[i]), (f"lora_B.{i}", self.lora_B[i])]
         return new
 
@@ -185,7 +186,7 @@ class IncreLoRALinear(AdapterLinear):
         """Give this module the chunks of a saved state (keys relative to the module) before it is loaded."""
         chunks = sorted(int(m.group(1)) for k in state if (m := _CHUNK.match(k)))
         for i in range(len(self.lora_A), len(chunks)):
-            self._add_chunk(state[f"lora_A.{i}"].shape[0], e=0.0, active=False)
+            self._add_chunk(state[f"lora_A.{i}"].shape[0], active=False)  # values come from the state
         if "rank" in state:
             self.k = int(state["rank"])
         for i, e in enumerate(self.lora_E):
