@@ -38,6 +38,15 @@ def reset_peak_rss() -> None:
     reset_peak_rss()
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux), so results from different machines can be told apart."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+
+
 def machine() -> dict:
     import torch
 
@@ -45,6 +54,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
