@@ -151,6 +151,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=float, default=50e6, help="total parameters (10 equal tensors)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timed steps per variant")
+    ap.add_argument("--name", default="optim", help="results file: results/NAME.json (e.g. optim-<cpu> to keep "
+                                                     "another machine's run beside this one's)")
     args = ap.parse_args()
     n_each = int(args.params) // 10
     params = [torch.nn.Parameter(torch.randn(n_each) * 0.02) for _ in range(10)]
@@ -182,7 +184,7 @@ def main() -> None:
                                  "vs_fused": step / fused, "all_s": times[name]}
             rows.append([name, step * 1e3, r["state_bytes_per_param"], moved, gbs, r["of_triad"], r["vs_fused"]])
     bnb = bitsandbytes_version() if "bitsandbytes AdamW8bit" in opts else None
-    path = report("optim", f"Optimizer step, {n / 1e6:.0f}M fp32 params, {torch.get_num_threads()} threads, "
+    path = report(args.name, f"Optimizer step, {n / 1e6:.0f}M fp32 params, {torch.get_num_threads()} threads, "
                   f"triad {triad:.1f} GB/s", ["variant", "step ms", "state B/param (RAM)", "moved B/param", "GB/s",
                                               "÷ triad", "step ÷ fused"], rows,
                   {"params": n, "triad_gbs": triad, "triad_all": triads, "kernel": kernels.vector_path(),

@@ -33,11 +33,13 @@ SCRIPTS = {"quality-lm.json": "quality.py"}  # results files not named after the
 
 def script_of(results_file: str) -> str:
     """bench/quality_llm.py writes quality-llm.json and quality-llm-<steps>steps.json, bench/optim_ab.py any
-    optim_ab*.json (--name)."""
+    optim_ab*.json (--name), bench/optim.py optim.json and optim-<machine>.json (--name)."""
     if results_file.startswith("quality-llm"):
         return "quality_llm.py"
     if results_file.startswith("optim_ab"):  # bench/optim_ab.py --name optim_ab_<what>
         return "optim_ab.py"
+    if results_file.startswith("optim-"):  # bench/optim.py --name optim-<machine>
+        return "optim.py"
     return SCRIPTS.get(results_file, results_file.removesuffix(".json") + ".py")
 
 Renderer = Callable[[dict], dict[str, str]]
