@@ -107,6 +107,11 @@ EXPERIMENTS: dict[str, tuple[str, dict, str]] = {
     # the table's rows of the same names, run once at LoRA r=2's rate before they had a sweep
     **{row: (*ROWS[row][:2], "LoRA r=2") for row in ("AdaLoRA, rank-2 budget, LoRA's start",
                                                       "IncreLoRA, rank-2 budget, LoRA's start")},
+    # The table's LoRA and MoS rows train with adapter dropout 0.1 (`adapter_config`), IncreLoRA's and AdaLoRA's
+    # with their default 0: what that difference is worth, each at its row's chosen rate.
+    "LoRA r=2, no dropout": ("lora", {**ROWS["LoRA r=2"][1], "dropout": 0.0}, "LoRA r=2"),
+    **{f"{row}, dropout 0.1": (ROWS[row][0], {**ROWS[row][1], "dropout": 0.1}, row)
+       for row in ("AdaLoRA, rank-2 budget, LoRA's start", "IncreLoRA, rank-2 budget, LoRA's start")},
 }
 # First what shows whether rank matters (LoRA r=1, r=8), then each goal's rows: MoS at 1/8 of r=8; IncreLoRA and
 # AdaLoRA against LoRA r=2.
@@ -188,8 +193,9 @@ def adapter_config(method: str, options: dict):
 
     if method in ("difffit", "compacter"):  # they choose their own places
         return get_method(method).config_cls(**options)
-    extra = {"dropout": 0.1} if method in ("lora", "mos") else {}
-    return get_method(method).config_cls(**options, **extra, target_modules=TARGETS)
+    if method in ("lora", "mos"):  # the table's LoRA and MoS rows: dropout 0.1 unless the options say otherwise
+        options = {"dropout": 0.1, **options}
+    return get_method(method).config_cls(**options, target_modules=TARGETS)
 
 
 def run_one(task: Task, row: str, variant: str | None, lr: float, seed: int, steps: int, train: Path, score: Path,

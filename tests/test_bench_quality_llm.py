@@ -176,6 +176,19 @@ def test_results_file_names_follow_task_quick_and_steps(qllm):
     assert qllm.stem(qllm.task_name({"protocol": {}})) == "quality-llm"  # a file from before tasks
 
 
+def test_lora_and_mos_rows_take_dropout_unless_their_options_name_one(qllm):
+    """The table's LoRA and MoS rows train with adapter dropout 0.1; the dropout experiments set it themselves
+    (LoRA without it, the rank-adaptive rows with it), and their own value must win."""
+    def dropout(row: str) -> float:
+        return qllm.adapter_config(*qllm.spec(row)).dropout
+
+    assert dropout("LoRA r=2") == dropout("MoS, LoRA r=1 budget (active rank 8)") == 0.1
+    assert dropout("LoRA r=2, no dropout") == 0.0
+    assert dropout("AdaLoRA, rank-2 budget, LoRA's start") == 0.0  # the method's default: the difference measured
+    assert dropout("AdaLoRA, rank-2 budget, LoRA's start, dropout 0.1") == 0.1
+    assert dropout("IncreLoRA, rank-2 budget, LoRA's start, dropout 0.1") == 0.1
+
+
 def test_experiments_are_valid_configs_outside_the_table_with_their_own_file_and_table(qllm):
     assert qllm.stem("synopses", experiment=True) == "quality-llm-synopses-experiments"
     planned = {r for r, *_ in qllm.plan(False, 2)}
