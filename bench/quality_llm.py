@@ -112,6 +112,10 @@ EXPERIMENTS: dict[str, tuple[str, dict, str]] = {
     "LoRA r=2, no dropout": ("lora", {**ROWS["LoRA r=2"][1], "dropout": 0.0}, "LoRA r=2"),
     **{f"{row}, dropout 0.1": (ROWS[row][0], {**ROWS[row][1], "dropout": 0.1}, row)
        for row in ("AdaLoRA, rank-2 budget, LoRA's start", "IncreLoRA, rank-2 budget, LoRA's start")},
+    # MoS at the r=2 budget with a smaller active rank, so that fewer rank vectors share each public one: (r - r_pri)
+    # / (r_eq - r_pri), 7 and 3 here, where the table's MoS rows share 8 ways (r=1 budget) and 15 (r=2 budget)
+    **{f"MoS, LoRA r=2 budget, active rank {r}": ("mos", {**ROWS[ABLATION_OF][1], "r": r, "alpha": 2 * r},
+                                                  ABLATION_OF) for r in (8, 4)},
 }
 # First what shows whether rank matters (LoRA r=1, r=8), then each goal's rows: MoS at 1/8 of r=8; IncreLoRA and
 # AdaLoRA against LoRA r=2.
