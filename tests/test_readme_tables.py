@@ -148,7 +148,14 @@ PAYLOADS = {
                                          "lr": lr, "seed": 0}
            for lr, loss in ((3e-4, 4.44), (1e-3, 4.17), (3e-3, 4.02), (1e-2, 4.05))},
         **{f"LoRA r=8||final|0.003|{seed}": {"loss": loss, "trainable_params": 2_442_240, "train_time_s": 500.0,
-                                             "lr": 3e-3, "seed": seed} for seed, loss in enumerate((4.014, 4.006))}}},
+                                             "lr": 3e-3, "seed": seed} for seed, loss in enumerate((4.014, 4.006))},
+        **{f"{MOS2}||sweep|{lr:g}|0": {"loss": loss, "trainable_params": 610_560, "train_time_s": 350.0, "lr": lr,
+                                       "seed": 0}
+           for lr, loss in ((3e-4, 4.510), (1e-3, 4.249), (3e-3, 4.070), (1e-2, 4.072))},
+        **{f"{MOS2}||final|0.003|{seed}": {"loss": loss, "trainable_params": 610_560, "train_time_s": 350.0,
+                                           "lr": 3e-3, "seed": seed} for seed, loss in enumerate((4.0694, 4.0684))},
+        f"{MOS2}|no subset selection|final|0.003|0": {"loss": 4.1052, "trainable_params": 610_560,
+                                                      "train_time_s": 350.0, "lr": 3e-3, "seed": 0}}},
     "quality-llm-synopses-300steps.json": {"protocol": {"task": "synopses", "steps": 300,
                                                         "lr_from": "quality-llm-synopses.json"}, "runs": {
         "LoRA r=2||final|0.01|0": {"loss": 3.7536, "trainable_params": 610_560, "train_time_s": 1368.0, "lr": 0.01,
@@ -287,7 +294,13 @@ EXPECTED = {  # README rows these payloads must reproduce, character for charact
         "| row | trainable | lr | seeds | completion loss |",
         "|---|---:|---:|---:|---:|",
         "| zero-shot | 0 | | 1 | 5.420 ± 0.000 |",
-        "| LoRA r=8 | 2,442,240 | 0.003 | 2 | 4.010 ± 0.006 |"],
+        "| LoRA r=8 | 2,442,240 | 0.003 | 2 | 4.010 ± 0.006 |",
+        "| MoS, LoRA r=2 budget (active rank 16) | 610,560 | 0.003 | 2 | 4.069 ± 0.001 |"],
+    ("quality-llm-synopses.json", "ablation"): [
+        "| row | trainable | lr | seeds | completion loss |",
+        "|---|---:|---:|---:|---:|",
+        "| every strategy on | 610,560 | 0.003 | 2 | 4.069 ± 0.001 |",
+        "| no subset selection | 610,560 | 0.003 | 1 | 4.105 ± 0.000 |"],
     ("quality-llm-synopses-300steps.json", "methods"): [
         "| row | trainable | lr | seeds | completion loss |",
         "|---|---:|---:|---:|---:|",
