@@ -96,10 +96,10 @@ ABLATION = {
     "no vector sharding (l=1)": {"shards": 1},
     "no privatization (r_pri=0)": {"r_pri": 0},
 }
-# Experiments (--experiment): why IncreLoRA and AdaLoRA fall short of LoRA r=2, one run each at the rate a table row
-# chose, without a sweep of their own. Each: (method, options, that table row). "Fixed rank 2": init_rank =
-# target_rank, so nothing is pruned; "LoRA's start": init="lora" (b = 0, a Kaiming, e = 1) in place of the papers'
-# (e = 0, a, b ~ N(0, 0.02)), at LoRA r=2's rate.
+# Experiments (--experiment): single changes to a table row, at the rate that row chose, without a sweep of their
+# own (--seeds sets how many runs). Each: (method, options, that table row). First why IncreLoRA and AdaLoRA fall
+# short of LoRA r=2: "fixed rank 2": init_rank = target_rank, so nothing is pruned; "LoRA's start": init="lora"
+# (b = 0, a Kaiming, e = 1) in place of the papers' (e = 0, a, b ~ N(0, 0.02)), at LoRA r=2's rate.
 EXPERIMENTS: dict[str, tuple[str, dict, str]] = {
     "AdaLoRA, fixed rank 2": ("adalora", {"init_rank": 2, "target_rank": 2, "alpha": 4.0}, "AdaLoRA, rank-2 budget"),
     "AdaLoRA, fixed rank 2, LoRA's start": ("adalora", {"init_rank": 2, "target_rank": 2, "alpha": 4.0,

@@ -295,8 +295,8 @@ static void blocks_vbmi(float* restrict p, const float* restrict g, uint8_t* res
     /* Blocks ahead to prefetch (0: leave it to the hardware), measured both ways (50M values, 2 threads,
        interleaved with fused AdamW): on Zen 4 the hardware prefetcher alone was faster (27.0 -> 24.5 ms without
        the next block's prefetch); on an Intel Xeon (Granite Rapids class) prefetching two blocks ahead took the
-       step from 1.3x fused AdamW to 1.05-1.1x. A hint only: where rows end in partial blocks it lands a little
-       off. */
+       step from 1.28-1.34x fused AdamW to 1.05-1.14x (bench/optim_ab.py). A hint only: where rows end in
+       partial blocks it lands a little off. */
     const int ahead = __builtin_cpu_is("amd") ? 0 : 2;
     const __m512 w1 = _mm512_set1_ps(h.w1), beta2 = _mm512_set1_ps(h.beta2), w2 = _mm512_set1_ps(h.w2);
     const __m512 decay = _mm512_set1_ps(h.decay), neg_step = _mm512_set1_ps(h.neg_step);
