@@ -112,10 +112,11 @@ EXPERIMENTS: dict[str, tuple[str, dict, str]] = {
     "LoRA r=2, no dropout": ("lora", {**ROWS["LoRA r=2"][1], "dropout": 0.0}, "LoRA r=2"),
     **{f"{row}, dropout 0.1": (ROWS[row][0], {**ROWS[row][1], "dropout": 0.1}, row)
        for row in ("AdaLoRA, rank-2 budget, LoRA's start", "IncreLoRA, rank-2 budget, LoRA's start")},
-    # MoS at the r=2 budget with a smaller active rank, so that fewer rank vectors share each public one: (r - r_pri)
-    # / (r_eq - r_pri), 7 and 3 here, where the table's MoS rows share 8 ways (r=1 budget) and 15 (r=2 budget)
+    # MoS at the r=2 budget with another active rank, so that fewer or more rank vectors share each public one:
+    # (r - r_pri) / (r_eq - r_pri), 7, 3 and 23 here, where the table's MoS rows share 8 ways (r=1 budget) and 15
+    # (r=2 budget); with 30 layers a projection's public pool holds 30 vectors, so r - r_pri <= 30
     **{f"MoS, LoRA r=2 budget, active rank {r}": ("mos", {**ROWS[ABLATION_OF][1], "r": r, "alpha": 2 * r},
-                                                  ABLATION_OF) for r in (8, 4)},
+                                                  ABLATION_OF) for r in (8, 4, 24)},
 }
 # First what shows whether rank matters (LoRA r=1, r=8), then each goal's rows: MoS at 1/8 of r=8; IncreLoRA and
 # AdaLoRA against LoRA r=2.
@@ -458,11 +459,14 @@ def plot(payload: dict, path: Path) -> None:
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    for s in rows:
+    colours = [*plt.get_cmap("tab10").colors, "k", "#7f3b08", "#2d004b", "#00441b"]  # a row each, none repeated
+    style = {}  # row -> (marker, colour, marker size), which a longer schedule's run of the row takes too
+    for i, s in enumerate(rows):
         family = s["row"].split(",")[0].split(" r=")[0]
         marker = {"LoRA": "o", "MoS": "*", "IncreLoRA": "^", "AdaLoRA": "v", "DiffFit": "s", "Compacter": "D"}[family]
+        style[s["row"]] = (marker, colours[i % len(colours)], 10 if family == "MoS" else 7)
         ax.errorbar(s["trainable_params"], s[metric], yerr=s[spread], marker=marker, capsize=3, ls="none",
-                    ms=10 if family == "MoS" else 7, label=s["row"])
+                    color=style[s["row"]][1], ms=style[s["row"]][2], label=s["row"])
     lora = sorted((s["trainable_params"], s[metric]) for s in rows if s["row"].startswith("LoRA"))
     if lora:
         ax.plot(*zip(*lora, strict=True), color="0.6", lw=1, zorder=0)
@@ -477,14 +481,21 @@ def plot(payload: dict, path: Path) -> None:
         if task_of(other) is not task:  # quality-llm-*steps.json also matches another task's probes
             continue
         longer = [s for s in summarize(other) if s["variant"] is None and s["trainable_params"]]
+        short = {s["row"]: s[metric] for s in rows}
+        for s in longer:  # hollow, in its row's style, joined to the row's point by a dotted line
+            marker, colour, size = style.get(s["row"], ("o", "k", 7))
+            ax.errorbar(s["trainable_params"], s[metric], yerr=s[spread], marker=marker, mfc="none", capsize=3,
+                        color=colour, ms=size, ls="none")
+            if s["row"] in short:
+                ax.plot([s["trainable_params"]] * 2, [short[s["row"]], s[metric]], color=colour, lw=1, ls=":")
         if longer:
-            xs, ys, errs = zip(*[(s["trainable_params"], s[metric], s[spread]) for s in longer], strict=True)
-            ax.errorbar(xs, ys, yerr=errs, marker="o", mfc="none", capsize=3, color="k", lw=1, ls="--",
-                        label=f"{', '.join(s['row'] for s in longer)}: {other['protocol']['steps']} updates")
+            steps = (other["protocol"]["steps"], payload["protocol"]["steps"])
+            ax.plot([], [], marker="o", mfc="none", color="k", ls=":",
+                    label="hollow: {} updates (at the rate chosen for {})".format(*steps))
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("exact match (validation)" if task.exact_match else "completion loss per token (validation)")
-    ax.set_title(f"SmolLM2-135M-Instruct, {task.title} ({payload['protocol']['steps']} updates)")
+    ax.set_title(f"SmolLM2-135M-Instruct, {task.title} ({payload['protocol']['steps']} updates)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()

@@ -203,3 +203,37 @@ def test_experiments_are_valid_configs_outside_the_table_with_their_own_file_and
             for seed, (loss, late) in enumerate(((4.0, 3.9), (4.1, 4.1)))}
     table = qllm.readme_tables({"runs": runs, "protocol": {"task": "synopses", "steps": 100, "experiment": True}})
     assert table["experiments"].splitlines()[2] == f"| {row} | 10 | 0.01 (LoRA r=2's) | 2 | 4.050 ± 0.071 | 4.000 |"
+
+
+def test_the_plot_draws_a_longer_schedule_in_its_rows_style_joined_to_the_row(qllm, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    def runs(row: str, phase: str, losses: list[float], lrs: list[float] | None = None) -> dict:
+        lrs = lrs or [qllm.ROWS[row][2][1]] * len(losses)  # finals: seeds at the rate the sweep below chooses
+        out = {}
+        for seed, (lr, loss) in enumerate(zip(lrs, losses, strict=True)):
+            run = {k: v for k, v in _run(0.0, loss, lr, 0 if phase == "sweep" else seed, phase).items()
+                   if k != "exact_match"}  # the synopses task has no label
+            out[qllm._key(row, None, phase, lr, run["seed"])] = run
+        return out
+
+    table = {}
+    for row, done in (("LoRA r=1", [1.40, 1.42]), ("LoRA r=8", [1.30, 1.32])):
+        table |= runs(row, "sweep", [2.0, 1.5, 1.6, 1.9], qllm.ROWS[row][2]) | runs(row, "final", done)
+    payload = {"runs": table, "protocol": {"task": "synopses", "steps": 100}}
+    monkeypatch.setattr(qllm, "RESULTS", tmp_path)
+    (tmp_path / "quality-llm-synopses.json").write_text(json.dumps(payload))
+    probe = {"runs": runs("LoRA r=8", "final", [1.10]) | runs("LoRA r=2", "final", [1.20]),
+             "protocol": {"task": "synopses", "steps": 300, "lr_from": "quality-llm-synopses.json"}}
+    (tmp_path / "quality-llm-synopses-300steps.json").write_text(json.dumps(probe))
+    plt.close("all")
+    qllm.plot(payload, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+    ax = plt.gcf().axes[0]
+    joins = [line for line in ax.lines if line.get_linestyle() == ":" and len(line.get_ydata()) == 2]
+    # one dotted join, from LoRA r=8's 100-update mean to its 300-update run; LoRA r=2 has no row to join
+    assert [list(line.get_ydata()) for line in joins] == [pytest.approx([1.31, 1.10])]
+    r8 = next(c for c in ax.containers if c.get_label() == "LoRA r=8")
+    assert joins[0].get_color() == r8.lines[0].get_color()
+    assert any("hollow: 300 updates" in t.get_text() for t in ax.get_legend().get_texts())
+    plt.close("all")
