@@ -476,12 +476,12 @@ def plot(payload: dict, path: Path) -> None:
         ax.axhline(zero[metric], color="0.4", ls=":", lw=1, label="zero-shot")
     elif zero is not None:  # far off: a note, so the axis keeps the trained rows apart
         ax.text(0.02, 0.03, f"zero-shot: {zero[metric]:.3f} (off the axis)", transform=ax.transAxes, fontsize=8)
+    short = {s["row"]: s[metric] for s in rows}
     for probe in sorted(RESULTS.glob(f"{stem(task_name(payload))}-*steps.json")):  # longer schedules, this file's rates
         other = json.loads(probe.read_text())
         if task_of(other) is not task:  # quality-llm-*steps.json also matches another task's probes
             continue
         longer = [s for s in summarize(other) if s["variant"] is None and s["trainable_params"]]
-        short = {s["row"]: s[metric] for s in rows}
         for s in longer:  # hollow, in its row's style, joined to the row's point by a dotted line
             marker, colour, size = style.get(s["row"], ("o", "k", 7))
             ax.errorbar(s["trainable_params"], s[metric], yerr=s[spread], marker=marker, mfc="none", capsize=3,
