@@ -459,7 +459,7 @@ def plot(payload: dict, path: Path) -> None:
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    colours = [*plt.get_cmap("tab10").colors, "k", "#7f3b08", "#2d004b", "#00441b"]  # a row each, none repeated
+    colours = [*plt.get_cmap("tab10").colors, "k", "#7f3b08", "#2d004b", "#00441b"]  # 14: one per row, up to 14 rows
     style = {}  # row -> (marker, colour, marker size), which a longer schedule's run of the row takes too
     for i, s in enumerate(rows):
         family = s["row"].split(",")[0].split(" r=")[0]
