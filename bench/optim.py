@@ -11,7 +11,9 @@ step time, against a triad a = b + s·c (STREAM's 12 B per element) measured her
 
 `offload-disk` is measured twice: with its swap files in the page cache (warm), and with them fsynced and
 dropped from the cache before every step (cold: posix_fadvise DONTNEED), so it really reads from the disk.
-bitsandbytes' AdamW8bit is timed too when it imports (a further baseline; its CPU path is not fused).
+bitsandbytes' AdamW8bit is timed too when it imports (a further baseline; its CPU path is not fused). Where the
+CPU has the kernel's AVX-512 VBMI path, the same optimizer is also timed with the kernel built without VBMI (the
+AVX-512 path with gathers, as on Skylake and Cascade Lake Xeons) and without AVX-512 (the AVX2 path).
 """
 
 from __future__ import annotations
@@ -68,28 +70,36 @@ def variants(params: list[torch.nn.Parameter], swap: Path) -> dict[str, tuple[to
     none = lambda: None  # noqa: E731
     sync = os.sync  # the disk rows' dirty pages: their writeback would otherwise slow the rows after them
 
-    class AVX2Path(AdamW8bit):
-        """The same optimizer stepping with the AVX2 build of the kernel (gathers), for the comparison."""
+    def on_build(isa: str) -> type[AdamW8bit]:
+        class OtherBuild(AdamW8bit):
+            """The same optimizer stepping with another build of the kernel (kernels.ISA_FLAGS), for the comparison."""
 
-        def step(self, closure=None):  # noqa: ANN001, ANN202
-            os.environ["MEMFIT_KERNEL_ISA"] = "avx2"
-            try:
-                return super().step(closure)
-            finally:
-                del os.environ["MEMFIT_KERNEL_ISA"]
+            def step(self, closure=None):  # noqa: ANN001, ANN202
+                os.environ["MEMFIT_KERNEL_ISA"] = isa
+                try:
+                    return super().step(closure)
+                finally:
+                    del os.environ["MEMFIT_KERNEL_ISA"]
+
+        return OtherBuild
 
     out = {
         "torch AdamW foreach": (torch.optim.AdamW(params, foreach=True, **HYPER), 28, none, none),
         "torch AdamW fused": (torch.optim.AdamW(params, fused=True, **HYPER), 28, none, none),
         "memfit AdamW8bit": (AdamW8bit(params, **HYPER), 16, none, none),
+    }
+    # the other builds step next to the native one, before the disk rows (the row timed after those ran slower)
+    if kernels.vector_path() == "avx512-vbmi":
+        out["memfit AdamW8bit, AVX-512 path without VBMI"] = (on_build("avx512")(params, **HYPER), 16, none, none)
+    if kernels.vector_path() in ("avx512-vbmi", "avx512"):
+        out["memfit AdamW8bit, AVX2 path"] = (on_build("avx2")(params, **HYPER), 16, none, none)
+    out |= {
         "offload-cpu": (OffloadAdamW(params, offload="cpu", **HYPER), 28, none, none),
         "offload-disk warm": (OffloadAdamW(params, offload="disk", path=swap / "warm", **HYPER), 28 + 24, none,
                               sync),
         "offload-disk cold": (OffloadAdamW(params, offload="disk", path=swap / "cold", durable=True, **HYPER), 28 + 24,
                               lambda: drop_cache(swap / "cold"), sync),
     }
-    if kernels.vector_path() == "avx512-vbmi":
-        out["memfit AdamW8bit, AVX2 path"] = (AVX2Path(params, **HYPER), 16, none, none)
     try:
         import bitsandbytes as bnb
 
@@ -114,6 +124,7 @@ README_LABELS = {
     "torch AdamW foreach": "torch AdamW (foreach)",
     "torch AdamW fused": "torch AdamW (fused)",
     "memfit AdamW8bit": "**memfit AdamW8bit**",
+    "memfit AdamW8bit, AVX-512 path without VBMI": "memfit AdamW8bit, AVX-512 without VBMI (gathers)",
     "memfit AdamW8bit, AVX2 path": "memfit AdamW8bit, AVX2 path (gathers)",
     "bitsandbytes AdamW8bit": "bitsandbytes AdamW8bit",
     "offload-cpu": "memfit offload-cpu",

@@ -402,6 +402,8 @@ def _vector_and_scalar(isa: str) -> tuple[object, object]:
         pytest.skip("no C compiler for both builds here")
     if "avx2" not in _cpu_flags():
         pytest.skip("no AVX2 here: both builds would be the scalar code")
+    if isa == "avx512" and "avx512bw" not in _cpu_flags():
+        pytest.skip("no AVX-512 here: the build would be the AVX2 path")
     return vector, scalar
 
 
@@ -416,18 +418,32 @@ def _run_kernel(lib: object, state: list[torch.Tensor], grad: torch.Tensor, row:
                                                   hp)))
 
 
-@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.fixture(params=[0, 1], ids=["m-permutes", "m-gathers"])
+def m_gathers(request):
+    """How the AVX-512 VBMI path reads m's map entries and midpoints (byte permutes, or 16-value gathers as on
+    Intel), forced either way for one test whatever the CPU; the other builds have one way."""
+    lib = kernels.load()
+    if lib is None:
+        pytest.skip("no C compiler here")
+    lib.set_m_gathers(request.param)
+    yield request.param
+    lib.set_m_gathers(-1)
+
+
+@pytest.mark.parametrize("isa", ["native", "avx512", "avx2"])
 @pytest.mark.parametrize(("rows", "row"), [(1, 70_001), (37, 700), (6, 512), (3, 100)])
-def test_the_vector_kernel_keeps_the_scalar_states_bitwise(rows, row, isa):
-    """The vector path (AVX-512 VBMI: byte-plane decoding and the search-free encoder; else AVX2: gathers and the
-    direct search; both pipelined over blocks) against the same C compiled without AVX2, which runs the maths
-    value by value: the states bitwise. p only within its last bits, since the vector paths divide by the
-    reciprocal estimate and one correction (the next test holds that quotient to the division). Rows of 700 mix
-    full blocks with a partial one between them (the pipeline's pending block must survive it); rows of 100 have
-    only partial blocks; 1 x 70,001 is one flat run."""
+def test_the_vector_kernel_keeps_the_scalar_states_bitwise(rows, row, isa, m_gathers):
+    """The vector paths (AVX-512: the search-free encoder, lookups by byte permutes with VBMI, or gathers for m
+    or without VBMI; AVX2: gathers and the direct search; all pipelined over blocks) against the same C compiled
+    without AVX2, which runs the maths value by value: the states bitwise. p only within its last bits, since
+    the vector paths divide by the reciprocal estimate and one correction (the next test holds that quotient to
+    the division). Rows of 700 mix full blocks with a partial one between them (the pipeline's pending block must
+    survive it); rows of 100 have only partial blocks; 1 x 70,001 is one flat run."""
     from memfit.optim.quant import blocks_per_row
 
     vector, scalar = _vector_and_scalar(isa)
+    if m_gathers and kernels.vector_path(isa) != "avx512-vbmi":
+        pytest.skip("this build has one way of reading the map")
     g = torch.Generator().manual_seed(1)
     n, nb = rows * row, rows * blocks_per_row(row)
     start = [torch.randn(n, generator=g), torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g),
@@ -450,7 +466,7 @@ def test_the_vector_kernel_keeps_the_scalar_states_bitwise(rows, row, isa):
     assert torch.all((states[vector][0] - states[scalar][0]).abs() <= tolerance)
 
 
-@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("isa", ["native", "avx512", "avx2"])
 def test_the_vector_update_is_the_division_within_two_ulp(isa):
     """From p = 0 one step writes p = -lr/bc1 * m / denom alone, so p shows the vector path's quotient (reciprocal
     estimate and one correction) against the scalar build's division, over denominators from eps-sized to large:
@@ -472,15 +488,17 @@ def test_the_vector_update_is_the_division_within_two_ulp(isa):
     assert torch.all((a - b).abs() <= 2 * torch.finfo(torch.float32).eps * b.abs())
 
 
+@pytest.mark.parametrize(("isa", "gathers"), [("native", 0), ("native", 1), ("avx512", 1)],
+                         ids=["permutes", "gathers", "no-vbmi"])
 @pytest.mark.parametrize("signed", [True, False])
-def test_the_vector_encoder_gives_the_nearest_code_everywhere(signed):
-    """The kernel's encoder (on AVX-512 VBMI the search-free one: a bound from the value's top 16 bits, then one
-    comparison with a midpoint) against torch.bucketize on the map's midpoints: a sweep of every 331st fp32 bit
-    pattern (all signs and magnitudes, NaN and inf included), the first, middle and last value of every top-16-bit
-    bin (where the bound's lines change), every midpoint and its two neighbours (the ties), the decades' edges and
-    the values around 1 and 2. An exhaustive run over all 2^32 patterns matched too (see the module docstring of
-    memfit.optim.kernels)."""
-    lib = kernels.load()
+def test_the_vector_encoder_gives_the_nearest_code_everywhere(signed, isa, gathers):
+    """The kernel's encoder (on AVX-512 the search-free one: a bound from the value's top 16 bits, then one
+    comparison with a midpoint, read by byte permutes or by gathers) against torch.bucketize on the map's
+    midpoints: a sweep of every 331st fp32 bit pattern (all signs and magnitudes, NaN and inf included), the
+    first, middle and last value of every top-16-bit bin (where the bound's lines change), every midpoint and its
+    two neighbours (the ties), the decades' edges and the values around 1 and 2. An exhaustive run over all 2^32
+    patterns matched too, both ways (bench/encoder_exhaustive.py)."""
+    lib = kernels.load(isa)
     if lib is None:
         pytest.skip("no C compiler here")
     from memfit.optim.quant import mids_of, quantize_normalized, tables
@@ -496,7 +514,8 @@ def test_the_vector_encoder_gives_the_nearest_code_everywhere(signed):
     bins = torch.where(bins >= 2**31, bins - 2**32, bins).to(torch.int32).view(torch.float32).flatten()
     x = torch.cat([sweep, bins, special])
     out = torch.empty(x.numel(), dtype=torch.uint8)
-    lib.encode_values(x.data_ptr(), out.data_ptr(), x.numel(), t.direct.data_ptr(), t.encoder.data_ptr(), signed)
+    lib.encode_values(x.data_ptr(), out.data_ptr(), x.numel(), t.direct.data_ptr(), t.encoder.data_ptr(), signed,
+                      gathers)
     assert torch.equal(out, quantize_normalized(x, t))
     inside = (x.abs() <= 1) if signed else ((x >= 0) & (x <= 1))
     assert torch.equal(out[inside].long(), torch.bucketize(x[inside], mids))  # nearest; a tie to the lower

@@ -10,22 +10,25 @@ replace the second by the CPU's reciprocal estimate and one correction of the qu
 the division): on Zen 4 each change took a fifth off the step, since the divider is shared with the square root
 and the encoder. Only p uses them, so p may differ from torch's formula, and from the scalar build, in its last
 bits; the states never do. The rest is four table lookups per value (decode m and v, encode them again), which
-GCC does not vectorise by itself. Three paths, chosen by what `-march=native` offers, all bitwise the same states:
-- AVX-512 VBMI (Zen 4, Ice Lake and later): no gathers, which cost ~10 cycles per 8 values on Zen 4. Decoding
-  reads the map from four byte planes with byte permutes, 64 codes at a time; encoding is search-free: a bound
-  of the code from the value's top 16 bits, 32 values per vector in 16-bit lanes (within a binade the map is
-  linear in those bits, but where a decade begins: one or two lines of 16-bit fixed point per binade, fitted
-  and checked on all 65,536 keys by `memfit.optim.quant.encoder_table`), then one exact comparison with the
-  midpoint above it, read from byte planes too. Checked against the direct search on all 2^32 fp32 bit patterns
-  of both maps (`bench/encoder_exhaustive.py`; the tests sweep every 331st pattern, every key's bin edges and
-  every tie). It replaced a bound computed per value in 32-bit lanes (a decade lookup and one fused
-  multiply-add), which took twice the operations and a third of the step.
+GCC does not vectorise by itself. Four paths, chosen by what `-march=native` offers, all bitwise the same states:
+- AVX-512 with VBMI (Zen 4, Ice Lake and later). Encoding is search-free: a bound of the code from the value's
+  top 16 bits, 32 values per vector in 16-bit lanes (within a binade the map is linear in those bits, but where
+  a decade begins: one or two lines of 16-bit fixed point per binade, fitted and checked on all 65,536 keys by
+  `memfit.optim.quant.encoder_table`), then one exact comparison with the midpoint above it. It replaced a bound
+  computed per value in 32-bit lanes (a decade lookup and one fused multiply-add), which took twice the
+  operations and a third of the step. The map's entries and the midpoints are read from four byte planes by byte
+  permutes, 64 codes at a time: on AMD every lookup (its gathers cost ~10 cycles per 8 values on Zen 4), on Intel
+  v's, while m's take 16-value gathers that use the idle load ports (`blocks_avx512`). Checked against the direct
+  search on all 2^32 fp32 bit patterns of both maps, both ways (`bench/encoder_exhaustive.py`; the tests sweep
+  every 331st pattern, every key's bin edges and every tie).
+- AVX-512 without VBMI (Skylake and Cascade Lake Xeons; the "avx512" build elsewhere): the same, every lookup by
+  gathers.
 - AVX2: gathers, and the direct search of `memfit.optim.quant` (one gather per code, no search loop).
 - Without AVX2 (or the "scalar" build, `load("scalar")`) plain C runs the same maths value by value: the
-  reference the tests hold both vector paths to (`tests/test_optim_adamw8bit.py`).
-Both vector paths are software-pipelined: block b is decoded and updated while block b-1, whose new absmax is
-known by then, is requantised, so the lookups of one overlap the divider of the other; both prefetch
-blocks ahead (the VBMI path not on AMD, where the hardware prefetcher alone was faster).
+  reference the tests hold the vector paths to (`tests/test_optim_adamw8bit.py`).
+The vector paths are software-pipelined: block b is decoded and updated while block b-1, whose new absmax is
+known by then, is requantised, so the lookups of one overlap the divider of the other; they prefetch blocks
+ahead (the AVX-512 path not on AMD, where the hardware prefetcher alone was faster).
 
 Building and caching: `memfit.native` (a private, hash-checked cache). Without a working compiler, `load()` returns
 None and the optimizer falls back to chunked torch ops (same maths, slower).
@@ -186,23 +189,49 @@ static inline __m256 quot8(__m256 a, __m256 d) {
 }
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
-#define VBMI_PATH 1
-/* AVX-512 VBMI path: no gathers. Decoding reads the map from four byte planes (byte k of every entry, 256 bytes
-   each: two two-table byte permutes and a blend give one byte of 64 values) and interleaves them into fp32;
-   encoding computes a bound of each code from the value's top 16 bits, 32 values per vector in 16-bit lanes
-   (memfit.optim.quant.encoder_table), and finishes with one exact comparison against the midpoint read the same
-   way as the map. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define AVX512_PATH 1
+#ifdef __AVX512VBMI__
+#define BYTE_PERMUTES 1
+#endif
+/* AVX-512 path. Encoding computes a bound of each code from the value's top 16 bits, 32 values per vector in
+   16-bit lanes (memfit.optim.quant.encoder_table), and finishes with one exact comparison against the midpoint
+   above it. The map's entries and the midpoints are read one of two ways: with VBMI from four byte planes (byte k
+   of every entry, 256 bytes each: two two-table byte permutes and a blend give one byte of 64 values),
+   interleaved into fp32; or by 16-value gathers from the fp32 tables (without VBMI every lookup, with it m's on
+   Intel: see blocks_avx512). */
 typedef struct {
     __m512i edge, a0, a1, b0, b1, neg;  /* 16-bit lanes: per binade EDGE; per segment A and B (64 each) */
+#ifdef BYTE_PERMUTES
     __m512i map[4][4], mid[4][4];  /* byte planes: [byte of the fp32 value][64-entry quarter] */
+#endif
 } Enc;
 
+static const uint16_t HIGH_WORDS[32] = {HIGH_INIT};  /* the top half of each dword of two vectors */
+#ifdef BYTE_PERMUTES
 /* Byte i of 64 codes is placed at i' so that the in-lane unpacks below return values 16q..16q+15 in vector q:
    ORDER[16L + 4q + r] = 16q + 4L + r (its own inverse). */
 static const uint8_t ORDER[64] = {ORDER_INIT};
 static const uint8_t PACK[64] = {PACK_INIT};  /* low bytes of the words of two vectors, into ORDER's places */
-static const uint16_t HIGH_WORDS[32] = {HIGH_INIT};  /* the top half of each dword of two vectors */
+static const uint8_t LOW_BYTES[64] = {LOW_INIT};  /* the low byte of each word of two vectors, in natural order */
+#endif
+
+/* Whether m's lookups (decoding, and the encoder's midpoints) take 16-value gathers instead of byte permutes: -1
+   chooses by the CPU (see blocks_avx512), 0 and 1 force one way (the tests run both). Without VBMI, always. */
+static int m_gathers_mode = -1;
+
+static int m_gathers(void) {
+#ifdef BYTE_PERMUTES
+    return m_gathers_mode < 0 ? !__builtin_cpu_is("amd") : m_gathers_mode;
+#else
+    return 1;
+#endif
+}
+
+int set_m_gathers(int mode) {
+    m_gathers_mode = mode;
+    return m_gathers();
+}
 
 static void enc_load(Enc* v, const uint8_t* table) {
     const uint16_t* h = (const uint16_t*)table;
@@ -212,14 +241,17 @@ static void enc_load(Enc* v, const uint8_t* table) {
     v->b0 = _mm512_loadu_si512(h + 2 * ENC_B);
     v->b1 = _mm512_loadu_si512(h + 2 * ENC_B + 32);
     v->neg = _mm512_set1_epi16((short)((const int32_t*)table)[ENC_NEG]);
+#ifdef BYTE_PERMUTES
     const uint8_t* planes = table + 4 * ENC_INTS;
     for (int k = 0; k < 4; k++)
         for (int j = 0; j < 4; j++) {
             v->map[k][j] = _mm512_loadu_si512(planes + 256 * k + 64 * j);
             v->mid[k][j] = _mm512_loadu_si512(planes + 1024 + 256 * k + 64 * j);
         }
+#endif
 }
 
+#ifdef BYTE_PERMUTES
 /* 64 fp32 table entries for 64 codes already in ORDER's places, as four vectors in natural order. */
 static inline void lookup64(__m512i codes, const __m512i planes[4][4], __m512i out[4]) {
     const __mmask64 high = _mm512_movepi8_mask(codes);
@@ -235,10 +267,27 @@ static inline void lookup64(__m512i codes, const __m512i planes[4][4], __m512i o
     out[3] = _mm512_unpackhi_epi16(hi01, hi23);
 }
 
-static inline void decode64(const uint8_t* codes, const Enc* v, __m512 scale, __m512 out[4]) {
-    __m512i raw[4];
-    lookup64(_mm512_permutexvar_epi8(_mm512_loadu_si512(ORDER), _mm512_loadu_si512(codes)), v->map, raw);
-    for (int q = 0; q < 4; q++) out[q] = _mm512_mul_ps(_mm512_castsi512_ps(raw[q]), scale);
+#endif
+
+/* The map's entries for 64 codes times scale: byte permutes of its planes, or (`gathers`, a constant where
+   inlined) four 16-value gathers from the fp32 map. */
+static inline void decode64(const uint8_t* codes, const Enc* v, const float* map, __m512 scale, __m512 out[4],
+                            const int gathers) {
+#ifdef BYTE_PERMUTES
+    if (!gathers) {
+        __m512i raw[4];
+        lookup64(_mm512_permutexvar_epi8(_mm512_loadu_si512(ORDER), _mm512_loadu_si512(codes)), v->map, raw);
+        for (int q = 0; q < 4; q++) out[q] = _mm512_mul_ps(_mm512_castsi512_ps(raw[q]), scale);
+        return;
+    }
+#else
+    (void)v;
+    (void)gathers;
+#endif
+    for (int q = 0; q < 4; q++) {
+        const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(codes + 16 * q)));
+        out[q] = _mm512_mul_ps(_mm512_i32gather_ps(idx, map, 4), scale);
+    }
 }
 
 /* c0 of 32 values from their keys (top 16 bits), with c0 <= code <= c0 + 1: memfit.optim.quant.encoder_bound,
@@ -257,8 +306,11 @@ static inline __m512i code_bound32(__m512i key, const Enc* v, const int is_signe
     return _mm512_maskz_mov_epi16(_knot_mask32(negative), c);  /* below every unsigned midpoint */
 }
 
-/* Codes of 64 values x * scale, exactly those of quant(). */
-static inline void encode64(const float* x, __m512 scale, const Enc* v, const int is_signed, uint8_t* out) {
+/* Codes of 64 values x * scale, exactly those of quant(). The midpoint above each bound is read from the byte
+   planes, or (`gathers`; always without VBMI) by 16-value gathers from `mids`, the fp32 midpoints. `is_signed`
+   and `gathers` are constants where inlined. */
+static inline void encode64(const float* x, __m512 scale, const Enc* v, const int is_signed, const float* mids,
+                            const int gathers, uint8_t* out) {
     __m512 xs[4];
     for (int q = 0; q < 4; q++) xs[q] = _mm512_mul_ps(_mm512_load_ps(x + 16 * q), scale);
     const __m512i high = _mm512_loadu_si512(HIGH_WORDS);
@@ -266,14 +318,37 @@ static inline void encode64(const float* x, __m512 scale, const Enc* v, const in
                                                               _mm512_castps_si512(xs[1])), v, is_signed);
     const __m512i c1 = code_bound32(_mm512_permutex2var_epi16(_mm512_castps_si512(xs[2]), high,
                                                               _mm512_castps_si512(xs[3])), v, is_signed);
-    const __m512i placed = _mm512_permutex2var_epi8(c0, _mm512_loadu_si512(PACK), c1);
-    __m512i mid[4];
-    lookup64(placed, v->mid, mid);
-    __mmask16 above[4];
-    for (int q = 0; q < 4; q++) above[q] = _mm512_cmp_ps_mask(_mm512_castsi512_ps(mid[q]), xs[q], _CMP_LT_OQ);
-    const __mmask64 up = _mm512_kunpackd(_mm512_kunpackw(above[3], above[2]), _mm512_kunpackw(above[1], above[0]));
-    const __m512i codes = _mm512_permutexvar_epi8(_mm512_loadu_si512(ORDER), placed);
-    _mm512_storeu_si512(out, _mm512_mask_add_epi8(codes, up, codes, _mm512_set1_epi8(1)));
+#ifdef BYTE_PERMUTES
+    if (!gathers) {
+        const __m512i placed = _mm512_permutex2var_epi8(c0, _mm512_loadu_si512(PACK), c1);
+        __m512i mid[4];
+        lookup64(placed, v->mid, mid);
+        __mmask16 above[4];
+        for (int q = 0; q < 4; q++) above[q] = _mm512_cmp_ps_mask(_mm512_castsi512_ps(mid[q]), xs[q], _CMP_LT_OQ);
+        const __mmask64 up = _mm512_kunpackd(_mm512_kunpackw(above[3], above[2]),
+                                             _mm512_kunpackw(above[1], above[0]));
+        const __m512i codes = _mm512_permutexvar_epi8(_mm512_loadu_si512(ORDER), placed);
+        _mm512_storeu_si512(out, _mm512_mask_add_epi8(codes, up, codes, _mm512_set1_epi8(1)));
+        return;
+    }
+#else
+    (void)gathers;
+#endif
+    /* the bounds stay in 16-bit lanes: widened for the gathers, the comparisons added there */
+    __m512i c[2] = {c0, c1};
+    for (int h = 0; h < 2; h++) {
+        const __m512i i0 = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(c[h]));
+        const __m512i i1 = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(c[h], 1));
+        const __mmask16 a0 = _mm512_cmp_ps_mask(_mm512_i32gather_ps(i0, mids, 4), xs[2 * h], _CMP_LT_OQ);
+        const __mmask16 a1 = _mm512_cmp_ps_mask(_mm512_i32gather_ps(i1, mids, 4), xs[2 * h + 1], _CMP_LT_OQ);
+        c[h] = _mm512_mask_add_epi16(c[h], _mm512_kunpackw(a1, a0), c[h], _mm512_set1_epi16(1));
+    }
+#ifdef BYTE_PERMUTES
+    _mm512_storeu_si512(out, _mm512_permutex2var_epi8(c[0], _mm512_loadu_si512(LOW_BYTES), c[1]));
+#else
+    _mm256_storeu_si256((__m256i*)out, _mm512_cvtepi16_epi8(c[0]));
+    _mm256_storeu_si256((__m256i*)(out + 32), _mm512_cvtepi16_epi8(c[1]));
+#endif
 }
 
 static inline uint32_t hmax16(__m512i x) { return (uint32_t)_mm512_reduce_max_epu32(x); }
@@ -287,15 +362,19 @@ static inline __m512 quot16(__m512 a, __m512 d) {
 }
 
 /* Full blocks [b0, b1) of one flat run or rows, software-pipelined like the AVX2 path (block b-1 is encoded
-   while block b is decoded and updated); partial blocks go to block_scalar. */
-static void blocks_vbmi(float* restrict p, const float* restrict g, uint8_t* restrict mq, float* restrict ma,
-                        uint8_t* restrict vq, float* restrict va, int64_t row, int64_t b0, int64_t b1,
-                        const float* restrict mmap, const int32_t* restrict mdirect, const uint8_t* restrict menc,
-                        const float* restrict vmap, const int32_t* restrict vdirect, const uint8_t* restrict venc,
-                        Hyper h) {
+   while block b is decoded and updated); partial blocks go to block_scalar. `m_gathers`, `v_gathers` (constants
+   where inlined): that state's lookups by 16-value gathers rather than byte permutes. */
+static inline __attribute__((always_inline)) void blocks_avx512_impl(
+        float* restrict p, const float* restrict g, uint8_t* restrict mq, float* restrict ma, uint8_t* restrict vq,
+        float* restrict va, int64_t row, int64_t b0, int64_t b1, const float* restrict mmap,
+        const int32_t* restrict mdirect, const uint8_t* restrict menc, const float* restrict vmap,
+        const int32_t* restrict vdirect, const uint8_t* restrict venc, Hyper h, const int m_gathers,
+        const int v_gathers) {
     Enc em, ev;
     enc_load(&em, menc);
     enc_load(&ev, venc);
+    const float* mmid = (const float*)(menc + ENC_MIDS);
+    const float* vmid = (const float*)(venc + ENC_MIDS);
     const int64_t per_row = (row + BLOCK - 1) / BLOCK;
     float buf[2][2][BLOCK] __attribute__((aligned(64)));  /* [block parity][m, v] */
     int64_t pend = -1;
@@ -327,8 +406,8 @@ static void blocks_vbmi(float* restrict p, const float* restrict g, uint8_t* res
         if (ahead && b + ahead < b1) prefetch_block(p, g, mq, vq, s + ahead * BLOCK);
         for (int k = 0; k < BLOCK; k += 64) {
             __m512 m0[4], v0[4];
-            decode64(mq + s + k, &em, am, m0);
-            decode64(vq + s + k, &ev, av, v0);
+            decode64(mq + s + k, &em, mmap, am, m0, m_gathers);
+            decode64(vq + s + k, &ev, vmap, av, v0, v_gathers);
             for (int q = 0; q < 4; q++) {
                 const int i = k + 16 * q;
                 const __m512 gi = _mm512_loadu_ps(g + s + i);
@@ -347,8 +426,8 @@ static void blocks_vbmi(float* restrict p, const float* restrict g, uint8_t* res
                 vmax = _mm512_max_epu32(vmax, _mm512_castps_si512(vi));
             }
             if (pend >= 0) {
-                encode64(buf[pend_par][0] + k, pim, &em, 1, mq + pend + k);
-                encode64(buf[pend_par][1] + k, piv, &ev, 0, vq + pend + k);
+                encode64(buf[pend_par][0] + k, pim, &em, 1, mmid, m_gathers, mq + pend + k);
+                encode64(buf[pend_par][1] + k, piv, &ev, 0, vmid, v_gathers, vq + pend + k);
             }
         }
         const float fm = frombits(hmax16(mmax)), fv = frombits(hmax16(vmax));
@@ -362,24 +441,49 @@ static void blocks_vbmi(float* restrict p, const float* restrict g, uint8_t* res
     if (pend >= 0) {
         const __m512 pim = _mm512_set1_ps(pend_im), piv = _mm512_set1_ps(pend_iv);
         for (int k = 0; k < BLOCK; k += 64) {
-            encode64(buf[pend_par][0] + k, pim, &em, 1, mq + pend + k);
-            encode64(buf[pend_par][1] + k, piv, &ev, 0, vq + pend + k);
+            encode64(buf[pend_par][0] + k, pim, &em, 1, mmid, m_gathers, mq + pend + k);
+            encode64(buf[pend_par][1] + k, piv, &ev, 0, vmid, v_gathers, vq + pend + k);
         }
     }
 }
 
+/* With VBMI the loop is bound by the vector operations on the two ports that run 512-bit work, and the byte
+   permutes of the lookups take most of one of them (the shuffle port), while the load ports idle. On an Intel
+   Xeon (Granite Rapids class) m's lookups by gathers, which mostly load, took 7-9% off the step in cache (one
+   thread, 1M values); all four lookups by gathers, or v's alone, were slower than m's alone. AMD's gathers are
+   slow (~10 cycles per 8 values on Zen 4): there every lookup stays a byte permute. */
+static void blocks_avx512(float* restrict p, const float* restrict g, uint8_t* restrict mq, float* restrict ma,
+                          uint8_t* restrict vq, float* restrict va, int64_t row, int64_t b0, int64_t b1,
+                          const float* restrict mmap, const int32_t* restrict mdirect, const uint8_t* restrict menc,
+                          const float* restrict vmap, const int32_t* restrict vdirect, const uint8_t* restrict venc,
+                          Hyper h) {
+#ifdef BYTE_PERMUTES
+    if (m_gathers())
+        blocks_avx512_impl(p, g, mq, ma, vq, va, row, b0, b1, mmap, mdirect, menc, vmap, vdirect, venc, h, 1, 0);
+    else
+        blocks_avx512_impl(p, g, mq, ma, vq, va, row, b0, b1, mmap, mdirect, menc, vmap, vdirect, venc, h, 0, 0);
+#else
+    blocks_avx512_impl(p, g, mq, ma, vq, va, row, b0, b1, mmap, mdirect, menc, vmap, vdirect, venc, h, 1, 1);
+#endif
+}
+
+#ifdef BYTE_PERMUTES
+int vector_path(void) { return 3; }
+#else
 int vector_path(void) { return 2; }
+#endif
 
 /* Codes of n values (any n) with the vector encoder: what the tests sweep against quant(). */
 void encode_values(const float* restrict x, uint8_t* restrict out, int64_t n, const int32_t* restrict direct,
-                   const uint8_t* restrict enc, int is_signed) {
+                   const uint8_t* restrict enc, int is_signed, int gathers) {
     Enc v;
     enc_load(&v, enc);
+    const float* mids = (const float*)(enc + ENC_MIDS);
     float tmp[64] __attribute__((aligned(64)));
     int64_t i = 0;
     for (; i + 64 <= n; i += 64) {
         memcpy(tmp, x + i, sizeof tmp);
-        encode64(tmp, _mm512_set1_ps(1.0f), &v, is_signed, out + i);
+        encode64(tmp, _mm512_set1_ps(1.0f), &v, is_signed, mids, gathers, out + i);
     }
     for (; i < n; i++) out[i] = quant(x[i], direct);
 }
@@ -390,15 +494,21 @@ int vector_path(void) { return 1; }
 int vector_path(void) { return 0; }
 #endif
 
+int set_m_gathers(int mode) {  /* the gather path has no byte permutes to choose between */
+    (void)mode;
+    return 0;
+}
+
 void encode_values(const float* restrict x, uint8_t* restrict out, int64_t n, const int32_t* restrict direct,
-                   const uint8_t* restrict enc, int is_signed) {
+                   const uint8_t* restrict enc, int is_signed, int gathers) {
     (void)enc;
     (void)is_signed;
+    (void)gathers;
     for (int64_t i = 0; i < n; i++) out[i] = quant(x[i], direct);
 }
 #endif
 
-#ifndef VBMI_PATH
+#ifndef AVX512_PATH
 /* Blocks [b0, b1) of a tensor of rows of `row` values (a flat tensor is one row); a block never crosses a row.
    Vector path: software-pipelined over full blocks. While block b is decoded and updated (the update is
    bound by the divider: a division and a square root per value), block b-1, whose absmax is now known, is
@@ -479,8 +589,8 @@ void adamw8bit_blocks(float* restrict p, const float* restrict g, uint8_t* restr
                       const float* restrict vmap, const int32_t* restrict vdirect, const uint8_t* restrict venc,
                       const float* restrict hp) {
     const Hyper h = {hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6]};
-#ifdef VBMI_PATH
-    blocks_vbmi(p, g, mq, ma, vq, va, row, b0, b1, mmap, mdirect, menc, vmap, vdirect, venc, h);
+#ifdef AVX512_PATH
+    blocks_avx512(p, g, mq, ma, vq, va, row, b0, b1, mmap, mdirect, menc, vmap, vdirect, venc, h);
 #else
     (void)menc;
     (void)venc;
@@ -548,12 +658,13 @@ void adamw8bit_jobs(const Job* jobs, int64_t njobs, int64_t total, int threads, 
 
 
 def _byte_orders() -> dict[str, str]:
-    """ORDER, PACK and HIGH_WORDS of the VBMI path as C initialisers (see the comments there)."""
+    """ORDER, PACK, HIGH_WORDS and LOW_BYTES of the VBMI path as C initialisers (see the comments there)."""
     order = [16 * ((i >> 2) & 3) + 4 * (i >> 4) + (i & 3) for i in range(64)]
     pack = [2 * o for o in order]  # value v's code is the low byte of word v of the two 16-bit vectors
     high = [2 * i + 1 for i in range(32)]
+    low = [2 * i for i in range(64)]
     return {name: ", ".join(map(str, values)) for name, values in
-            (("ORDER_INIT", order), ("PACK_INIT", pack), ("HIGH_INIT", high))}
+            (("ORDER_INIT", order), ("PACK_INIT", pack), ("HIGH_INIT", high), ("LOW_INIT", low))}
 
 
 SOURCE = TEMPLATE
@@ -563,9 +674,10 @@ FLAGS = [f"-D{k}={v}" for k, v in dict(BLOCK=BLOCK, E_LO=E_LO, EXPONENTS=EXPONEN
 MIN_PARALLEL_BLOCKS = 256  # below ~64K values one thread is faster than a hand-off
 
 
-# Builds of the kernel: "native" takes the best vector path -march=native offers; "avx2" leaves AVX-512 out (the
-# gather path on any AVX2 CPU); "scalar" leaves AVX2 out too (the value-by-value reference).
-ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"], "scalar": ["-mno-avx2"]}
+# Builds of the kernel: "native" takes the best vector path -march=native offers; "avx512" leaves VBMI out (the
+# AVX-512 path with gathers, as on Skylake and Cascade Lake Xeons); "avx2" leaves AVX-512 out (the gather path on
+# any AVX2 CPU); "scalar" leaves AVX2 out too (the value-by-value reference).
+ISA_FLAGS = {"native": [], "avx512": ["-mno-avx512vbmi"], "avx2": ["-mno-avx512f"], "scalar": ["-mno-avx2"]}
 
 
 def load(isa: str | None = None) -> ctypes.CDLL | None:
@@ -597,15 +709,18 @@ def _load(isa: str) -> ctypes.CDLL | None:
     lib.openmp.restype = ctypes.c_int
     enc = lib.encode_values
     enc.restype = None
-    enc.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+    enc.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
     lib.vector_path.restype = ctypes.c_int
+    lib.set_m_gathers.restype = ctypes.c_int
+    lib.set_m_gathers.argtypes = [ctypes.c_int]
     return lib
 
 
 def vector_path(isa: str | None = None) -> str | None:
-    """Which path the build runs: "avx512-vbmi", "avx2" or "scalar" (None: no compiler)."""
+    """Which path the build runs: "avx512-vbmi", "avx512" (no VBMI: gathers), "avx2" or "scalar" (None: no
+    compiler)."""
     lib = load(isa)
-    return None if lib is None else ("scalar", "avx2", "avx512-vbmi")[lib.vector_path()]
+    return None if lib is None else ("scalar", "avx2", "avx512", "avx512-vbmi")[lib.vector_path()]
 
 
 @cache

@@ -47,8 +47,9 @@ ENC_BINADES = 25  # binades 2^-24 .. [1, 2); 1.0 and up, inf and NaN are clamped
 ENC_KMAX = ENC_BINADES * 128 - 1
 ENC_INTS = 128  # int32 words before the byte planes; offsets of each field within them below
 ENC_EDGE, ENC_A, ENC_B, ENC_NEG = 0, 16, 48, 80  # EDGE: 32 uint16, A and B: 64 uint16 each, NEG: one int32
+ENC_MIDS = 4 * ENC_INTS + 2 * 1024  # byte offset of the fp32 midpoints, after the words and the two sets of planes
 ENC_LAYOUT = dict(ENC_K0=ENC_K0, ENC_KMAX=ENC_KMAX, ENC_INTS=ENC_INTS, ENC_EDGE=ENC_EDGE, ENC_A=ENC_A,
-                  ENC_B=ENC_B, ENC_NEG=ENC_NEG)  # the C kernel's -D flags
+                  ENC_B=ENC_B, ENC_NEG=ENC_NEG, ENC_MIDS=ENC_MIDS)  # the C kernel's -D flags
 
 
 def mids_of(qmap: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,8 @@ def encoder_table(qmap: torch.Tensor, signed: bool) -> torch.Tensor:
     count like the direct search (their c0 is already the code: NaN fails the comparison). The lines are
     fitted here to the bins' code ranges, and every one of the 65,536 keys is checked before the table is used.
     Layout: ENC_INTS int32 words (fields at ENC_*), then the byte planes of the map (decoding) and of the
-    midpoints with +inf appended (encoding), [4, 256] each."""
+    midpoints with +inf appended (encoding), [4, 256] each, then those midpoints as fp32 (at ENC_MIDS: the
+    kernel's gathers read them where they are faster than byte permutes)."""
     mids = mids_of(qmap)
     neg = 2 * int((qmap < 0).sum()) - 1 if signed else -1  # 253: code(-a) = 253 - c0(a) (+ the comparison)
     keys = torch.arange(65536, dtype=torch.int64)
@@ -148,9 +150,9 @@ def encoder_table(qmap: torch.Tensor, signed: bool) -> torch.Tensor:
     for offset, values in ((ENC_EDGE, edge), (ENC_A, a), (ENC_B, b)):
         halves[2 * offset:2 * offset + values.numel()] = torch.where(values > 32767, values - 65536, values)
     words[ENC_NEG] = neg
-    planes = [t.contiguous().view(torch.uint8).view(256, 4).t().contiguous().view(-1)
-              for t in (qmap, torch.cat([mids, torch.tensor([float("inf")])]))]
-    return torch.cat([words.view(torch.uint8), *planes])
+    above = torch.cat([mids, torch.tensor([float("inf")])])
+    planes = [t.contiguous().view(torch.uint8).view(256, 4).t().contiguous().view(-1) for t in (qmap, above)]
+    return torch.cat([words.view(torch.uint8), *planes, above.view(torch.uint8)])
 
 
 @dataclass(frozen=True)
