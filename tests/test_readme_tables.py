@@ -43,7 +43,8 @@ def test_readme_tables_match_committed_results():
 
 def test_readme_marks_the_benchmark_tables():
     assert REFERENCED == ["adapters_step.json", "moe.json", "moe_train.json", "optim-zen4.json", "optim.json",
-                          "optim_ab.json", "optim_finetune.json", "optim_full.json", "plan.json",
+                          "optim_ab.json", "optim_ab_gathers.json", "optim_finetune.json", "optim_full.json",
+                          "plan.json",
                           "quality-llm-300steps.json", "quality-llm-synopses-300steps.json",
                           "quality-llm-synopses-experiments.json", "quality-llm-synopses.json", "quality-llm.json",
                           "quality-lm.json", "quality.json", "quantize.json", "rps.json", "serve.json", "stream.json",
@@ -434,6 +435,9 @@ EXPECTED = {  # README rows these payloads must reproduce, character for charact
 # another machine's run of the same script (bench/optim.py --name optim-zen4): the same renderer and format
 PAYLOADS["optim-zen4.json"] = PAYLOADS["optim.json"]
 EXPECTED["optim-zen4.json", "step"] = EXPECTED["optim.json", "step"]
+# another A/B of bench/optim_ab.py (--name optim_ab_gathers): the same renderer and format
+PAYLOADS["optim_ab_gathers.json"] = PAYLOADS["optim_ab.json"]
+EXPECTED["optim_ab_gathers.json", "ab"] = EXPECTED["optim_ab.json", "ab"]
 
 
 @pytest.mark.parametrize(("results_file", "table"), sorted(EXPECTED))
