@@ -425,7 +425,9 @@ def m_gathers(request):
     lib = kernels.load()
     if lib is None:
         pytest.skip("no C compiler here")
-    lib.set_m_gathers(request.param)
+    forced = lib.set_m_gathers(request.param)
+    if kernels.vector_path() == "avx512-vbmi":
+        assert forced == request.param
     yield request.param
     lib.set_m_gathers(-1)
 

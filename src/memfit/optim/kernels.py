@@ -449,9 +449,10 @@ static inline __attribute__((always_inline)) void blocks_avx512_impl(
 
 /* With VBMI the loop is bound by the vector operations on the two ports that run 512-bit work, and the byte
    permutes of the lookups take most of one of them (the shuffle port), while the load ports idle. On an Intel
-   Xeon (Granite Rapids class) m's lookups by gathers, which mostly load, took 7-9% off the step in cache (one
-   thread, 1M values); all four lookups by gathers, or v's alone, were slower than m's alone. AMD's gathers are
-   slow (~10 cycles per 8 values on Zen 4): there every lookup stays a byte permute. */
+   Xeon (Granite Rapids class) m's lookups by gathers, which mostly load, took 4-9% off the step in cache (one
+   thread, 1M values; 0.98 -> 0.90 of fused AdamW at 50M on 2 threads); all four lookups by gathers, or v's
+   midpoints alone, were slower than m's alone. AMD's gathers are slow (~10 cycles per 8 values on Zen 4): there
+   every lookup stays a byte permute. */
 static void blocks_avx512(float* restrict p, const float* restrict g, uint8_t* restrict mq, float* restrict ma,
                           uint8_t* restrict vq, float* restrict va, int64_t row, int64_t b0, int64_t b1,
                           const float* restrict mmap, const int32_t* restrict mdirect, const uint8_t* restrict menc,
@@ -658,7 +659,7 @@ void adamw8bit_jobs(const Job* jobs, int64_t njobs, int64_t total, int threads, 
 
 
 def _byte_orders() -> dict[str, str]:
-    """ORDER, PACK, HIGH_WORDS and LOW_BYTES of the VBMI path as C initialisers (see the comments there)."""
+    """ORDER, PACK, HIGH_WORDS and LOW_BYTES of the AVX-512 path as C initialisers (see the comments there)."""
     order = [16 * ((i >> 2) & 3) + 4 * (i >> 4) + (i & 3) for i in range(64)]
     pack = [2 * o for o in order]  # value v's code is the low byte of word v of the two 16-bit vectors
     high = [2 * i + 1 for i in range(32)]
