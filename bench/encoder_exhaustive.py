@@ -7,7 +7,7 @@ them by gathers alone. On a CPU without AVX-512 the kernel's encoder is the dire
 trivially true (it says so).
 
     .venv/bin/python bench/encoder_exhaustive.py     # ~6 min on 2 cores; prints the mismatches per map
-    MEMFIT_KERNEL_ISA=avx512 .venv/bin/python bench/encoder_exhaustive.py    # the path without VBMI, ~5 min
+    MEMFIT_KERNEL_ISA=avx512 .venv/bin/python bench/encoder_exhaustive.py    # the path without VBMI, ~6 min
 """
 
 from __future__ import annotations

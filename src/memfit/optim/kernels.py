@@ -202,6 +202,7 @@ static inline __m256 quot8(__m256 a, __m256 d) {
    Intel: see blocks_avx512). */
 typedef struct {
     __m512i edge, a0, a1, b0, b1, neg;  /* 16-bit lanes: per binade EDGE; per segment A and B (64 each) */
+    const float* mids;  /* the fp32 midpoints, +inf appended (for the gathers) */
 #ifdef BYTE_PERMUTES
     __m512i map[4][4], mid[4][4];  /* byte planes: [byte of the fp32 value][64-entry quarter] */
 #endif
@@ -241,6 +242,7 @@ static void enc_load(Enc* v, const uint8_t* table) {
     v->b0 = _mm512_loadu_si512(h + 2 * ENC_B);
     v->b1 = _mm512_loadu_si512(h + 2 * ENC_B + 32);
     v->neg = _mm512_set1_epi16((short)((const int32_t*)table)[ENC_NEG]);
+    v->mids = (const float*)(table + ENC_MIDS);
 #ifdef BYTE_PERMUTES
     const uint8_t* planes = table + 4 * ENC_INTS;
     for (int k = 0; k < 4; k++)
@@ -307,10 +309,10 @@ static inline __m512i code_bound32(__m512i key, const Enc* v, const int is_signe
 }
 
 /* Codes of 64 values x * scale, exactly those of quant(). The midpoint above each bound is read from the byte
-   planes, or (`gathers`; always without VBMI) by 16-value gathers from `mids`, the fp32 midpoints. `is_signed`
-   and `gathers` are constants where inlined. */
-static inline void encode64(const float* x, __m512 scale, const Enc* v, const int is_signed, const float* mids,
-                            const int gathers, uint8_t* out) {
+   planes, or (`gathers`; always without VBMI) by 16-value gathers from the fp32 midpoints. `is_signed` and
+   `gathers` are constants where inlined. */
+static inline void encode64(const float* x, __m512 scale, const Enc* v, const int is_signed, const int gathers,
+                            uint8_t* out) {
     __m512 xs[4];
     for (int q = 0; q < 4; q++) xs[q] = _mm512_mul_ps(_mm512_load_ps(x + 16 * q), scale);
     const __m512i high = _mm512_loadu_si512(HIGH_WORDS);
@@ -339,8 +341,8 @@ static inline void encode64(const float* x, __m512 scale, const Enc* v, const in
     for (int h = 0; h < 2; h++) {
         const __m512i i0 = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(c[h]));
         const __m512i i1 = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(c[h], 1));
-        const __mmask16 a0 = _mm512_cmp_ps_mask(_mm512_i32gather_ps(i0, mids, 4), xs[2 * h], _CMP_LT_OQ);
-        const __mmask16 a1 = _mm512_cmp_ps_mask(_mm512_i32gather_ps(i1, mids, 4), xs[2 * h + 1], _CMP_LT_OQ);
+        const __mmask16 a0 = _mm512_cmp_ps_mask(_mm512_i32gather_ps(i0, v->mids, 4), xs[2 * h], _CMP_LT_OQ);
+        const __mmask16 a1 = _mm512_cmp_ps_mask(_mm512_i32gather_ps(i1, v->mids, 4), xs[2 * h + 1], _CMP_LT_OQ);
         c[h] = _mm512_mask_add_epi16(c[h], _mm512_kunpackw(a1, a0), c[h], _mm512_set1_epi16(1));
     }
 #ifdef BYTE_PERMUTES
@@ -373,8 +375,6 @@ static inline __attribute__((always_inline)) void blocks_avx512_impl(
     Enc em, ev;
     enc_load(&em, menc);
     enc_load(&ev, venc);
-    const float* mmid = (const float*)(menc + ENC_MIDS);
-    const float* vmid = (const float*)(venc + ENC_MIDS);
     const int64_t per_row = (row + BLOCK - 1) / BLOCK;
     float buf[2][2][BLOCK] __attribute__((aligned(64)));  /* [block parity][m, v] */
     int64_t pend = -1;
@@ -426,8 +426,8 @@ static inline __attribute__((always_inline)) void blocks_avx512_impl(
                 vmax = _mm512_max_epu32(vmax, _mm512_castps_si512(vi));
             }
             if (pend >= 0) {
-                encode64(buf[pend_par][0] + k, pim, &em, 1, mmid, m_gathers, mq + pend + k);
-                encode64(buf[pend_par][1] + k, piv, &ev, 0, vmid, v_gathers, vq + pend + k);
+                encode64(buf[pend_par][0] + k, pim, &em, 1, m_gathers, mq + pend + k);
+                encode64(buf[pend_par][1] + k, piv, &ev, 0, v_gathers, vq + pend + k);
             }
         }
         const float fm = frombits(hmax16(mmax)), fv = frombits(hmax16(vmax));
@@ -441,8 +441,8 @@ static inline __attribute__((always_inline)) void blocks_avx512_impl(
     if (pend >= 0) {
         const __m512 pim = _mm512_set1_ps(pend_im), piv = _mm512_set1_ps(pend_iv);
         for (int k = 0; k < BLOCK; k += 64) {
-            encode64(buf[pend_par][0] + k, pim, &em, 1, mmid, m_gathers, mq + pend + k);
-            encode64(buf[pend_par][1] + k, piv, &ev, 0, vmid, v_gathers, vq + pend + k);
+            encode64(buf[pend_par][0] + k, pim, &em, 1, m_gathers, mq + pend + k);
+            encode64(buf[pend_par][1] + k, piv, &ev, 0, v_gathers, vq + pend + k);
         }
     }
 }
@@ -479,12 +479,11 @@ void encode_values(const float* restrict x, uint8_t* restrict out, int64_t n, co
                    const uint8_t* restrict enc, int is_signed, int gathers) {
     Enc v;
     enc_load(&v, enc);
-    const float* mids = (const float*)(enc + ENC_MIDS);
     float tmp[64] __attribute__((aligned(64)));
     int64_t i = 0;
     for (; i + 64 <= n; i += 64) {
         memcpy(tmp, x + i, sizeof tmp);
-        encode64(tmp, _mm512_set1_ps(1.0f), &v, is_signed, mids, gathers, out + i);
+        encode64(tmp, _mm512_set1_ps(1.0f), &v, is_signed, gathers, out + i);
     }
     for (; i < n; i++) out[i] = quant(x[i], direct);
 }

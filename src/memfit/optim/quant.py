@@ -166,7 +166,7 @@ class QuantTables:
     @staticmethod
     def build(signed: bool) -> QuantTables:
         qmap = dynamic_map(signed)
-        mids = ((qmap[:-1].double() + qmap[1:].double()) / 2).float()
+        mids = mids_of(qmap)
         assert mids.abs().min() >= 2.0 ** (E_LO - 126)  # row 0 holds no midpoint, whatever the exponent below
         row = torch.arange(2 * EXPONENTS * 128, dtype=torch.int32)
         sign, exponent, mantissa = row >> 7 >= EXPONENTS, (row >> 7) % EXPONENTS + E_LO, row & 0x7F
